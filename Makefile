@@ -1,0 +1,35 @@
+# flipcheck: `make test` and `make demo` work on a fresh machine that has only Python.
+# CUDA users: make test TORCH_SPEC=torch TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PIP = $(VENV)/bin/python -m pip
+STAMP = $(VENV)/.flipcheck-installed
+
+.PHONY: install test demo lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/flipcheck demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/eval_speed.py
+	$(VENV)/bin/python benchmarks/compress_speed.py
+
+clean:
+	rm -rf $(VENV) .flipcheck-cache runs
