@@ -1,0 +1,159 @@
+"""Apply an ordered list of compression steps to a parent and save the child.
+
+Every step's settings are validated before the parent is loaded; calibration data is prepared
+once and shared by every step; consecutive llm-compressor steps (e.g. wanda 2:4 then gptq W4A16)
+run in one ``oneshot`` call, as llm-compressor runs a multi-modifier recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flipcheck import __version__
+from flipcheck.compressors.calibration import Calibration, CalibrationConfig
+from flipcheck.compressors.registry import CompressionReport, MethodConfig, get_method, make_config
+from flipcheck.compressors.stats import count_parameters
+from flipcheck.models import fingerprint, load_model, load_tokenizer, save_model
+
+log = logging.getLogger(__name__)
+
+Step = tuple[str, MethodConfig]
+
+
+@dataclass
+class CompressResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    reports: list[CompressionReport]
+    out: Path | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_steps(steps: Sequence[tuple[str, Mapping[str, Any] | MethodConfig]]) -> list[Step]:
+    """Turn (method, settings) pairs into validated configs; fails before any work is done."""
+    out: list[Step] = []
+    for name, settings in steps:
+        method = get_method(name)
+        cfg = settings if isinstance(settings, method.config_cls) else make_config(name, dict(settings or {}))
+        out.append((name, cfg))
+    return out
+
+
+def step_needs_calibration(name: str, config: MethodConfig) -> bool:
+    method = get_method(name)
+    needs = getattr(config, "needs_calibration", None)
+    return bool(needs() if callable(needs) else method.needs_calibration)
+
+
+def prepare_calibration(tokenizer, steps: list[Step], config: CalibrationConfig | None) -> Calibration:
+    """Tokenize calibration samples once when any step needs them; else carry only the tokenizer."""
+    config = config or CalibrationConfig()
+    if any(step_needs_calibration(n, c) for n, c in steps):
+        from flipcheck.compressors.calibration_data import build_calibration
+
+        return build_calibration(tokenizer, config)
+    return Calibration(tokenizer=tokenizer, input_ids=None, config=config)
+
+
+def _is_llmc(name: str) -> bool:
+    from flipcheck.compressors import llmc
+
+    return name in llmc.LLMC_METHODS
+
+
+def apply_steps(model: torch.nn.Module, steps: list[Step], calibration: Calibration) -> list[CompressionReport]:
+    """Apply steps in order, in place; consecutive llm-compressor steps share one oneshot."""
+    reports: list[CompressionReport] = []
+    i = 0
+    while i < len(steps):
+        name, cfg = steps[i]
+        if _is_llmc(name):
+            j = i
+            while j < len(steps) and _is_llmc(steps[j][0]):
+                j += 1
+            if j - i > 1:
+                from flipcheck.compressors import llmc
+
+                t0 = time.perf_counter()
+                reports.extend(llmc.apply_chain(model, steps[i:j], calibration))
+                log.info("llm-compressor chain %s took %.1fs", [s[0] for s in steps[i:j]], time.perf_counter() - t0)
+                i = j
+                continue
+        t0 = time.perf_counter()
+        report = get_method(name).apply(model, cfg, calibration)
+        report.wall_time_s = time.perf_counter() - t0
+        report.calibration = report.calibration if report.calibration is not None else (
+            calibration.describe() if step_needs_calibration(name, cfg) else None
+        )
+        log.info("%s: %.1fs, %d parameters", name, report.wall_time_s, report.parameters)
+        reports.append(report)
+        i += 1
+    return reports
+
+
+def compress(
+    parent: str | os.PathLike,
+    steps: Sequence[tuple[str, Mapping[str, Any] | MethodConfig]],
+    *,
+    out: str | os.PathLike | None = None,
+    calibration: CalibrationConfig | Mapping[str, Any] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    strength: dict[str, Any] | None = None,
+) -> CompressResult:
+    """Compress `parent` with `steps` ([("wanda", {"sparsity": 0.5}), ("gptq", {...})]).
+
+    With `out`, the child is saved there (Hugging Face folder + flipcheck.json). Returns the
+    in-memory child, its tokenizer and one report per step.
+    """
+    validated = validate_steps(steps)
+    cal_cfg = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**dict(calibration or {}))
+    parent = str(parent)
+    tokenizer = load_tokenizer(parent, trust_remote_code=trust_remote_code)
+    model = load_model(parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return compress_model(
+        model, tokenizer, validated, parent_source=parent, out=out, calibration=cal_cfg, strength=strength
+    )
+
+
+def compress_model(
+    model: torch.nn.Module,
+    tokenizer,
+    steps: list[Step],
+    *,
+    parent_source: str | None,
+    out: str | os.PathLike | None = None,
+    calibration: CalibrationConfig | Calibration | None = None,
+    strength: dict[str, Any] | None = None,
+    parent_fingerprint: str | None = None,
+) -> CompressResult:
+    """Compress an in-memory model (changed in place) and optionally save it."""
+    parent_fp = parent_fingerprint or fingerprint(model)
+    cal = calibration if isinstance(calibration, Calibration) else prepare_calibration(tokenizer, steps, calibration)
+    reports = apply_steps(model, steps, cal)
+    provenance: dict[str, Any] = {
+        "flipcheck_version": __version__,
+        "parent": parent_source,
+        "parent_fingerprint": parent_fp,
+        "recipe": [{"method": n, "settings": c.model_dump(mode="json")} for n, c in steps],
+        "strength": strength,
+        "calibration": cal.describe(),
+        "parameters": count_parameters(model),
+        "reports": [r.to_dict() for r in reports],
+    }
+    for r in reports:  # methods whose children need flipcheck to load (slicegpt) or load quantized (bnb)
+        provenance.update(r.extra.get("provenance", {}))
+    out_path = None
+    if out is not None:
+        out_path = save_model(model, tokenizer, out, provenance)
+        log.info("saved child to %s", out_path)
+    return CompressResult(model, tokenizer, reports, out_path, provenance)
