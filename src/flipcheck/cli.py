@@ -1,0 +1,300 @@
+"""The `flipcheck` command: thin wrappers that parse options and call library functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flipcheck.errors import FlipcheckError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress a language model and measure how far it drifts from its parent: flips, KL, margins.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    logging.getLogger("flipcheck").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("lm_eval", "lm-eval", "datasets", "transformers", "llmcompressor", "compressed_tensors", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from loguru import logger as _loguru  # llm-compressor logs through loguru
+
+        _loguru.remove()
+        _loguru.add(sys.stderr, level="WARNING")
+    except ImportError:
+        pass
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _run(fn):
+    try:
+        return fn()
+    except FlipcheckError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished tasks are cached; run the same command again to resume")
+        raise typer.Exit(130) from None
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available)")]
+Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+
+
+@app.command("eval")
+def eval_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
+    children: Annotated[list[str], typer.Argument(help="one or more child models (hub ids or folders)")],
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo",
+    out: Annotated[Path | None, typer.Option(help="folder for report.json, samples.jsonl, report.md, report.html")] = None,
+    include_path: Annotated[list[str] | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="few-shot examples (task default if unset)")] = None,
+    limit: Annotated[float | None, typer.Option(help="questions per task (count, or fraction if < 1)")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward")] = 16,
+    seed: int = 1234,
+    device: Device = None,
+    dtype: Dtype = None,
+    trust_remote_code: TrustRemote = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="parent cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="do not read or write cached results")] = False,
+    noise_floor: Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself at another batch size")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Score PARENT and CHILD on the same lm-eval instances; report accuracy, flips and KL."""
+    _setup_logging(verbose)
+    from flipcheck.evaluation.runner import evaluate
+
+    def go():
+        lim = None if limit is None else (int(limit) if limit >= 1 else limit)
+        report = evaluate(
+            None if parent == "-" else parent, children, tasks=tasks, out=out, include_path=include_path,
+            num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+            trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
+        )
+        _show(report, out)
+
+    _run(go)
+
+
+def _show(report: dict, out: Path | None) -> None:
+    from flipcheck.evaluation.report import render_table
+
+    console.print(render_table(report))
+    if out is not None:
+        console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
+
+
+@app.command("compare")
+def compare_cmd(
+    parent_samples: Annotated[Path, typer.Argument(help="lm-eval --log_samples file of the parent (samples_TASK_*.jsonl)")],
+    child_samples: Annotated[Path, typer.Argument(help="the child's file for the same task")],
+    task: Annotated[str | None, typer.Option(help="task name (default: from the file name)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write report.json etc. here")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Flips, answer changes, KL over options and margins from two existing lm-eval sample files."""
+    _setup_logging(verbose)
+    from flipcheck.evaluation.compare import compare
+
+    def go():
+        report = compare(parent_samples, child_samples, task=task, out=out)
+        _show(report, out)
+
+    _run(go)
+
+
+@app.command("compress")
+def compress_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id or folder")],
+    method: Annotated[list[str], typer.Option("--method", "-m", help="method name; repeat for a chain (applied in order)")],
+    out: Annotated[Path, typer.Option(help="folder for the child (Hugging Face format + flipcheck.json)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key=value setting; prefix with METHOD. in a chain")] = None,
+    calibration: Annotated[str, typer.Option(help="'demo', a .txt/.jsonl file or folder, or hf:NAME[:CONFIG[:SPLIT]]")] = "demo",
+    calibration_samples: Annotated[int, typer.Option(help="calibration sequences")] = 32,
+    calibration_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 256,
+    seed: int = 0,
+    device: Device = None,
+    dtype: Dtype = None,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = False,
+) -> None:
+    """Compress PARENT with one method (or a chain) and save the child."""
+    _setup_logging(verbose)
+    from flipcheck.compressors.calibration import CalibrationConfig
+    from flipcheck.compressors.pipeline import compress
+    from flipcheck.compressors.registry import parse_set_options
+
+    def go():
+        steps = _steps_from_options(method, parse_set_options(set_))
+        cal = CalibrationConfig(source=calibration, samples=calibration_samples, seq_len=calibration_len, seed=seed)
+        res = compress(parent, steps, out=out, calibration=cal, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        from flipcheck.terminal import compression_table
+
+        console.print(compression_table(res.reports))
+        console.print(f"child saved to {res.out}")
+
+    _run(go)
+
+
+def _steps_from_options(methods: list[str], settings: dict[str, str]) -> list[tuple[str, dict]]:
+    """--set key=value applies to the single method; in a chain, keys are METHOD.key."""
+    from flipcheck.compressors.registry import get_method
+
+    for m in methods:
+        get_method(m)
+    if len(methods) == 1:
+        return [(methods[0], {k.split(".", 1)[1] if k.startswith(methods[0] + ".") else k: v for k, v in settings.items()})]
+    per: dict[str, dict] = {m: {} for m in methods}
+    for k, v in settings.items():
+        if "." not in k or k.split(".", 1)[0] not in per:
+            raise FlipcheckError(f"--set {k}={v}: with several methods, prefix the key with one of {', '.join(methods)} (e.g. {methods[0]}.KEY)")
+        m, key = k.split(".", 1)
+        per[m][key] = v
+    return [(m, per[m]) for m in methods]
+
+
+@app.command("list")
+def list_cmd(
+    tasks: Annotated[bool, typer.Option("--tasks", help="also list every task lm-eval knows (long)")] = False,
+    include_path: Annotated[list[str] | None, typer.Option("--include-path")] = None,
+) -> None:
+    """Methods with their settings and defaults, bundled recipes, and (with --tasks) lm-eval tasks."""
+    from flipcheck.terminal import methods_table, recipes_table
+
+    def go():
+        console.print(methods_table())
+        t = recipes_table()
+        if t is not None:
+            console.print(t)
+        if tasks:
+            from flipcheck.evaluation.tasks import known_tasks
+
+            names = known_tasks(include_path)
+            console.print(f"[bold]{len(names)} lm-eval tasks, groups and tags[/]")
+            console.print(", ".join(names), highlight=False)
+
+    _run(go)
+
+
+@app.command("gate")
+def gate_cmd(
+    report: Annotated[Path, typer.Argument(help="report.json (or its folder) from eval/run/sweep")],
+    max_flips: Annotated[str | None, typer.Option(help="largest allowed flip rate, e.g. 2% or 0.02")] = None,
+    max_kl: Annotated[str | None, typer.Option(help="largest allowed mean KL, e.g. 0.01")] = None,
+    min_acc_delta: Annotated[str | None, typer.Option(help="smallest allowed accuracy change, e.g. -1%")] = None,
+    min_acc: Annotated[str | None, typer.Option(help="smallest allowed child accuracy, e.g. 60%")] = None,
+) -> None:
+    """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
+    from flipcheck.gate import run_gate
+
+    def go():
+        ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, echo=console.print)
+        raise typer.Exit(0 if ok else 1)
+
+    _run(go)
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML file, or the name of a bundled recipe (flipcheck list)")],
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/RECIPE-NAME)")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="result cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Compress, evaluate every child against the parent, write the report, apply the recipe's gate."""
+    _setup_logging(verbose)
+    from flipcheck.recipes.schema import load_recipe
+    from flipcheck.sweep import run_recipe
+
+    def go():
+        r = load_recipe(recipe)
+        folder = out or Path("runs") / r.name
+        report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
+        _show(report, folder)
+        if r.gate is not None:
+            from flipcheck.gate import run_gate
+
+            ok = run_gate(folder / "report.json", **r.gate.budgets(), echo=console.print)
+            raise typer.Exit(0 if ok else 1)
+
+    _run(go)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id, folder, or 'demo'")],
+    method: Annotated[str, typer.Option("--method", "-m", help="method to sweep")],
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="key=v1,v2,... (repeat for a product grid)")],
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo",
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/sweep-METHOD)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="fixed key=value settings for every point")] = None,
+    include_path: Annotated[str | None, typer.Option("--include-path")] = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 16,
+    calibration: Annotated[str, typer.Option(help="calibration source")] = "demo",
+    calibration_samples: int = 32,
+    calibration_len: int = 256,
+    device: Device = None,
+    dtype: Dtype = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Evaluate one method at several strengths against one parent (evaluated once)."""
+    _setup_logging(verbose)
+    from flipcheck.compressors.registry import parse_set_options
+    from flipcheck.sweep import parse_grid, sweep
+
+    def go():
+        folder = out or Path("runs") / f"sweep-{method}"
+        report = sweep(
+            parent, method, parse_grid(grid), tasks=tasks, out=folder, settings=parse_set_options(set_),
+            calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
+            include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+            device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
+        )
+        _show(report, folder)
+
+    _run(go)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="run folder for the report")] = Path("runs/demo"),
+    retrain: Annotated[bool, typer.Option(help="train the demo parent again even if cached")] = False,
+    quick: Annotated[bool, typer.Option(help="fewer methods and strengths")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Offline showcase: train (or load) the tiny demo parent, compress it several ways, compare."""
+    _setup_logging(verbose)
+    from flipcheck.demo_run import run_demo
+
+    _run(lambda: run_demo(out, retrain=retrain, quick=quick, console=console))
+
+
+def main() -> None:  # pragma: no cover
+    app()
