@@ -1,6 +1,6 @@
 """Compression methods, one module each; importing this package registers them all."""
 
-from flipcheck.compressors import noise  # noqa: F401
+from flipcheck.compressors import bnb, noise  # noqa: F401
 from flipcheck.compressors.registry import (
     CompressionReport,
     MethodConfig,
