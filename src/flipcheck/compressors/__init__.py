@@ -1,6 +1,6 @@
 """Compression methods, one module each; importing this package registers them all."""
 
-from flipcheck.compressors import bnb, noise  # noqa: F401
+from flipcheck.compressors import bnb, layer_drop, noise, slicegpt  # noqa: F401
 from flipcheck.compressors.registry import (
     CompressionReport,
     MethodConfig,

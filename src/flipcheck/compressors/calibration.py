@@ -6,11 +6,14 @@ that need no data (noise, rtn, bnb, layer_drop ``last``) still get the object fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
 
 
 class CalibrationConfig(BaseModel):
@@ -61,3 +64,20 @@ class Calibration:
         ids = self.require("this step")
         for i in range(0, ids.shape[0], batch_size):
             yield ids[i : i + batch_size]
+
+
+def memoized(calibration: Calibration | None, model: torch.nn.Module, what: str, compute: Callable[[], T]) -> T:
+    """`compute()` once per (what, model weights) in this run; later sweep points reuse it.
+
+    Keyed by the weights' fingerprint, so a statistic computed on the parent is reused only by
+    steps that see the parent's exact weights (the first step of each child), never after another
+    step changed them.
+    """
+    if calibration is None:
+        return compute()
+    from flipcheck.models import fingerprint
+
+    key = (what, fingerprint(model))
+    if key not in calibration.memo:
+        calibration.memo[key] = compute()
+    return calibration.memo[key]

@@ -48,9 +48,7 @@ def validate_steps(steps: Sequence[tuple[str, Mapping[str, Any] | MethodConfig]]
 
 
 def step_needs_calibration(name: str, config: MethodConfig) -> bool:
-    method = get_method(name)
-    needs = getattr(config, "needs_calibration", None)
-    return bool(needs() if callable(needs) else method.needs_calibration)
+    return get_method(name).needs_data(config)
 
 
 def prepare_calibration(tokenizer, steps: list[Step], config: CalibrationConfig | None) -> Calibration:

@@ -52,8 +52,12 @@ class Method:
     name: str
     config_cls: type[MethodConfig]
     apply: ApplyFn
-    needs_calibration: bool
+    needs_calibration: bool | Callable[[MethodConfig], bool]  # a function when it depends on the settings
     description: str
+
+    def needs_data(self, config: MethodConfig) -> bool:
+        n = self.needs_calibration
+        return bool(n(config) if callable(n) else n)
 
     def settings(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, default, description) of each setting, for `flipcheck list`."""
@@ -73,7 +77,7 @@ def register(
     config_cls: type[MethodConfig],
     apply: ApplyFn,
     *,
-    needs_calibration: bool = False,
+    needs_calibration: bool | Callable[[MethodConfig], bool] = False,
     description: str = "",
 ) -> Method:
     """Register a compression method under `name` (one explicit line per method)."""
