@@ -1,0 +1,122 @@
+"""`flipcheck gate`: budgets parsed, verdicts at, below and above every budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.report import child_entry, new_report, write_report
+from flipcheck.gate import check, parse_budget, run_gate
+
+
+def _summary(flips=1 / 50, kl=0.01, acc_p=0.5, acc_c=0.49, kl_vocab=None):
+    """A task summary with the figures the gate reads (values computed as the metrics compute them)."""
+    return {
+        "n": 100,
+        "flips": flips,
+        "acc_P": acc_p,
+        "acc_C": acc_c,
+        "delta_acc": acc_c - acc_p,  # 0.49 - 0.5 = -0.010000000000000009: float rounding at the budget
+        "kl_options": None if kl is None else {"mean": kl},
+        "kl_vocab": None if kl_vocab is None else {"mean": kl_vocab},
+    }
+
+
+def _report(*children):
+    return new_report({"source": "parent", "fingerprint": "fp"}, {"tasks": ["t"]}, list(children))
+
+
+BUDGETS = {"max_flips": "2%", "max_kl": "0.01", "min_acc_delta": "-1%", "min_acc": "49%"}
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("2%", 0.02), ("0.02", 0.02), ("-1%", -0.01), (" 2.5% ", 0.025), ("+1%", 0.01), ("1e-3", 0.001),
+     (".5%", 0.005), ("0", 0.0), (0.03, 0.03)],
+)
+def test_parse_budget_accepted_forms(text, value):
+    assert parse_budget(text, "--max-flips") == pytest.approx(value, rel=1e-15)
+
+
+@pytest.mark.parametrize("text", ["abc", "2 %", "%", "", "2%%", "nan", "inf", "1/2", "2pct", float("nan")])
+def test_parse_budget_refuses_other_text(text):
+    with pytest.raises(FlipcheckError, match=r"--max-flips .*(fraction \(0\.02\) or a percentage \(2%\)|finite)"):
+        parse_budget(text, "--max-flips")
+
+
+def test_exactly_at_every_budget_passes():
+    (v,) = check(_report(child_entry("c", {"t": _summary()})), **BUDGETS)
+    assert v.passed and v.failures == []
+    assert v.text == "PASS t: flips 2.0% <= 2.0%, KL 0.01 <= 0.01, Δacc -1.0% >= -1.0%, acc 49.0% >= 49.0%"
+
+
+def test_below_every_budget_passes():
+    (v,) = check(_report(child_entry("c", {"t": _summary(flips=0.012, kl=0.004, acc_c=0.52)})), **BUDGETS)
+    assert v.passed
+    assert v.text == "PASS t: flips 1.2% <= 2.0%, KL 0.004 <= 0.01, Δacc +2.0% >= -1.0%, acc 52.0% >= 49.0%"
+
+
+@pytest.mark.parametrize(
+    "summary, failure, fragment",
+    [
+        (_summary(flips=0.021), "flips", "flips 2.1% > 2.0%"),
+        (_summary(kl=0.0101), "kl", "KL 0.0101 > 0.01"),
+        (_summary(acc_c=0.489), "acc_delta", "Δacc -1.1% < -1.0%"),
+        (_summary(acc_p=0.47, acc_c=0.48), "acc", "acc 48.0% < 49.0%"),
+    ],
+)
+def test_above_each_budget_fails_only_that_check(summary, failure, fragment):
+    (v,) = check(_report(child_entry("c", {"t": summary})), **BUDGETS)
+    assert not v.passed
+    assert v.text.startswith("FAIL t: ") and fragment in v.text
+    assert v.failures == [failure] or (failure == "acc_delta" and v.failures == ["acc_delta", "acc"])
+
+
+def test_only_the_given_budgets_are_checked():
+    (v,) = check(_report(child_entry("c", {"t": _summary(flips=0.5, kl=3.0)})), max_kl=5)
+    assert v.passed and v.text == "PASS t: KL 3 <= 5"
+
+
+def test_one_verdict_per_child_and_task_plus_micro():
+    c1 = child_entry("gptq", {"t1": _summary(), "t2": _summary(flips=0.05)}, micro=_summary(flips=0.035))
+    c2 = child_entry("awq", {"t1": _summary(flips=0.0)})
+    verdicts = check(_report(c1, c2), max_flips="2%")
+    assert [(v.child, v.task, v.passed) for v in verdicts] == [
+        ("gptq", "t1", True), ("gptq", "t2", False), ("gptq", "all tasks (micro)", False), ("awq", "t1", True),
+    ]
+    assert verdicts[1].text == "FAIL gptq / t2: flips 5.0% > 2.0%"
+
+
+def test_kl_falls_back_to_vocabulary_kl_and_reports_missing_kl():
+    tasks = {"gen": _summary(kl=None, kl_vocab=0.002), "none": _summary(kl=None)}
+    v_gen, v_none, _micro = check(_report(child_entry("c", tasks, micro=_summary())), max_kl="0.01")
+    assert v_gen.text == "PASS gen: KL vocab 0.002 <= 0.01"
+    assert v_none.passed and v_none.text == "PASS none: KL n/a"
+
+
+def test_bad_gate_settings_are_refused():
+    rep = _report(child_entry("c", {"t": _summary()}))
+    with pytest.raises(FlipcheckError, match="at least one budget"):
+        check(rep)
+    with pytest.raises(FlipcheckError, match="--max-kl"):
+        check(rep, max_kl="-1%")
+    with pytest.raises(FlipcheckError, match="--min-acc-delta"):
+        check(rep, min_acc_delta="minus one")
+    with pytest.raises(FlipcheckError, match="no children"):
+        check(_report(), max_flips="2%")
+
+
+def test_run_gate_reads_a_report_folder(tmp_path):
+    rep = _report(child_entry("c", {"t1": _summary(), "t2": _summary(flips=0.03)}, micro=_summary(flips=0.025)))
+    write_report(tmp_path, rep, [])
+    lines: list[str] = []
+    assert run_gate(tmp_path, max_flips="2%", echo=lines.append) is False
+    assert lines == [
+        "PASS t1: flips 2.0% <= 2.0%",
+        "FAIL t2: flips 3.0% > 2.0%",
+        "FAIL all tasks (micro): flips 2.5% > 2.0%",
+    ]
+    assert run_gate(tmp_path / "report.json", max_flips="3%") is True
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(FlipcheckError, match="is not a flipcheck report"):
+        run_gate(tmp_path / "x.json", max_flips="2%")
