@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 PIP = $(VENV)/bin/python -m pip
 STAMP = $(VENV)/.flipcheck-installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q
+
+# Debian's Chromium for the test that opens report.html in a real headless browser. Best effort:
+# where it cannot be installed (not root, no apt), that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  ( command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ) || \
+	  echo "chromium not installed: the headless-browser report test will be skipped"
 
 demo: $(STAMP)
 	$(VENV)/bin/flipcheck demo
