@@ -28,7 +28,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree")
+ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids")
 
 
 def default_cache_dir() -> Path:

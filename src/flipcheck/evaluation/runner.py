@@ -183,7 +183,7 @@ def _lm_eval_samples(lm, unit: str, settings: EvalSettings) -> tuple[dict[str, l
         tasks=[unit],
         num_fewshot=settings.num_fewshot,
         limit=settings.limit,
-        task_manager=task_manager(settings.include_path),
+        task_manager=task_manager(settings.include_path, [unit]),
         log_samples=True,
         bootstrap_iters=0,
         random_seed=settings.seed,
@@ -272,6 +272,7 @@ class Evaluator:
                     lm = FlipLM(
                         child.model, child.tokenizer, batch_size=batch_size or self.settings.batch_size,
                         reference=self.parent.model, topk=self.settings.topk,
+                        reference_tokenizer=self.parent.tokenizer,
                     )
                     child_samples, _ = _lm_eval_samples(lm, unit, self.settings)
                     self.parent_passes += 1

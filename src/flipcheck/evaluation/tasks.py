@@ -35,15 +35,25 @@ def _include_paths(include_path: str | os.PathLike | list | None) -> tuple[str, 
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(paths: tuple[str, ...]):
+def _task_manager(paths: tuple[str, ...], defaults: bool = True):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths) or None)
+    return TaskManager(include_path=list(paths) or None, include_defaults=defaults)
 
 
-def task_manager(include_path: str | os.PathLike | list | None = None):
-    """An lm-eval TaskManager over the built-in tasks, the demo tasks and `include_path` (cached)."""
-    return _task_manager(_include_paths(include_path))
+def task_manager(include_path: str | os.PathLike | list | None = None, tasks: list[str] | None = None):
+    """An lm-eval TaskManager over the built-in tasks, the demo tasks and `include_path` (cached).
+
+    Indexing lm-eval's thousands of built-in task files takes seconds; when every name in `tasks`
+    is found in the local folders alone (the demo, a private task folder), those are all we index.
+    """
+    paths = _include_paths(include_path)
+    if tasks:
+        local = _task_manager(paths, False)
+        known = set(local.all_tasks) | set(local.all_groups) | set(local.all_tags)
+        if all(t in known for t in tasks):
+            return local
+    return _task_manager(paths, True)
 
 
 def known_tasks(include_path=None) -> list[str]:
@@ -57,7 +67,7 @@ def resolve_tasks(tasks: str | list[str], include_path=None) -> list[str]:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
     if not names:
         raise FlipcheckError("no tasks given; pass e.g. --tasks arc_easy,mmlu (see `flipcheck list --tasks`)")
-    tm = task_manager(include_path)
+    tm = task_manager(include_path, names)
     known = set(tm.all_tasks) | set(tm.all_groups) | set(tm.all_tags)
     for n in names:
         if n not in known:
