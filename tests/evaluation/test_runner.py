@@ -133,7 +133,6 @@ def test_unknown_task_suggests_close_names(folders, task_dir, tmp_path):
 
 def test_different_tokenizer_is_refused(folders, task_dir, tmp_path, tiny_model):
     from conftest import corpus
-
     from flipcheck.tiny import build_tokenizer
 
     other = build_tokenizer(corpus()[::2], vocab_size=384)
