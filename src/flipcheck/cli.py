@@ -45,7 +45,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -103,7 +103,7 @@ def eval_cmd(
 def _show(report: dict, out: Path | None) -> None:
     from flipcheck.evaluation.report import render_table
 
-    console.print(render_table(report))
+    console.print(render_table(report, width=console.width))
     if out is not None:
         console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
 

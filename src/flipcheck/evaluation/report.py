@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from flipcheck import __version__
@@ -261,16 +262,40 @@ HEADERS = ["child", "task", "n", "acc P", "acc C", "Δacc pts [95% CI]", "flips 
            "KL options", "KL vocab", "top-1 agree"]
 
 
-def render_table(report: Mapping[str, Any]) -> Table:
-    """The terminal table: one row per child and task (plus micro over all questions)."""
+def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Table:
+    """The terminal table: a section per child, a row per task (plus micro over all questions).
+
+    Under 120 columns (`width`, e.g. ``console.width``) the table drops the CI, the flip
+    directions, answer changes and top-1 agreement so the figures that matter stay readable in
+    an 80-column terminal; report.md and report.html always have everything.
+    """
+    compact = width is not None and width < 120
     parent = (report.get("parent") or {}).get("source") or "?"
-    table = Table(title=f"flipcheck: children vs parent {parent}", show_lines=False)
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i >= 2)
+    table = Table(title=f"flipcheck: children vs parent {parent}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("child / task", justify="left", overflow="fold", min_width=10)
+    heads = (
+        ["n", "acc P→C", "Δacc pts", "flips", "KL opt", "KL voc"]
+        if compact
+        else ["n", "acc P", "acc C", "Δacc pts [95% CI]", "flips (c→i / i→c)", "answer changes",
+              "KL options", "KL vocab", "top-1 agree"]
+    )
+    for h in heads:
+        table.add_column(h, justify="right", no_wrap=True)
     for label, entry in _entries(report):
-        for j, (task, s) in enumerate(_summaries(entry)):
-            table.add_row(label if j == 0 else "", task, str(s.get("n", "-")), *table_cells(s),
-                          style="dim" if label == "noise floor" else None)
+        dim = label == "noise floor"
+        table.add_row(f"[bold]{label}[/]", style="dim" if dim else None)
+        for task, s in _summaries(entry):
+            if compact:
+                cells = [
+                    f"{_pct(s.get('acc_P'))}→{_pct(s.get('acc_C'))}".replace("%→", "→"),
+                    _signed_pct(s.get("delta_acc")),
+                    _pct(s.get("flips")),
+                    _num(_mean_of(s.get("kl_options"))),
+                    _num(_mean_of(s.get("kl_vocab"))),
+                ]
+            else:
+                cells = table_cells(s)
+            table.add_row(f"  {task}", str(s.get("n", "-")), *cells, style="dim" if dim else None)
         table.add_section()
     return table
 
