@@ -69,7 +69,7 @@ TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow mo
 def eval_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
     children: Annotated[list[str], typer.Argument(help="one or more child models (hub ids or folders)")],
-    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo",
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo_facts,flipcheck_demo_letters",
     out: Annotated[Path | None, typer.Option(help="folder for report.json, samples.jsonl, report.md, report.html")] = None,
     include_path: Annotated[list[str] | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="few-shot examples (task default if unset)")] = None,
@@ -222,6 +222,10 @@ def gate_cmd(
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file, or the name of a bundled recipe (flipcheck list)")],
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/RECIPE-NAME)")] = None,
+    parent: Annotated[str | None, typer.Option(help="override the recipe's parent (hub id or folder)")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", "-t", help="override the recipe's tasks (comma-separated)")] = None,
+    limit: Annotated[float | None, typer.Option(help="override the questions per task")] = None,
+    calibration: Annotated[str | None, typer.Option(help="override the calibration source")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="result cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -232,6 +236,17 @@ def run_cmd(
 
     def go():
         r = load_recipe(recipe)
+        update: dict = {}
+        if parent:
+            update["parent"] = parent
+        if tasks or limit is not None:
+            ev = r.evaluation.model_copy(
+                update={k: v for k, v in {"tasks": tasks.split(",") if tasks else None, "limit": limit}.items() if v is not None}
+            )
+            update["evaluation"] = ev
+        if calibration:
+            update["calibration"] = r.calibration.model_copy(update={"source": calibration})
+        r = r.model_copy(update=update)
         folder = out or Path("runs") / r.name
         report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
         _show(report, folder)
@@ -249,7 +264,7 @@ def sweep_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id, folder, or 'demo'")],
     method: Annotated[str, typer.Option("--method", "-m", help="method to sweep")],
     grid: Annotated[list[str], typer.Option("--grid", "-g", help="key=v1,v2,... (repeat for a product grid)")],
-    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo",
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo_facts,flipcheck_demo_letters",
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/sweep-METHOD)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="fixed key=value settings for every point")] = None,
     include_path: Annotated[str | None, typer.Option("--include-path")] = None,

@@ -134,7 +134,7 @@ def sweep(
     method: str,
     grid: dict[str, list[Any]],
     *,
-    tasks: list[str] | str = "flipcheck_demo",
+    tasks: list[str] | str = "flipcheck_demo_facts,flipcheck_demo_letters",
     out: str | os.PathLike,
     settings: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,

@@ -106,7 +106,7 @@ class SweepSpec(_Strict):
 class EvaluationSpec(_Strict):
     """Which lm-eval tasks, and how they are scored."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["flipcheck_demo"], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: ["flipcheck_demo_facts", "flipcheck_demo_letters"], min_length=1)
     include_path: str | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
