@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flipcheck.recipes.schema import ChildSpec, Recipe, load_recipe
 
-QUICK_CHILDREN = ("noise sigma=0.1", "gptq w4a16 g128", "wanda sparsity=0.5")
+QUICK_CHILDREN = ("noise sigma=0.3", "gptq w4a16 g128", "wanda sparsity=0.5")
 
 
 def demo_recipe(quick: bool = False) -> Recipe:

@@ -4,7 +4,7 @@
 name: wanda-then-gptq
 parent: demo                       # hub id, folder, or `demo` (the offline demo parent)
 calibration: {source: demo, samples: 32, seq_len: 256}
-evaluation: {tasks: [flipcheck_demo], limit: 200}
+evaluation: {tasks: [flipcheck_demo_facts, flipcheck_demo_letters], limit: 200}
 children:                          # each child is an ordered list of steps
   - name: wanda24-gptq4
     steps:
