@@ -35,6 +35,11 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("lm_eval", "lm-eval", "datasets", "transformers", "llmcompressor", "compressed_tensors", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        # Third-party progress bars (dataset building, shard writing, calibration passes) drown the
+        # terminal; flipcheck's own bars pass `disable` explicitly and stay. tqdm reads this at import.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         from loguru import logger as _loguru  # llm-compressor logs through loguru
 

@@ -272,7 +272,7 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
     compact = width is not None and width < 120
     parent = (report.get("parent") or {}).get("source") or "?"
     table = Table(title=f"flipcheck: children vs parent {parent}", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("child / task", justify="left", overflow="fold", min_width=10)
+    table.add_column("child / task", justify="left", overflow="fold", min_width=24 if compact else 10)
     heads = (
         ["n", "acc P→C", "Δacc pts", "flips", "KL opt", "KL voc"]
         if compact
@@ -671,19 +671,29 @@ def plot_flips_vs_kl(report: Mapping[str, Any]) -> str | None:
     fig = _figure()
     ax = fig.subplots()
     _style(ax)
-    for child in dict.fromkeys(p[0] for p in pts):
+    from matplotlib.lines import Line2D
+
+    children = list(dict.fromkeys(p[0] for p in pts))
+    for child in children:
         for j, task in enumerate(tasks):
             mine = [p for p in pts if p[0] == child and p[1] == task]
             if mine:
                 ax.scatter([p[2] for p in mine], [100 * p[3] for p in mine], s=45, color=colours.get(child),
-                           marker=TASK_MARKERS[j % len(TASK_MARKERS)], zorder=3,
-                           label=_legend_label(child) + (f" · {task}" if len(tasks) > 1 else ""))
+                           marker=TASK_MARKERS[j % len(TASK_MARKERS)], zorder=3)
     ax.set_xlim(left=0.0)
     ax.set_ylim(bottom=0.0)
     ax.set_xlabel("mean KL(parent ‖ child)" + (f" on {tasks[0]}" if len(tasks) == 1 else ""))
     ax.set_ylabel("flips (% of questions)")
     ax.set_title("Flips vs KL" + (f" (Pearson r = {r:.2f}, {len(pts)} points)" if r is not None else ""), fontsize=11)
-    ax.legend(fontsize=8, loc="best")
+    # one legend entry per child (colour) and per task (marker), not one per pair
+    handles = [Line2D([], [], ls="", marker="o", color=colours.get(c), label=_legend_label(c)) for c in children]
+    if len(tasks) > 1:
+        handles += [Line2D([], [], ls="", marker=TASK_MARKERS[j % len(TASK_MARKERS)], color="0.45", label=t)
+                    for j, t in enumerate(tasks)]
+    if len(handles) > 6:
+        ax.legend(handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.legend(handles=handles, fontsize=8, loc="best")
     return _png(fig)
 
 
