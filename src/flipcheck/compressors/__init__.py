@@ -1,6 +1,17 @@
 """Compression methods, one module each; importing this package registers them all."""
 
-from flipcheck.compressors import bnb, layer_drop, noise, slicegpt  # noqa: F401
+from flipcheck.compressors import (  # noqa: F401  (each module registers its method)
+    awq,
+    bnb,
+    gptq,
+    layer_drop,
+    noise,
+    rtn,
+    slicegpt,
+    smoothquant,
+    sparsegpt,
+    wanda,
+)
 from flipcheck.compressors.registry import (
     CompressionReport,
     MethodConfig,

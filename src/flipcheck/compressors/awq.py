@@ -1,0 +1,65 @@
+"""AWQ: activation-aware weight quantization (Lin et al., "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration", MLSys 2024, arXiv 2306.00978), run by
+llm-compressor's ``AWQModifier`` followed by ``QuantizationModifier(W4A16_ASYM)``.
+
+The few input channels that see large activations matter most. AWQ scales them up before
+rounding and folds the inverse scale into the preceding op (a norm or a Linear), so the function
+is unchanged and the salient weights lose less to rounding:
+
+    Q(W · diag(s)) · (diag(s)^-1 · X),    s = s_X^α · s_W^-(1-α)   (duo scaling)
+
+with s_X the mean |activation| per input channel and s_W the mean |weight| per input channel
+(normalised per group). For each group of Linears that share an input, α is searched on `n_grid`
+evenly spaced points of [0, 1] (with duo scaling: the identity s = 1 plus n_grid - 1 points),
+minimising the group's output MSE on the calibration data. With ``duo_scaling=False`` only
+activations count (s = s_X^α, the paper's form); "both" searches half the grid each way.
+
+Weights end as 4-bit asymmetric integers with one scale and zero point per `group_size` input
+weights: W ≈ s·(q - z), with q ∈ [-8, 7] and an integer zero point z
+(compressed-tensors keeps the codes signed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from flipcheck.compressors.llmc import apply_llmc, none_from_text, quant_scheme
+from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
+
+
+class AWQConfig(MethodConfig):
+    """AWQ W4A16 (asymmetric): salient input channels scaled up before rounding (llm-compressor)."""
+
+    group_size: int | None = Field(
+        128, ge=1, le=65536, description="input weights sharing one scale and zero point; None = per output channel"
+    )
+    n_grid: int = Field(20, ge=4, le=200, description="grid points searched for the scaling exponent α in [0, 1]")
+    duo_scaling: bool | Literal["both"] = Field(
+        True, description="True: s = s_X^α / s_W^(1-α); False: s = s_X^α (the paper); 'both': search both"
+    )
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return none_from_text(v)
+
+
+def awq_modifiers(config: AWQConfig, head: str) -> list:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    scheme = quant_scheme("W4A16_ASYM", config.group_size)
+    return [
+        AWQModifier(n_grid=config.n_grid, duo_scaling=config.duo_scaling),
+        QuantizationModifier(config_groups={"group_0": scheme}, ignore=[head]),
+    ]
+
+
+def apply_awq(model, config: AWQConfig, calibration) -> CompressionReport:
+    """Scale salient channels and quantize every decoder Linear (not the head) to int4, in place."""
+    return apply_llmc("awq", model, config, calibration)
+
+
+register("awq", AWQConfig, apply_awq, needs_calibration=True)

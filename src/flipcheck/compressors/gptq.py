@@ -1,0 +1,90 @@
+"""GPTQ weight quantization (Frantar et al., "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023, arXiv 2210.17323), run by llm-compressor's
+``GPTQModifier``.
+
+Layer by layer, GPTQ minimises the layer's output error on calibration inputs X,
+
+    argmin_Q ||W X - Q X||_2^2,    H = 2 X X^T + λ·mean(diag(H))·I   (λ = dampening_frac),
+
+quantizing one column at a time and spreading its rounding error over the columns not yet
+quantized through the inverse Hessian: δ = -(w_q - q_q) / [H^-1]_qq · [H^-1]_{q,:}. Columns are
+processed in blocks of `block_size`; with ``actorder="weight"`` they are visited in order of
+decreasing diag(H) (the most activated inputs first), which changes nothing in the checkpoint.
+
+Weights become b-bit integers with one scale per `group_size` consecutive input weights (symmetric
+schemes) plus a zero point (asymmetric ones): W ≈ s·(q - z).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from flipcheck.compressors.llmc import apply_llmc, none_from_text, quant_scheme
+from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
+
+
+class GPTQConfig(MethodConfig):
+    """GPTQ: Hessian-aware rounding of weights to b-bit integers (llm-compressor GPTQModifier)."""
+
+    scheme: Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8"] = Field(
+        "W4A16", description="weight (and activation) format: W4A16 = int4 weights, 16-bit activations"
+    )
+    group_size: int | None = Field(
+        128, ge=1, le=65536, description="input weights sharing one scale; None = one scale per output channel"
+    )
+    actorder: Literal["none", "weight"] = Field(
+        "weight", description="'weight': quantize columns in order of decreasing activation (no runtime cost); 'none': in order"
+    )
+    dampening_frac: float = Field(
+        0.01, ge=0.0, le=1.0, description="λ added to diag(H) as a fraction of its mean, for a stable inverse"
+    )
+    block_size: int = Field(128, ge=1, le=8192, description="columns quantized per block before the lazy error update")
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _upper(cls, v):
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return none_from_text(v)
+
+    @field_validator("actorder", mode="before")
+    @classmethod
+    def _actorder(cls, v):
+        if v is None or v is False:
+            return "none"
+        if isinstance(v, str) and v.lower() in ("group", "dynamic"):
+            raise ValueError(
+                "actorder 'group' (dynamic activation ordering) is not supported by llm-compressor >= 0.14; "
+                "allowed: none, weight"
+            )
+        if isinstance(v, str) and v.lower() == "static":
+            return "weight"
+        return v.lower() if isinstance(v, str) else v
+
+
+def gptq_modifiers(config: GPTQConfig, head: str) -> list:
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    scheme = quant_scheme(config.scheme, config.group_size)
+    return [
+        GPTQModifier(
+            config_groups={"group_0": scheme},
+            ignore=[head],
+            block_size=config.block_size,
+            dampening_frac=config.dampening_frac,
+            actorder=None if config.actorder == "none" else config.actorder,
+        )
+    ]
+
+
+def apply_gptq(model, config: GPTQConfig, calibration) -> CompressionReport:
+    """Quantize every decoder Linear (not the head) with GPTQ, in place."""
+    return apply_llmc("gptq", model, config, calibration)
+
+
+register("gptq", GPTQConfig, apply_gptq, needs_calibration=True)

@@ -1,0 +1,113 @@
+"""Round-to-nearest quantization, the baseline every calibrated method is measured against, run by
+llm-compressor's ``QuantizationModifier`` with any compressed-tensors preset scheme.
+
+Each weight group (a tensor, an output channel, or `group_size` consecutive input weights) gets
+its scale from its own range, and every weight is rounded independently:
+
+    s = max|W_g| / q_max  (symmetric),    q = clamp(round(W / s) + z, q_min, q_max),    Ŵ = s·(q - z)
+
+Asymmetric schemes (W4A16_ASYM) use s = (max W_g - min W_g) / (q_max - q_min) and a zero point z.
+Schemes with activation quantization quantize activations at run time: dynamically per token
+(W8A8, FP8_DYNAMIC: no data needed) or with static scales observed on calibration data (FP8,
+NVFP4: those need calibration).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from flipcheck.compressors.llmc import (
+    measure,
+    modifiers_for,
+    needs_data,
+    none_from_text,
+    quant_scheme,
+    run_oneshot,
+)
+from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
+from flipcheck.errors import FlipcheckError
+
+
+def preset_schemes() -> list[str]:
+    """compressed-tensors' preset scheme names (W4A16, W8A8, FP8, NVFP4, ...), less UNQUANTIZED."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    return sorted(k for k in PRESET_SCHEMES if k != "UNQUANTIZED")
+
+
+def regroupable(scheme: str) -> bool:
+    """True when the preset's weights are integer group- or channel-wise, so group_size may change."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    w = PRESET_SCHEMES[scheme].get("weights")
+    if w is None:
+        return False
+    strategy = getattr(w.strategy, "value", w.strategy)
+    kind = getattr(w.type, "value", w.type)
+    return kind == "int" and strategy in ("group", "channel")
+
+
+class RTNConfig(MethodConfig):
+    """Round-to-nearest quantization with a preset scheme, no calibration (llm-compressor QuantizationModifier)."""
+
+    scheme: str = Field("W4A16", description="compressed-tensors preset: W4A16, W4A16_ASYM, W8A16, W8A8, FP8_DYNAMIC, FP8, ...")
+    group_size: int | Literal["channel"] | None = Field(
+        None, description="None = the scheme's own layout; an int = groups of that many input weights; 'channel' = per output channel"
+    )
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _scheme(cls, v):
+        if not isinstance(v, str):
+            raise ValueError(f"scheme must be a preset name, got {v!r}")
+        allowed = preset_schemes()
+        if v.upper() not in allowed:
+            raise ValueError(f"unknown scheme {v!r}; allowed: {', '.join(allowed)}")
+        return v.upper()
+
+    @field_validator("group_size", mode="before")
+    @classmethod
+    def _group(cls, v):
+        v = none_from_text(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError(f"group_size must be >= 1, 'channel' or None, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _layout(self):
+        if self.group_size is not None and not regroupable(self.scheme):
+            ok = ", ".join(s for s in preset_schemes() if regroupable(s))
+            raise ValueError(
+                f"scheme {self.scheme} has a fixed weight layout, group_size must be None; "
+                f"schemes whose group size can change: {ok}"
+            )
+        return self
+
+
+def rtn_modifiers(config: RTNConfig, head: str) -> list:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    layout = "preset" if config.group_size is None else config.group_size
+    return [QuantizationModifier(config_groups={"group_0": quant_scheme(config.scheme, layout)}, ignore=[head])]
+
+
+def rtn_needs_data(config: RTNConfig) -> bool:
+    """Only schemes with static activation scales (FP8, NVFP4, ...) need calibration data."""
+    return needs_data(rtn_modifiers(config, "lm_head"))
+
+
+def apply_rtn(model, config: RTNConfig, calibration) -> CompressionReport:
+    """Round every decoder Linear (not the head) to the scheme's grid, in place."""
+    modifiers = modifiers_for("rtn", config, model)
+    if needs_data(modifiers) and (calibration is None or calibration.input_ids is None):
+        raise FlipcheckError(
+            f"rtn scheme={config.scheme} quantizes activations with static scales, which need calibration data; "
+            "use a dynamic scheme (W8A8, FP8_DYNAMIC) or give the step calibration data"
+        )
+    run_oneshot(model, calibration, modifiers)
+    return measure("rtn", config, model, calibration, used_calibration=needs_data(modifiers))
+
+
+register("rtn", RTNConfig, apply_rtn, needs_calibration=rtn_needs_data)

@@ -1,0 +1,47 @@
+"""Wanda pruning (Sun et al., "A Simple and Effective Pruning Approach for Large Language Models",
+ICLR 2024, arXiv 2306.11695), run by llm-compressor's ``WandaPruningModifier``.
+
+Each weight is scored by its magnitude times the norm of the input feature it multiplies, over
+the calibration tokens:
+
+    S_ij = |W_ij| · ||X_j||_2
+
+and, within each output row, the lowest-scoring `sparsity` fraction is set to zero (so every row
+loses floor(sparsity · in_features) weights). With an N:M mask, the M-N lowest scores of every M
+consecutive input weights of a row are zeroed instead. No weight is updated; unlike magnitude
+pruning, weights that meet large activations survive.
+"""
+
+from __future__ import annotations
+
+from flipcheck.compressors.llmc import (
+    PruningConfig,
+    measure,
+    modifiers_for,
+    prune_ignore,
+    pruning_needs_data,
+    run_oneshot,
+)
+from flipcheck.compressors.registry import CompressionReport, register
+
+
+class WandaConfig(PruningConfig):
+    """Wanda: zero the weights with the smallest |W|·||X|| in each row, unstructured or N:M."""
+
+
+def wanda_modifiers(config: WandaConfig, head: str) -> list:
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    if config.is_identity():
+        return []
+    return [WandaPruningModifier(targets=["Linear"], ignore=prune_ignore(head), **config.engine_args())]
+
+
+def apply_wanda(model, config: WandaConfig, calibration) -> CompressionReport:
+    """Prune every decoder Linear (not the head) in place; sparsity 0 leaves the model untouched."""
+    modifiers = modifiers_for("wanda", config, model)
+    run_oneshot(model, calibration, modifiers)
+    return measure("wanda", config, model, calibration, used_calibration=bool(modifiers))
+
+
+register("wanda", WandaConfig, apply_wanda, needs_calibration=pruning_needs_data)

@@ -1,0 +1,66 @@
+"""Recipe schema: validation with line numbers, sweeps expanded, every bundled recipe round-trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from flipcheck.errors import FlipcheckError
+from flipcheck.recipes.schema import bundled_recipes, dump_recipe, load_recipe, parse_recipe
+
+GOOD = """\
+name: two-children
+parent: some/folder
+calibration: {source: demo, samples: 4, seq_len: 32}
+children:
+  - name: noisy
+    steps:
+      - {method: noise, settings: {sigma: 0.05}}
+sweeps:
+  - method: noise
+    grid: {sigma: [0.01, "0.02"]}
+evaluation: {tasks: [flipcheck_demo], limit: 20}
+gate: {max_flips: 5%, max_kl: 0.05}
+"""
+
+
+def test_sweep_expands_to_typed_children():
+    r = parse_recipe(GOOD)
+    names = [c.name for c in r.all_children()]
+    assert names == ["noisy", "noise sigma=0.01", "noise sigma=0.02"]
+    assert [c.strength for c in r.all_children()] == [None, {"sigma": 0.01}, {"sigma": 0.02}]
+
+
+def test_round_trip_load_dump_load():
+    r = parse_recipe(GOOD)
+    assert parse_recipe(dump_recipe(r)) == r
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_every_bundled_recipe_loads_and_round_trips(name):
+    r = load_recipe(name)
+    assert r.all_children(), name
+    assert parse_recipe(dump_recipe(r)) == r
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        (GOOD.replace("samples: 4", "samples: 4, sampels: 3"), r":3: calibration.sampels: unknown key 'sampels'.*samples"),
+        (GOOD.replace("sigma: 0.05", "sigma: -1"), r":7: children.0.steps.0: .*sigma"),
+        (GOOD.replace("method: noise, settings", "method: nosie, settings"), r":7: .*unknown method 'nosie'.*Did you mean: noise"),
+        (GOOD.replace('"0.02"', "-0.5"), r":9: sweeps.0: .*sigma"),
+        (GOOD.replace("max_flips: 5%", "max_flips: lots"), r":12: gate: .*max_flips"),
+        (GOOD.replace("limit: 20", "limit: 0"), r":11: evaluation.limit"),
+        ("name: [unclosed", r"not valid YAML"),
+        ("- a list", r"a recipe is a YAML mapping"),
+        ("name: nothing-to-do\nparent: x\n", r"needs `steps`, `children` or `sweeps`"),
+    ],
+)
+def test_bad_recipes_fail_with_line_numbers(text, pattern):
+    with pytest.raises(FlipcheckError, match=pattern):
+        parse_recipe(text, "r.yaml")
+
+
+def test_unknown_recipe_name_lists_bundled():
+    with pytest.raises(FlipcheckError, match="neither a file nor a bundled recipe"):
+        load_recipe("paper-quantt")
