@@ -14,6 +14,7 @@ Each finished (child, task) pair is cached too, so an interrupted run resumes wh
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
@@ -79,7 +80,8 @@ class EvalSettings:
             "topk": self.topk,
             "dtype": str(resolve_dtype(self.dtype, dev)),
             "lm_eval": getattr(lm_eval, "__version__", "?"),
-            "task_files": cache_mod.folder_content_hash(_include_paths(self.include_path)),
+            # content of the user's local task folders (a private task edited -> new results)
+            "task_files": cache_mod.folder_content_hash(_user_include_paths(self.include_path)),
         }
 
     def public(self) -> dict[str, Any]:
@@ -94,6 +96,22 @@ class EvalSettings:
             "device": resolve_device(self.device),
             "dtype": str(resolve_dtype(self.dtype, resolve_device(self.device))).replace("torch.", ""),
         }
+
+
+def _user_include_paths(include_path) -> tuple[str, ...]:
+    from flipcheck.demo import demo_task_dir
+
+    demo = str(demo_task_dir())
+    return tuple(p for p in _include_paths(include_path) if p != demo)
+
+
+def _unit_files(unit: str) -> str | None:
+    """The packaged demo tasks' content enters only the keys of demo task units."""
+    from flipcheck.demo import demo_task_dir
+
+    if not unit.startswith("flipcheck_demo"):
+        return None
+    return cache_mod.folder_content_hash((str(demo_task_dir()),))
 
 
 @dataclass
@@ -174,24 +192,46 @@ def tokenizer_hash(tok) -> str:
     return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
 
 
+# Header fields lm-eval's simple_evaluate adds to its results after scoring; flipcheck reads only the
+# samples and configs. add_env_info runs torch's collect_env (``pip list`` and other subprocesses,
+# about a second per call on a CPU machine) and get_git_commit_hash runs ``git``.
+_LM_EVAL_HEADER_HELPERS = {"add_env_info": lambda storage: None, "get_git_commit_hash": lambda: None}
+
+
+@contextlib.contextmanager
+def _without_lm_eval_env_info():
+    """Within the block, lm-eval's simple_evaluate skips its environment/git header (restored after)."""
+    from lm_eval import evaluator
+
+    saved = {name: getattr(evaluator, name) for name in _LM_EVAL_HEADER_HELPERS if hasattr(evaluator, name)}
+    try:
+        for name in saved:
+            setattr(evaluator, name, _LM_EVAL_HEADER_HELPERS[name])
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(evaluator, name, fn)
+
+
 def _lm_eval_samples(lm, unit: str, settings: EvalSettings) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Run lm-eval on one requested task (or group) with our LM; per-sample dicts by task name."""
     from lm_eval import evaluator
 
-    res = evaluator.simple_evaluate(
-        model=lm,
-        tasks=[unit],
-        num_fewshot=settings.num_fewshot,
-        limit=settings.limit,
-        task_manager=task_manager(settings.include_path, [unit]),
-        log_samples=True,
-        bootstrap_iters=0,
-        random_seed=settings.seed,
-        numpy_random_seed=settings.seed,
-        torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed,
-        verbosity="ERROR",
-    )
+    with _without_lm_eval_env_info():
+        res = evaluator.simple_evaluate(
+            model=lm,
+            tasks=[unit],
+            num_fewshot=settings.num_fewshot,
+            limit=settings.limit,
+            task_manager=task_manager(settings.include_path, [unit]),
+            log_samples=True,
+            bootstrap_iters=0,
+            random_seed=settings.seed,
+            numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed,
+            verbosity="ERROR",
+        )
     if res is None:
         raise FlipcheckError(f"lm-eval returned no results for task {unit!r}")
     kinds = {t: str(cfg.get("output_type", "")) for t, cfg in res.get("configs", {}).items()}
@@ -225,11 +265,14 @@ class Evaluator:
 
     # -- keys ---------------------------------------------------------------------------------
     def _parent_key(self, unit: str) -> str:
-        return cache_mod.entry_key(role="parent", model=self.parent.fingerprint, unit=unit, **self._key_fields)
+        return cache_mod.entry_key(
+            role="parent", model=self.parent.fingerprint, unit=unit, unit_files=_unit_files(unit), **self._key_fields
+        )
 
     def _child_key(self, child: ModelRef, unit: str) -> str:
         return cache_mod.entry_key(
-            role="child", model=child.fingerprint, parent=self.parent.fingerprint, unit=unit, **self._key_fields
+            role="child", model=child.fingerprint, parent=self.parent.fingerprint, unit=unit,
+            unit_files=_unit_files(unit), **self._key_fields,
         )
 
     # -- one child ----------------------------------------------------------------------------
