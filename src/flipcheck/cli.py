@@ -40,6 +40,7 @@ def _setup_logging(verbose: bool) -> None:
         # terminal; flipcheck's own bars pass `disable` explicitly and stay. tqdm reads this at import.
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
     try:
         from loguru import logger as _loguru  # llm-compressor logs through loguru
 

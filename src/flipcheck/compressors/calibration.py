@@ -1,6 +1,6 @@
 """Calibration data shared by every step of a recipe: N samples of L tokens, seeded.
 
-Prepared once per run (:func:`build_calibration`) and handed to each method's ``apply``. Methods
+Prepared once per run (:func:`flipcheck.compressors.calibration_data.build_calibration`) and handed to each method's ``apply``. Methods
 that need no data (noise, rtn, bnb, layer_drop ``last``) still get the object for its tokenizer.
 """
 
@@ -50,7 +50,9 @@ class Calibration:
 
     def require(self, method: str) -> torch.Tensor:
         if self.input_ids is None:
-            raise ValueError(f"{method} needs calibration data, but none was prepared")
+            from flipcheck.errors import FlipcheckError
+
+            raise FlipcheckError(f"{method} needs calibration data, but none was prepared")
         return self.input_ids
 
     def dataset(self):
