@@ -636,20 +636,26 @@ class FlipLM(TemplateLM):
         none when the string already starts with the prefix token's text."""
         from lm_eval.models.utils import has_bos_prefix
 
+        # lm-eval encodes each context once per option, and context+option again: memoise (bounded)
+        memo = self.__dict__.setdefault("_encode_memo", {})
+        key = (string, add_special_tokens, left_truncate_len)
+        hit = memo.get(key)
+        if hit is not None:
+            return list(hit)
+        if "_prefix_text" not in self.__dict__:
+            self._prefix_text = None if self.prefix_token_id is None else self.tokenizer.decode(self.prefix_token_id)
         kw = {}
         if add_special_tokens is not None:
             kw["add_special_tokens"] = add_special_tokens
         elif self.add_bos_token is not None:
             kw["add_special_tokens"] = self.add_bos_token
-        if (
-            add_special_tokens is None
-            and self.prefix_token_id is not None
-            and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id))
-        ):
+        if add_special_tokens is None and self._prefix_text is not None and has_bos_prefix(string, self._prefix_text):
             kw["add_special_tokens"] = False
         enc = self.tokenizer.encode(string, **kw)
         if left_truncate_len:
             enc = enc[-left_truncate_len:]
+        if len(memo) < 200_000:
+            memo[key] = tuple(enc)
         return enc
 
     def _encode_context(self, string: str) -> list[int]:
