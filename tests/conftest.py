@@ -1,6 +1,6 @@
 """Shared fixtures: tiny models, tokenizers and lm-eval task folders, all built in-process.
 
-Nothing here reads ../shared or the network. Everything written goes under pytest's tmp dirs.
+Nothing here reads the shared real-data folder or the network. Everything written goes under pytest's tmp dirs.
 """
 
 from __future__ import annotations
