@@ -22,8 +22,8 @@ def methods_table() -> Table:
 
 def compression_table(reports: list[CompressionReport]) -> Table:
     t = Table(title="compression")
-    for col in ("step", "method", "bits/weight", "sparsity", "parameters", "targeted", "time (s)", "calibration"):
-        t.add_column(col, justify="right" if col not in ("method", "calibration") else "left")
+    for col in ("#", "method", "bits/w", "zeros", "params", "linears", "s", "calibration"):
+        t.add_column(col, justify="left" if col in ("method", "calibration") else "right", no_wrap=col != "calibration")
     for i, r in enumerate(reports, 1):
         cal = r.calibration or {}
         cal_txt = f"{cal.get('samples')}x{cal.get('seq_len')} {cal.get('source')}" if cal else "-"

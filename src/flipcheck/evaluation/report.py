@@ -212,6 +212,10 @@ def _num(x: Any) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def _num3(x: Any) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def _pvalue(p: Any) -> str:
     if p is None:
         return "-"
@@ -274,7 +278,7 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
     table = Table(title=f"flipcheck: children vs parent {parent}", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("child / task", justify="left", overflow="fold", min_width=24 if compact else 10)
     heads = (
-        ["n", "acc P→C", "Δacc pts", "flips", "KL opt", "KL voc"]
+        ["n", "acc P→C", "Δacc", "flips", "KL opt", "KL voc"]
         if compact
         else ["n", "acc P", "acc C", "Δacc pts [95% CI]", "flips (c→i / i→c)", "answer changes",
               "KL options", "KL vocab", "top-1 agree"]
@@ -290,8 +294,8 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
                     f"{_pct(s.get('acc_P'))}→{_pct(s.get('acc_C'))}".replace("%→", "→"),
                     _signed_pct(s.get("delta_acc")),
                     _pct(s.get("flips")),
-                    _num(_mean_of(s.get("kl_options"))),
-                    _num(_mean_of(s.get("kl_vocab"))),
+                    _num3(_mean_of(s.get("kl_options"))),
+                    _num3(_mean_of(s.get("kl_vocab"))),
                 ]
             else:
                 cells = table_cells(s)
