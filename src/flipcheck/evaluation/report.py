@@ -213,7 +213,7 @@ def _num(x: Any) -> str:
 
 
 def _num3(x: Any) -> str:
-    return "-" if x is None else f"{x:.3g}"
+    return "-" if x is None else f"{x:.2g}" if abs(x) < 0.01 else f"{x:.3g}"
 
 
 def _pvalue(p: Any) -> str:
@@ -275,8 +275,8 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
     """
     compact = width is not None and width < 120
     parent = (report.get("parent") or {}).get("source") or "?"
-    table = Table(title=f"flipcheck: children vs parent {parent}", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("child / task", justify="left", overflow="fold", min_width=24 if compact else 10)
+    table = Table(title=f"flipcheck: children vs parent {parent}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("child / task", justify="left", overflow="fold", min_width=25 if compact else 10)
     heads = (
         ["n", "acc P→C", "Δacc", "flips", "KL opt", "KL voc"]
         if compact
@@ -299,7 +299,8 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
                 ]
             else:
                 cells = table_cells(s)
-            table.add_row(f"  {task}", str(s.get("n", "-")), *cells, style="dim" if dim else None)
+            name = "all (micro)" if compact and task.startswith("micro") else task
+            table.add_row(f"  {name}", str(s.get("n", "-")), *cells, style="dim" if dim else None)
         table.add_section()
     return table
 
