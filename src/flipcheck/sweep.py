@@ -20,8 +20,8 @@ from flipcheck.compressors.calibration import Calibration
 from flipcheck.compressors.pipeline import compress_model, prepare_calibration, step_needs_calibration
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.cache import ResultCache
-from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
-from flipcheck.models import fingerprint, load_model, load_tokenizer, read_provenance
+from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, cached_fingerprint
+from flipcheck.models import load_model, load_tokenizer, read_provenance
 from flipcheck.recipes.schema import ChildSpec, EvaluationSpec, Recipe, SweepSpec
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run_recipe(
     say(f"parent: {parent_src}")
     tokenizer = load_tokenizer(parent_src, trust_remote_code=recipe.trust_remote_code)
     parent_model = load_model(parent_src, device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
-    parent_fp = fingerprint(parent_model)
+    parent_fp = cached_fingerprint(parent_src, parent_model)  # memoised per folder: no rehash of a big parent
     parent = ModelRef("parent", parent_src, model=parent_model, tokenizer=tokenizer, fingerprint=parent_fp)
     evaluator = Evaluator(parent, settings, cache)  # checks the task names before any compression
     calibration: Calibration | None = None
