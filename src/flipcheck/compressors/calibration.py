@@ -48,12 +48,8 @@ class Calibration:
             return None
         return {**self.config.model_dump(), "tokens": int(self.input_ids.numel())}
 
-    def require(self, method: str) -> torch.Tensor:
-        if self.input_ids is None:
-            from flipcheck.errors import FlipcheckError
-
-            raise FlipcheckError(f"{method} needs calibration data, but none was prepared")
-        return self.input_ids
+    def require(self, method: str, hint: str = "") -> torch.Tensor:
+        return require_ids(self, method, hint)
 
     def dataset(self):
         """A ``datasets.Dataset`` with input_ids and attention_mask, the form oneshot takes."""
@@ -83,3 +79,13 @@ def memoized(calibration: Calibration | None, model: torch.nn.Module, what: str,
     if key not in calibration.memo:
         calibration.memo[key] = compute()
     return calibration.memo[key]
+
+
+def require_ids(calibration: Calibration | None, method: str, hint: str = "") -> torch.Tensor:
+    """The calibration token ids, or a FlipcheckError saying `method` needs them (plus `hint`)."""
+    ids = None if calibration is None else calibration.input_ids
+    if ids is None:
+        from flipcheck.errors import FlipcheckError
+
+        raise FlipcheckError(f"{method} needs calibration data, but none was prepared" + (f"; {hint}" if hint else ""))
+    return ids

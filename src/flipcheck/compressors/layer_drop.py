@@ -38,7 +38,7 @@ import torch
 from pydantic import Field, model_validator
 
 from flipcheck.compressors.architectures import ModelAdapter, adapter_for
-from flipcheck.compressors.calibration import memoized
+from flipcheck.compressors.calibration import memoized, require_ids
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
 from flipcheck.compressors.stats import count_parameters, dtype_bits
 from flipcheck.errors import FlipcheckError
@@ -238,11 +238,7 @@ def apply_layer_drop(
     extra: dict = {"selection": config.selection, "layers_before": num_layers}
     if config.selection == "angular" and n > 0:
         if distances is None:
-            ids = getattr(calibration, "input_ids", None)
-            if ids is None:
-                raise FlipcheckError(
-                    "layer_drop selection='angular' needs calibration data; use selection='last' to drop without it"
-                )
+            ids = require_ids(calibration, "layer_drop selection='angular'", "use selection='last' to drop without it")
             distances = memoized(
                 calibration,
                 model,

@@ -61,7 +61,7 @@ import torch
 from pydantic import Field
 
 from flipcheck.compressors.architectures import ArchitectureSpec, ModelAdapter, adapter_for, norm_eps
-from flipcheck.compressors.calibration import memoized
+from flipcheck.compressors.calibration import memoized, require_ids
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
 from flipcheck.compressors.stats import count_parameters, dtype_bits
 from flipcheck.errors import FlipcheckError
@@ -400,11 +400,7 @@ def apply_slicegpt(
     k = kept_dim(d, config.slicing, config.round_to)
     dims = [k] * (2 * num_layers) + [k if config.slice_head else d]
     if rotations is None:
-        ids = getattr(calibration, "input_ids", None)
-        if ids is None:
-            raise FlipcheckError(
-                "slicegpt needs calibration data (its PCA runs on it), but none was prepared"
-            )
+        ids = require_ids(calibration, "slicegpt (its PCA runs on it)")
         rotations = memoized(
             calibration, model, "slicegpt.pca_rotations", lambda: pca_rotations(model, ids, batch_size=config.batch_size)
         )
