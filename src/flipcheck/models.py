@@ -66,7 +66,7 @@ def is_local(path: str | os.PathLike) -> bool:
     return os.path.exists(p) or p.startswith((".", "/", "~")) or os.sep in p and not _HUB_ID.match(p)
 
 
-def _check_source(path: str | os.PathLike) -> str:
+def check_source(path: str | os.PathLike) -> str:
     p = str(path)
     if os.path.isdir(p):
         if not os.path.exists(os.path.join(p, "config.json")):
@@ -90,7 +90,7 @@ def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False
     """Load a tokenizer; give it a pad token (the eos token) when it has none."""
     from transformers import AutoTokenizer
 
-    src = _check_source(source)
+    src = check_source(source)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -123,7 +123,7 @@ def load_model(
     """Load a causal LM from a hub id or folder, in eval mode, from safetensors only."""
     from transformers import AutoModelForCausalLM
 
-    src = _check_source(source)
+    src = check_source(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     prov = read_provenance(src) if os.path.isdir(src) else None
@@ -172,16 +172,6 @@ def fingerprint(model: torch.nn.Module) -> str:
         if t.numel():
             h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def model_fingerprint(source: str | os.PathLike, model: torch.nn.Module | None = None) -> str:
-    """Fingerprint recorded in ``flipcheck.json`` if present, else computed from the weights."""
-    prov = read_provenance(source) if os.path.isdir(str(source)) else None
-    if prov and prov.get("fingerprint"):
-        return prov["fingerprint"]
-    if model is None:
-        model = load_model(source, device="cpu", dtype="float32")
-    return fingerprint(model)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -19,7 +19,13 @@ import torch
 
 from flipcheck import __version__
 from flipcheck.compressors.calibration import Calibration, CalibrationConfig
-from flipcheck.compressors.registry import CompressionReport, MethodConfig, get_method, make_config
+from flipcheck.compressors.registry import (
+    CompressionReport,
+    MethodConfig,
+    get_method,
+    make_config,
+    timed_apply,
+)
 from flipcheck.compressors.stats import count_parameters
 from flipcheck.models import fingerprint, load_model, load_tokenizer, save_model
 
@@ -85,9 +91,7 @@ def apply_steps(model: torch.nn.Module, steps: list[Step], calibration: Calibrat
                 log.info("llm-compressor chain %s took %.1fs", [s[0] for s in steps[i:j]], time.perf_counter() - t0)
                 i = j
                 continue
-        t0 = time.perf_counter()
-        report = get_method(name).apply(model, cfg, calibration)
-        report.wall_time_s = time.perf_counter() - t0
+        report = timed_apply(get_method(name), model, cfg, calibration)
         report.calibration = report.calibration if report.calibration is not None else (
             calibration.describe() if step_needs_calibration(name, cfg) else None
         )

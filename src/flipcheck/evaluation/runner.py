@@ -32,6 +32,7 @@ from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
 from flipcheck.evaluation.tasks import _include_paths, resolve_tasks, task_manager
 from flipcheck.models import (
+    check_source,
     fingerprint,
     load_model,
     load_tokenizer,
@@ -450,8 +451,8 @@ def evaluate(
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
     )
-    for src in [parent, *children]:
-        load_tokenizer_check(src)
+    for src in [parent, *children]:  # fail on a missing path before any model is loaded
+        check_source(src)
     ev = Evaluator(ModelRef("parent", parent), settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
     entries, rows = [], []
     for c in children:
@@ -467,10 +468,3 @@ def evaluate(
 
         write_report(out, report, rows)
     return report
-
-
-def load_tokenizer_check(source: str) -> None:
-    """Fail early, before any model is loaded, on a path that does not exist."""
-    from flipcheck.models import _check_source
-
-    _check_source(source)
