@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flipcheck.compressors.calibration import Calibration
-from flipcheck.compressors.pipeline import compress_model, prepare_calibration, step_needs_calibration
+from flipcheck.compressors.pipeline import compress_model, prepare_calibration
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.cache import ResultCache
 from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, cached_fingerprint
@@ -96,10 +96,9 @@ def run_recipe(
             ref = ModelRef(spec.name, str(folder), info=info)
         else:
             say(f"[{i}/{len(children)}] {spec.name}: compressing")
-            if calibration is None or (calibration.input_ids is None and any(step_needs_calibration(n, c) for n, c in steps)):
+            if calibration is None:  # once, for every child's steps: tokenized only if some step needs data
                 all_steps = [(s.method, s.config()) for c in children for s in c.steps]
                 calibration = prepare_calibration(tokenizer, all_steps, recipe.calibration)
-                calibration.memo["parent"] = parent_fp
             child_model = copy.deepcopy(parent_model)
             res = compress_model(
                 child_model, tokenizer, steps, parent_source=parent_src, out=folder, calibration=calibration,
