@@ -48,7 +48,6 @@ import copy
 import cProfile
 import gc
 import inspect
-import json
 import logging
 import os
 import pstats
@@ -70,7 +69,7 @@ from flipcheck.compressors.noise import NoiseConfig, apply_noise  # noqa: E402
 from flipcheck.evaluation.cache import ResultCache  # noqa: E402
 from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, child_ref  # noqa: E402
 from flipcheck.models import save_model  # noqa: E402
-from flipcheck.tiny import build_llama, build_tokenizer  # noqa: E402
+from flipcheck.tiny import build_llama, build_tokenizer, write_lm_eval_task  # noqa: E402
 
 RUNS = ("lm-eval parent", "flipcheck uncached", "lm-eval child", "flipcheck cached-parent", "lm-eval child2")
 TASKS = {"single": ("single-token", "bench_single"), "multi": ("multi-token", "bench_multi")}
@@ -166,16 +165,6 @@ def multi_docs(maker: TextMaker, tok, n: int) -> list[dict]:
         endings = [maker.tokens(tok, maker.rng.randint(18, 22)) + "." for _ in range(4)]
         docs.append({"id": i, "ctx": ctx, "endings": endings, "label": maker.rng.randrange(4)})
     return docs
-
-
-def write_task(folder: Path, name: str, docs: list[dict], body: str) -> None:
-    """An lm-eval task folder entry: `name`.jsonl and `name`.yaml reading it by absolute path."""
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n" + body
-    )
 
 
 def token_stats(tok, texts: list[str]) -> str:
@@ -366,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         task_dir = root / "tasks"
         task_dir.mkdir()
         docs = {"single": single_docs(maker, tok, args.docs), "multi": multi_docs(maker, tok, args.docs)}
-        write_task(task_dir, "bench_single", docs["single"], SINGLE_YAML)
-        write_task(task_dir, "bench_multi", docs["multi"], MULTI_YAML)
+        write_lm_eval_task(task_dir, "bench_single", docs["single"], SINGLE_YAML)
+        write_lm_eval_task(task_dir, "bench_multi", docs["multi"], MULTI_YAML)
         print(f"model: {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.docs} docs per task; "
               f"batch size {args.batch_size}; {args.threads} torch thread(s); best of {args.repeats}")
         print(f"bench_single: question tokens {token_stats(tok, [d['question'] for d in docs['single']])}, "

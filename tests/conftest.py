@@ -5,13 +5,14 @@ Nothing here reads the shared real-data folder or the network. Everything writte
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+from flipcheck.tiny import write_lm_eval_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -70,18 +71,7 @@ def _docs(n: int, seed: int, n_choices: int = 4) -> list[dict]:
     return docs
 
 
-def write_task(folder: Path, name: str, docs: list[dict], body: str) -> Path:
-    """Write an lm-eval task folder: `name`.jsonl and `name`.yaml reading it by absolute path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (folder / f"{name}.yaml").write_text(
-        f"task: {name}\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n" + body
-    )
-    return folder
+write_task = write_lm_eval_task  # tests call it by its short name
 
 
 MC_LETTERS = """output_type: multiple_choice

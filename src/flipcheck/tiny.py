@@ -6,7 +6,9 @@ group-128 quantization schemes apply to every Linear.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -77,3 +79,19 @@ def build_llama(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def write_lm_eval_task(folder: str | Path, name: str, docs: list[dict], body: str) -> Path:
+    """Write `name`.jsonl and an lm-eval task `name`.yaml that reads it by absolute path.
+
+    `body` is the rest of the task YAML (output_type, doc_to_text, doc_to_choice, metric_list...).
+    The folder is then usable as ``--include-path``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = (folder / f"{name}.jsonl").resolve()
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n" + body
+    )
+    return folder
