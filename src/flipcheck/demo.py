@@ -220,7 +220,9 @@ def demo_texts() -> list[str]:
 
 def demo_task_dir() -> Path:
     """The packaged lm-eval task folder, to pass as ``include_path`` (works from any cwd)."""
-    return Path(__file__).resolve().parent / "data" / "demo_task"
+    from flipcheck.evaluation.tasks import packaged_task_dir
+
+    return packaged_task_dir()
 
 
 def write_task_data(folder: str | os.PathLike | None = None) -> Path:
@@ -493,6 +495,7 @@ def train_demo_model(
         "demo_recipe": recipe.model_dump(),  # not "recipe": that key lists a child's compression steps
         "recipe_key": recipe_key(recipe),
         "tasks": DEMO_TASKS,
+        "calibration_source": "demo",  # the default calibration of this parent: its own facts
         "train": {"first_loss": losses[0], "final_loss": losses[-1], "wall_time_s": round(wall, 2)},
     }
     save_model(model, tok, out, provenance)
@@ -516,3 +519,12 @@ def demo_model_path(
         log.info("demo parent cached at %s", path)
         return path
     return train_demo_model(path, progress=progress, recipe=recipe)
+
+
+def _register_calibration() -> None:
+    from flipcheck.compressors.calibration_data import register_source
+
+    register_source("demo", demo_texts)  # `calibration: {source: demo}`: the facts above, as text
+
+
+_register_calibration()

@@ -6,7 +6,10 @@ What is checked against what:
 - 4-bit logits equal the parent run with the dequantized weights (dequantize -> matmul in float32);
 - an int8 layer equals LLM.int8()'s formula computed by hand (row absmax int8 + outlier columns);
 - save -> plain AutoModelForCausalLM.from_pretrained -> identical logits, before or after a forward;
-- the reported bits / parameters equal what the saved tensors hold.
+- the child runs the kernel path plain transformers takes on the machine the tests run on (the
+  AVX512-BF16 repacking path or the reference path) and says which; a repacked layer still saves
+  and measures exactly;
+- the reported bits / parameters / sparsity equal what the saved tensors hold.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from flipcheck.compressors import make_config
 from flipcheck.compressors.bnb import (
     BnbConfig,
     apply_bnb,
+    cpu_kernel,
     dequantized_weight,
     load_bnb_child,
     pin_reference_kernels,
 )
-from flipcheck.compressors.stats import count_parameters, targeted_linears
+from flipcheck.compressors.stats import count_parameters, measure, targeted_linears
 from flipcheck.errors import FlipcheckError
 from flipcheck.models import fingerprint, load_model, save_model
+
+# the path plain transformers takes for 4-bit layers on the CPU these tests run on
+MACHINE_KERNEL = "avx512_bf16 repack" if F.has_avx512bf16() else "reference"
 
 CASES = [
     pytest.param({"mode": "int8"}, id="int8"),
@@ -157,7 +164,15 @@ def test_4bit_logits_are_the_parent_run_with_dequantized_weights(tiny_model, ids
     reference = copy.deepcopy(tiny_model)
     for name, lin in targeted_linears(reference):
         lin.weight.data.copy_(dequantized_weight(child.get_submodule(name)))
-    torch.testing.assert_close(logits(child, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    expected = logits(reference, ids)
+    on_this_machine = logits(child, ids)
+    assert pin_reference_kernels(child) == (14 if MACHINE_KERNEL != "reference" else 0)
+    torch.testing.assert_close(logits(child, ids), expected, rtol=1e-5, atol=1e-5)
+    if MACHINE_KERNEL == "reference":
+        assert on_this_machine.equal(logits(child, ids))
+    else:  # bfloat16 absmaxes and matmul: close to the reference, not equal
+        assert not on_this_machine.equal(expected)
+        torch.testing.assert_close(on_this_machine, expected, rtol=0.0, atol=0.05)
 
 
 def llm_int8_by_hand(
@@ -246,8 +261,10 @@ def test_report_matches_the_saved_tensors(tiny_model, tmp_path, settings):
     else:
         assert report.bits_per_weight == 4.5
     assert report.extra["quantized_weight_bytes"] == bits // 8
-    assert report.parameters == count_parameters(tiny_model)
-    assert report.sparsity == 0.0 and report.method == "bnb"
+    assert report.parameters == count_parameters(tiny_model)  # logical weights, not packed bytes
+    zeros = sum(int((dequantized_weight(child.get_submodule(n)) == 0).sum()) for n in names)
+    assert report.sparsity == zeros / n_weights and report.method == "bnb"
+    assert report.extra["cpu_kernel"] == (MACHINE_KERNEL if settings["mode"] != "int8" else None)
     assert report.extra["mode"] == settings["mode"]
     assert report.extra["full_precision_linears"] == ["lm_head"]
     prov = json.loads((out / "flipcheck.json").read_text())
@@ -305,33 +322,60 @@ def test_compute_dtype_is_used_and_saved(tiny_model, tmp_path, ids, parent_logit
     assert all(m.compute_dtype == torch.bfloat16 for m in child.modules() if isinstance(m, bnb.nn.Linear4bit))
     out = logits(child, ids)
     assert out.dtype == torch.float32
-    f32, _ = quantized(tiny_model, mode="nf4")
-    assert not out.equal(logits(f32, ids))  # the matmul really ran in bfloat16
     folder = save_model(child, None, tmp_path / "child", provenance(report))
     assert (
         json.loads((folder / "config.json").read_text())["quantization_config"]["bnb_4bit_compute_dtype"]
         == "bfloat16"
     )
     assert logits(AutoModelForCausalLM.from_pretrained(folder), ids).equal(out)
+    # on the reference path the matmul really runs in bfloat16 (the AVX512-BF16 path always does)
+    f32, _ = quantized(tiny_model, mode="nf4")
+    pin_reference_kernels(child)
+    pin_reference_kernels(f32)
+    assert not logits(child, ids).equal(logits(f32, ids))
 
 
-def test_cpu_repacking_is_switched_off(tiny_model, tmp_path, ids, monkeypatch):
-    """On AVX512-BF16 CPUs bitsandbytes would repack 4-bit weights on the first forward; flipcheck's
-    children (built or loaded) keep the reference path, so the weights never change."""
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-    assert bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu  # bitsandbytes would take the fast path
+def test_child_runs_the_kernel_path_plain_transformers_takes_here(tiny_model, tiny_tokenizer, tmp_path, ids):
+    """flipcheck's child (built or loaded) and a plain reload pick the same 4-bit CPU path on this
+    machine, and the report and flipcheck.json say which one was measured."""
+    child, report = quantized(tiny_model, mode="nf4")
+    assert report.extra["cpu_kernel"] == cpu_kernel(child) == MACHINE_KERNEL
+    layers = [m for m in child.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(m.support_avx512bf16_for_cpu == (MACHINE_KERNEL != "reference") for m in layers)
+    out = save_model(child, tiny_tokenizer, tmp_path / "child", provenance(report))
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert cpu_kernel(plain) == MACHINE_KERNEL and cpu_kernel(load_model(out, device="cpu")) == MACHINE_KERNEL
+    assert logits(plain, ids).equal(logits(child, ids))
+    pinned = load_bnb_child(out, {}, torch.device("cpu"), torch.float32)
+    pin_reference_kernels(pinned)
+    assert cpu_kernel(pinned) == "reference"
 
+
+def test_repacked_layers_save_and_measure_exactly(tiny_model, tmp_path, ids, monkeypatch):
+    """bitsandbytes' AVX512-BF16 repacking (simulated where the CPU lacks it: the repacking itself is
+    plain torch) is undone exactly for a save, a fingerprint or a measurement; its own inverse is not."""
+    fast = F.has_avx512bf16()
+    if not fast:  # build the layers as on such a CPU (no forward runs on them below)
+        monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
     child, report = quantized(tiny_model, mode="nf4", double_quant=True)
     layers = [m for m in child.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
-    data = [m.weight.data.clone() for m in layers]
-    logits(child, ids)
-    assert all(torch.equal(m.weight.data, d) for m, d in zip(layers, data, strict=True))
-    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
-
-    out = save_model(child, None, tmp_path / "child", provenance(report))
-    plain = AutoModelForCausalLM.from_pretrained(out)
-    assert all(m.support_avx512bf16_for_cpu for m in plain.modules() if isinstance(m, bnb.nn.Linear4bit))
-    assert pin_reference_kernels(plain) == 14 and pin_reference_kernels(plain) == 0
-    loaded = load_bnb_child(out, {}, torch.device("cpu"), torch.float32)
-    assert not any(m.support_avx512bf16_for_cpu for m in loaded.modules() if isinstance(m, bnb.nn.Linear4bit))
+    before = [(m.weight.data.clone(), dequantized_weight(m)) for m in layers]
+    first = save_model(child, None, tmp_path / "before", provenance(report))
+    if fast:
+        logits(child, ids)  # bitsandbytes repacks here
+    else:
+        for m in layers:
+            m.weight.data, m.weight.quant_state = F._convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
+            m.quant_state = m.weight.quant_state
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    lossy = F._convert_weight_packed_for_cpu_inverse(layers[0].weight.data, copy.copy(layers[0].weight.quant_state))
+    assert not torch.equal(F.dequantize_4bit(*lossy), before[0][1])  # why flipcheck keeps the state
+    second = save_model(child, None, tmp_path / "after", provenance(report))
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    assert all(torch.equal(m.weight.data, w) and torch.equal(dequantized_weight(m), d) for m, (w, d) in zip(layers, before, strict=True))
+    if fast:
+        logits(child, ids)
+    again = measure(child)  # stats read off a repacked model equal those read before any forward
+    assert (again.parameters, again.bits_per_weight, again.sparsity) == (
+        report.parameters, report.bits_per_weight, report.sparsity
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -13,8 +11,12 @@ from flipcheck.compressors.calibration import CalibrationConfig
 from flipcheck.compressors.calibration_data import (
     build_calibration,
     concat_tokens,
+    default_source,
     parse_hf_source,
     read_texts,
+    register_source,
+    resolve_calibration,
+    row_slice,
     split_paragraphs,
 )
 from flipcheck.errors import FlipcheckError
@@ -108,7 +110,7 @@ def test_too_short_names_the_counts(tiny_tokenizer):
 
 
 def test_bad_sources(tmp_path, tiny_tokenizer):
-    with pytest.raises(FlipcheckError, match="neither 'demo'"):
+    with pytest.raises(FlipcheckError, match="neither an existing .txt/.jsonl file or folder"):
         read_texts(str(tmp_path / "missing.txt"))
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(FlipcheckError, match=r"unsupported type '\.csv'; allowed: \.txt, \.jsonl"):
@@ -130,7 +132,10 @@ def test_hf_source_parsing():
     assert parse_hf_source("hf:wikitext:wikitext-2-raw-v1:train") == ("wikitext", "wikitext-2-raw-v1", "train")
     assert parse_hf_source("hf:allenai/c4:en") == ("allenai/c4", "en", "train")
     assert parse_hf_source("hf:user/data") == ("user/data", None, "train")
-    for bad in ("hf:", "hf:a:b:c:d", "hf:name::train"):
+    assert parse_hf_source("hf:name::train[:10]") == ("name", None, "train[:10]")  # no config
+    assert row_slice("train[:1000]") == ("train", 0, 1000) and row_slice("train[5:8]") == ("train", 5, 8)
+    assert row_slice("train") is None and row_slice("train[:10%]") is None
+    for bad in ("hf:", "hf:a:b:c:d", "hf:name:", "hf:name:cfg:"):
         with pytest.raises(FlipcheckError, match="hf:NAME"):
             parse_hf_source(bad)
 
@@ -159,15 +164,74 @@ def test_hf_source_loads_through_datasets(tmp_path, monkeypatch, tiny_tokenizer)
         read_texts(f"hf:{data}")
 
 
-def test_demo_source(monkeypatch, tiny_tokenizer):
-    fake = types.ModuleType("flipcheck.demo")
-    fake.demo_texts = lambda: PARAGRAPHS * 3
-    monkeypatch.setitem(sys.modules, "flipcheck.demo", fake)
+def test_named_source(monkeypatch, tiny_tokenizer):
+    from flipcheck.compressors import calibration_data
+
+    monkeypatch.setattr(calibration_data, "_NAMED", {})
+    with pytest.raises(FlipcheckError, match="'demo' .* comes with the demo parent"):
+        read_texts("demo")  # nothing registered it: the core does not import the demo
+    register_source("demo", lambda: PARAGRAPHS * 3)
     cal = build_calibration(tiny_tokenizer, CalibrationConfig(source="demo", samples=3, seq_len=8))
     assert_windows_of(cal, tiny_tokenizer, PARAGRAPHS * 3, 3, 8)
-    monkeypatch.setitem(sys.modules, "flipcheck.demo", None)  # the module is missing
-    with pytest.raises(FlipcheckError, match="needs flipcheck.demo"):
-        read_texts("demo")
+
+
+def test_the_core_does_not_import_the_demo():
+    from pathlib import Path
+
+    import flipcheck.compressors as pkg
+
+    for f in Path(pkg.__file__).parent.glob("*.py"):
+        assert "flipcheck.demo" not in f.read_text(), f.name
+
+
+def test_default_source_follows_the_parent(tmp_path):
+    from flipcheck.compressors.calibration import DEFAULT_SOURCE
+    from flipcheck.models import write_json_atomic
+
+    assert DEFAULT_SOURCE == "hf:wikitext:wikitext-2-raw-v1:train"
+    assert default_source(None) == DEFAULT_SOURCE == default_source("meta-llama/Llama-3.2-1B")
+    write_json_atomic(tmp_path / "flipcheck.json", {"calibration_source": "demo"})
+    assert default_source(tmp_path) == "demo"
+    assert resolve_calibration(CalibrationConfig(samples=4), tmp_path).source == "demo"
+    assert resolve_calibration(CalibrationConfig(source="x.txt"), tmp_path).source == "x.txt"  # given wins
+    assert CalibrationConfig().source is None
+
+
+def test_default_calibration_offline_is_one_line_and_exit_2(tiny_model_dir, tmp_path, monkeypatch):
+    """A real parent without a calibration source gets wikitext-2; offline that is one line naming
+    the local alternatives, before the weights load, and the CLI exits 2."""
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+    from flipcheck.compressors.pipeline import compress
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FlipcheckError) as err:
+        compress(tiny_model_dir, [("wanda", {"sparsity": 0.5})], out=tmp_path / "child")
+    msg = str(err.value)
+    assert "\n" not in msg and "hf:wikitext:wikitext-2-raw-v1:train" in msg
+    assert "no network" in msg and "local .txt or .jsonl file or a folder" in msg
+    res = CliRunner().invoke(app, ["compress", str(tiny_model_dir), "-m", "wanda", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "wikitext-2-raw-v1" in res.output
+    assert not (tmp_path / "child").exists() and not (tmp_path / "c").exists()
+
+
+def test_hf_row_slice_streams_only_those_rows(tmp_path, monkeypatch):
+    """hf:FOLDER::train[2:5] reads rows 2..4 by streaming: the second data file, which is not
+    valid JSON, is never opened (loading the whole split fails on it)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    data = tmp_path / "ds"
+    data.mkdir()
+    rows = [f"row {i} of the calibration set." for i in range(10)]
+    (data / "train-00000-of-00002.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    (data / "train-00001-of-00002.jsonl").write_text("{this is not json\n")
+    assert read_texts(f"hf:{data}::train[2:5]") == rows[2:5]
+    assert read_texts(f"hf:{data}::train[:3]") == rows[:3]
+    with pytest.raises(FlipcheckError, match="could not load the dataset"):
+        read_texts(f"hf:{data}::train")
 
 
 def test_real_demo_texts_calibrate(tiny_tokenizer):

@@ -9,14 +9,15 @@ reproduces the parent's logits.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from flipcheck.compressors import make_config, methods
+from flipcheck.compressors import get_method, make_config, methods
 from flipcheck.compressors.calibration import Calibration, CalibrationConfig
 from flipcheck.compressors.pipeline import compress_model, validate_steps
-from flipcheck.compressors.stats import targeted_linears
+from flipcheck.compressors.stats import count_parameters, targeted_linears
 from flipcheck.errors import FlipcheckError
 from flipcheck.models import load_model
 
@@ -112,3 +113,83 @@ def test_model_dependent_bad_settings_leave_the_model_untouched(name, settings, 
     with pytest.raises(FlipcheckError, match=pattern):
         compress_model(child, tiny_tokenizer, validate_steps([(name, settings)]), parent_source="p", calibration=calibration)
     assert fingerprint(child) == before
+
+
+# ------------------------------------------------------------------------------------------------
+# stats in chains: every step's figures are read off the model it leaves (compressors/stats.py)
+
+
+def _chain(tiny_model, tiny_tokenizer, calibration, steps, out=None):
+    child = copy.deepcopy(tiny_model)
+    return compress_model(child, tiny_tokenizer, validate_steps(steps), parent_source="p", out=out, calibration=calibration)
+
+
+def test_sparsity_survives_quantization_and_layer_dropping(tiny_model, tiny_tokenizer, calibration, probe, tmp_path):
+    from flipcheck.compressors.bnb import cpu_kernel, dequantized_weight
+
+    parent_parameters = count_parameters(tiny_model)
+    res = _chain(tiny_model, tiny_tokenizer, calibration, [("wanda", {"sparsity": 0.5}), ("bnb", {"mode": "nf4"})],
+                 out=tmp_path / "wb")
+    wanda, bnb = res.reports
+    zeros = [dequantized_weight(m) == 0 for _, m in targeted_linears(res.model)]
+    assert bnb.sparsity == sum(int(z.sum()) for z in zeros) / sum(z.numel() for z in zeros)
+    assert 0.5 <= bnb.sparsity < 0.6  # wanda's zeros stay zero; NF4 rounds a few small weights to 0 too
+    # parameters are logical weights: not half of them for the packed 4-bit bytes
+    assert bnb.parameters == wanda.parameters == parent_parameters
+    written = json.loads((tmp_path / "wb" / "flipcheck.json").read_text())
+    assert written["parameters"] == parent_parameters
+    assert written["reports"][1]["extra"]["cpu_kernel"] == cpu_kernel(res.model) in ("avx512_bf16 repack", "reference")
+    assert bnb.bits_per_weight == 4.5
+    # the chain's child saves as a bitsandbytes checkpoint (not llm-compressor's format) and reloads
+    reloaded = load_model(tmp_path / "wb", device="cpu")
+    assert torch.equal(_logits(reloaded, probe), _logits(res.model, probe))
+
+    res = _chain(tiny_model, tiny_tokenizer, calibration, [("wanda", {"sparsity": 0.5}), ("layer_drop", {"n": 1})])
+    assert res.reports[1].sparsity == pytest.approx(0.5, abs=0.01)
+    assert res.reports[1].parameters < parent_parameters
+
+
+def test_steps_after_quantization_report_its_bits(tiny_model, tiny_tokenizer, calibration):
+    """Measured on the tensors, not on the first Linear's dtype: a step after gptq still reports
+    gptq's int4 storage (here layer dropping, applied directly: the function is what is tested)."""
+    from flipcheck.compressors.stats import measure
+
+    res = _chain(tiny_model, tiny_tokenizer, calibration, [("wanda", {"sparsity": 0.5}), ("gptq", {"scheme": "W4A16"})])
+    gptq = res.reports[1]
+    assert 4 < gptq.bits_per_weight < 4.5 and gptq.extra["quantized_linears"] == 14
+    assert gptq.sparsity == measure(res.model).sparsity > 0.1
+    dropped = get_method("layer_drop").apply(res.model, make_config("layer_drop", {"n": 1}), calibration)
+    assert dropped.bits_per_weight == pytest.approx(gptq.bits_per_weight)
+    assert dropped.extra["quantized_linears"] == 7
+
+
+# ------------------------------------------------------------------------------------------------
+# structure: one registry entry per method, no import cycle between models.py and compressors/
+
+
+def test_llm_compressor_methods_carry_their_modifier_builder_on_the_registry_entry():
+    from flipcheck.compressors import llmc
+
+    engine = {n for n, m in methods().items() if m.modifiers is not None}
+    assert engine == {"gptq", "awq", "smoothquant", "rtn", "wanda", "sparsegpt"}
+    assert llmc.llmc_methods() == sorted(engine)
+    for name in engine:  # one shared apply, built from the entry's builder
+        assert methods()[name].apply.__qualname__.startswith("_oneshot_apply")
+    assert not hasattr(llmc, "_BUILDERS") and not hasattr(llmc, "PruningConfig")
+    with pytest.raises(ValueError, match="either apply or modifiers"):
+        from flipcheck.compressors.registry import MethodConfig, register
+
+        register("nothing", MethodConfig)
+
+
+def test_models_does_not_import_the_compressors():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flipcheck.models as m\n"
+        "assert not any(k.startswith('flipcheck.compressors') for k in sys.modules), 'models imported compressors'\n"
+        "from flipcheck.loaders import get_loader\n"
+        "assert get_loader('bnb').__module__ == 'flipcheck.compressors.bnb' and get_loader('nope') is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

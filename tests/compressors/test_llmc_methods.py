@@ -109,19 +109,25 @@ class Case:
     sparsity: float | None = None  # exact target for pruning
     nm: tuple[int, int] | None = None  # (kept N, of M)
     fmt: str | None = None  # quantization_config.format on disk
+    preset: str | None = None  # the compressed-tensors preset the saved config_groups must equal
 
 
 CASES = [
-    Case("gptq-w4g128", "gptq", {}, bits_w4_g128, grid=(4, True), fmt="pack-quantized"),
-    Case("awq-w4g128", "awq", {"n_grid": 4}, bits_w4_g128_asym, grid=(4, False), fmt="pack-quantized"),
-    Case("smoothquant-w8a8", "smoothquant", {"alpha": 0.5}, bits_w8_channel, grid=(8, True), fmt="int-quantized"),
-    Case("rtn-w4g128", "rtn", {"scheme": "W4A16"}, bits_w4_g128, grid=(4, True), fmt="pack-quantized"),
-    Case("rtn-w8a8", "rtn", {"scheme": "W8A8"}, bits_w8_channel, grid=(8, True), fmt="int-quantized"),
+    Case("gptq-w4g128", "gptq", {}, bits_w4_g128, grid=(4, True), fmt="pack-quantized", preset="W4A16"),
+    Case("gptq-w8a8", "gptq", {"scheme": "W8A8"}, bits_w8_channel, grid=(8, True), fmt="int-quantized", preset="W8A8"),
+    Case("awq-w4g128", "awq", {"n_grid": 4}, bits_w4_g128_asym, grid=(4, False), fmt="pack-quantized", preset="W4A16_ASYM"),
+    Case("smoothquant-w8a8", "smoothquant", {"alpha": 0.5}, bits_w8_channel, grid=(8, True), fmt="int-quantized", preset="W8A8"),
+    Case("rtn-w4g128", "rtn", {"scheme": "W4A16"}, bits_w4_g128, grid=(4, True), fmt="pack-quantized", preset="W4A16"),
+    Case("rtn-w8a8", "rtn", {"scheme": "W8A8"}, bits_w8_channel, grid=(8, True), fmt="int-quantized", preset="W8A8"),
     Case("wanda-50", "wanda", {"sparsity": 0.5}, bits_dense, sparsity=0.5),
     Case("wanda-2:4", "wanda", {"mask": "2:4"}, bits_dense, nm=(2, 4)),
     Case("sparsegpt-4:8", "sparsegpt", {"mask": "4:8"}, bits_dense, nm=(4, 8)),
     Case("sparsegpt-30", "sparsegpt", {"sparsity": 0.3}, bits_dense, sparsity=0.3),
 ]
+
+
+def case_named(case_id: str) -> Case:
+    return next(c for c in CASES if c.id == case_id)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +246,7 @@ def test_save_reload_identical_logits(case, children, tiny_tokenizer, held_out, 
     if case.fmt:
         assert config["quantization_config"]["format"] == case.fmt
         assert config["quantization_config"]["ignore"] == ["lm_head"]
+        assert saved_layouts(config) == [preset_layout(case.preset)]  # what serving engines read
     else:
         assert "quantization_config" not in config
         assert "model.layers.0.mlp.down_proj.weight" in keys
@@ -402,8 +409,8 @@ def magnitude_prune(model, sparsity):
 
 def test_gptq_beats_rtn_at_w4a16_g128(children, tiny_model, held_out):
     ref = logits(tiny_model, held_out)
-    gptq = output_error(children(CASES[0])[0], ref, held_out)
-    rtn = output_error(children(CASES[3])[0], ref, held_out)
+    gptq = output_error(children(case_named("gptq-w4g128"))[0], ref, held_out)
+    rtn = output_error(children(case_named("rtn-w4g128"))[0], ref, held_out)
     assert gptq < 0.5 * rtn, (gptq, rtn)
 
 
@@ -435,3 +442,75 @@ def test_wanda_beats_magnitude_pruning_at_equal_sparsity(tiny_model, calib, held
     assert report.sparsity == pytest.approx(zeros)  # equal sparsity
     e_wanda, e_magnitude = output_error(wanda, ref, held_out), output_error(magnitude, ref, held_out)
     assert e_wanda < 0.5 * e_magnitude, (e_wanda, e_magnitude)
+
+
+# --------------------------------------------------------------------------- schemes = presets
+
+# how a scheme is calibrated or ordered, not how its checkpoint is laid out
+_NOT_LAYOUT = ("observer", "observer_kwargs", "actorder")
+
+
+def _layout(scheme) -> dict:
+    scheme = scheme.model_dump()
+    out = {"targets": scheme["targets"]}
+    for part in ("weights", "input_activations", "output_activations"):
+        args = scheme.get(part)
+        out[part] = None if args is None else {k: v for k, v in args.items() if k not in _NOT_LAYOUT}
+    return out
+
+
+def preset_layout(preset: str, group_size: int | None = None) -> dict:
+    """The compressed-tensors preset, group-wise with `group_size` where the user chose one."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    scheme = preset_name_to_scheme(preset, ["Linear"]) if group_size is None else llmc.quant_scheme(preset, group_size)
+    return _layout(scheme)
+
+
+def saved_layouts(config: dict) -> list[dict]:
+    from compressed_tensors.quantization import QuantizationScheme
+
+    groups = config["quantization_config"]["config_groups"].values()
+    return [_layout(QuantizationScheme.model_validate(g)) for g in groups]
+
+
+def _offered():
+    """(method, settings, preset claimed, group size chosen) for every scheme each method offers."""
+    from flipcheck.compressors.rtn import preset_schemes
+
+    rows = [("gptq", {"scheme": s}, s, None) for s in ("W4A16", "W4A16_ASYM", "W8A16", "W8A8")]
+    rows += [("gptq", {"scheme": "W4A16", "group_size": 64}, "W4A16", 64), ("awq", {}, "W4A16_ASYM", None)]
+    rows += [("awq", {"group_size": 64}, "W4A16_ASYM", 64), ("smoothquant", {}, "W8A8", None)]
+    rows += [("rtn", {"scheme": s}, s, None) for s in preset_schemes()]
+    return rows + [("rtn", {"scheme": "W4A16", "group_size": 64}, "W4A16", 64)]
+
+
+def test_every_offered_scheme_asks_for_its_preset():
+    """The quantization modifiers each method builds carry exactly the preset's layout (the user's
+    group size where the preset is group-wise); the saved configs are checked against the same
+    presets in test_save_reload_identical_logits and below."""
+    for method, settings, preset, group in _offered():
+        modifiers = llmc.modifiers_for(method, make_config(method, settings))
+        schemes = [g for m in modifiers for g in (getattr(m, "config_groups", None) or {}).values()]
+        assert [_layout(s) for s in schemes] == [preset_layout(preset, group)], (method, settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "preset", "group"),
+    [({"scheme": "W4A16", "group_size": 64}, "W4A16", 64), ({"scheme": "INT8"}, "INT8", None), ({"scheme": "NVFP4A16"}, "NVFP4A16", None)],
+    ids=["W4A16-g64", "INT8", "NVFP4A16"],
+)
+def test_saved_quantization_config_is_the_preset(settings, preset, group, tiny_model, tmp_path):
+    model = copy.deepcopy(tiny_model)
+    get_method("rtn").apply(model, make_config("rtn", settings), None)
+    folder = save_model(model, None, tmp_path / "child", {"method": "rtn"})
+    assert saved_layouts(json.loads((folder / "config.json").read_text())) == [preset_layout(preset, group)]
+
+
+@pytest.mark.parametrize(("method", "settings"), [("gptq", {"scheme": "W8A8", "group_size": 128}), ("rtn", {"scheme": "INT8", "group_size": 64})])
+def test_group_wise_w8a8_is_refused(method, settings):
+    with pytest.raises(FlipcheckError) as err:
+        make_config(method, settings)
+    message = str(err.value)
+    assert "\n" not in message and f"group_size={settings['group_size']}" in message
+    assert "allowed: group_size=None (per channel)" in message and "vLLM" in message

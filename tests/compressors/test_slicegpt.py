@@ -159,7 +159,7 @@ def test_pca_slicing_beats_random_directions(parent, rotations, heldout):
 
 def test_precomputed_rotations_equal_computing_them(parent, calib, rotations, heldout):
     a, b = copy.deepcopy(parent), copy.deepcopy(parent)
-    apply_slicegpt(a, SliceGPTConfig(slicing=0.25), calib)
+    apply_slicegpt(a, SliceGPTConfig(slicing=0.25, pca="parent"), calib)
     apply_slicegpt(b, SliceGPTConfig(slicing=0.25), None, rotations=rotations)
     assert torch.equal(logits(a, heldout), logits(b, heldout))
 
@@ -209,6 +209,8 @@ def test_save_and_load_through_flipcheck(parent, rotations, heldout, tmp_path, t
     torch.testing.assert_close(step, logits(loaded, heldout)[:, -1], atol=1e-5, rtol=1e-5)
     generated = loaded.generate(heldout[:1], max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == heldout.shape[1] + 4
+    auto = load_model(out, device="auto", dtype="float32")  # device_map="auto": here, no GPU, all on the CPU
+    assert torch.equal(logits(auto, heldout), logits(child, heldout))
     bf16 = load_model(out, device="cpu", dtype="bfloat16")
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     assert bf16.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -237,3 +239,83 @@ def test_bad_settings_and_inputs_fail_early(parent, rotations, calib):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2))
     with pytest.raises(FlipcheckError, match="unsupported architecture 'gpt2'"):
         apply_slicegpt(gpt2, SliceGPTConfig(slicing=0.2), calib)
+
+
+def stream_covariances(model, ids) -> list[torch.Tensor]:
+    """``sum x^T x`` (float64) of every residual stream of a sliced model: the inputs of its norms."""
+    norms = [m for m in model.modules() if isinstance(m, SlicedRMSNorm)]
+    covs: dict[int, torch.Tensor] = {}
+    hooks = [
+        n.register_forward_pre_hook(lambda mod, args, i=i: covs.__setitem__(i, _gram(args[0])))
+        for i, n in enumerate(norms)
+    ]
+    try:
+        logits(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [covs[i] for i in range(len(norms))]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x
+
+
+def off_diagonal(c: torch.Tensor) -> float:
+    """Largest off-diagonal entry relative to the largest diagonal one."""
+    return float((c - torch.diag(torch.diagonal(c))).abs().max() / torch.diagonal(c).max())
+
+
+def test_sequential_pca_is_the_pca_of_the_sliced_model(calib, heldout, tiny_tokenizer):
+    """The reference procedure: every stream of the sliced child is decorrelated on the calibration
+    data (its basis is the PCA of that very stream), which the parent's bases do not give."""
+    parent = build(tiny_tokenizer, layers=3, seed=4)
+    children = {}
+    for mode in ("sequential", "parent"):
+        child = copy.deepcopy(parent)
+        report = apply_slicegpt(child, SliceGPTConfig(slicing=0.25, pca=mode), calib)
+        assert report.extra["pca"] == mode
+        children[mode] = child
+        covs = stream_covariances(child, calib.input_ids)[:-1]  # the head's stream is not rotated
+        worst = max(off_diagonal(c) for c in covs)
+        if mode == "sequential":
+            assert worst < 1e-6, worst  # float32 rounding (measured ~1e-7)
+        else:
+            assert worst > 1e-5, worst  # measured 1.2e-4 on the later streams
+    ref = logits(parent, heldout)
+    errors = {m: kl(ref, logits(c, heldout)) for m, c in children.items()}
+    assert errors["sequential"] != errors["parent"]
+    # on a random tiny model the two are close; sequential is not worse by more than a few percent
+    assert errors["sequential"] < 1.05 * errors["parent"], errors
+
+
+def test_one_covariance_alive_at_a_time(calib, tiny_tokenizer, monkeypatch):
+    """Sequential: at most one D x D covariance and a few bases exist at once, whatever the depth."""
+    import weakref
+
+    from flipcheck.compressors import slicegpt
+
+    covs, bases, peaks = [], [], {"cov": 0, "bases": 0}
+    real_cov, real_basis = slicegpt._covariance, slicegpt.principal_basis
+
+    def alive(refs):  # tensors are freed by reference counting
+        return sum(r() is not None for r in refs)
+
+    def cov(streams):
+        c = real_cov(streams)
+        covs.append(weakref.ref(c))
+        peaks["cov"] = max(peaks["cov"], alive(covs))
+        return c
+
+    def basis(c):
+        vals, vecs = real_basis(c)
+        bases.append(weakref.ref(vecs))
+        peaks["bases"] = max(peaks["bases"], alive(bases))
+        return vals, vecs
+
+    monkeypatch.setattr(slicegpt, "_covariance", cov)
+    monkeypatch.setattr(slicegpt, "principal_basis", basis)
+    apply_slicegpt(build(tiny_tokenizer, layers=4, seed=5), SliceGPTConfig(slicing=0.25), calib)
+    assert len(covs) == 8  # 2 per layer, the head's stream needs none
+    assert peaks["cov"] == 1 and peaks["bases"] <= 3, peaks

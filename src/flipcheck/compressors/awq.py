@@ -25,8 +25,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from flipcheck.compressors.llmc import apply_llmc, none_from_text, quant_scheme
-from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
+from flipcheck.compressors.llmc import quant_scheme
+from flipcheck.compressors.registry import MethodConfig, none_from_text, register
 
 
 class AWQConfig(MethodConfig):
@@ -57,9 +57,4 @@ def awq_modifiers(config: AWQConfig, head: str) -> list:
     ]
 
 
-def apply_awq(model, config: AWQConfig, calibration) -> CompressionReport:
-    """Scale salient channels and quantize every decoder Linear (not the head) to int4, in place."""
-    return apply_llmc("awq", model, config, calibration)
-
-
-register("awq", AWQConfig, apply_awq, needs_calibration=True)
+register("awq", AWQConfig, modifiers=awq_modifiers, needs_calibration=True, produces="quantized")

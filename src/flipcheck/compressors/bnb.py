@@ -34,15 +34,20 @@ integration uses, and ``model.config.quantization_config`` is set to the matchin
 
 CPU note (bitsandbytes 0.50.2): all three modes run on CPU. On CPUs with AVX512-BF16, bitsandbytes
 4-bit layers repack their weights in place on the first forward, round the block absmaxes to
-bfloat16 and compute in bfloat16; a save after that forward writes the repacked absmax layout, which
-does not reload correctly. flipcheck switches that fast path off on the layers it creates (and on
-children it loads, see :func:`load_bnb_child`), so a child computes ``dequantize -> matmul`` in its
-``compute_dtype`` on every machine, its weights never change after quantization, and it can be
-saved, dequantized or measured before or after any forward.
+bfloat16 and compute in bfloat16 whatever ``compute_dtype`` says ("avx512_bf16 repack"); elsewhere
+they compute ``dequantize -> matmul`` in ``compute_dtype`` ("reference"). A child flipcheck builds
+or loads takes the path plain transformers takes on the same machine, so what flipcheck measures is
+what a user of the saved child runs there; the report's ``extra["cpu_kernel"]`` (and flipcheck.json)
+names the path. bitsandbytes' own undoing of the repacking is lossy (the bfloat16 absmaxes stay), so
+flipcheck keeps each layer's quantization state as quantized and puts the layer back into it
+exactly before any ``state_dict`` (save, fingerprint) or measurement (:func:`restore_canonical`):
+a child can be saved, dequantized or measured before or after any forward.
+:func:`pin_reference_kernels` switches the fast path off (the reference path on every CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -51,9 +56,10 @@ import torch
 from pydantic import Field, model_validator
 
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
-from flipcheck.compressors.stats import targeted_linears
+from flipcheck.compressors.stats import step_report, targeted_linears
 from flipcheck.errors import FlipcheckError
-from flipcheck.models import DTYPES, register_loader
+from flipcheck.loaders import register_loader
+from flipcheck.models import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +142,67 @@ def _int8_tensors(module) -> tuple[torch.Tensor, torch.Tensor]:
     return module.weight.data, scb
 
 
-def _check_not_repacked(module) -> None:
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+_CANONICAL = "_flipcheck_quant_state"  # a 4-bit layer's quantization state as quantized
+
+
+def _is_repacked(module) -> bool:
+    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+
+
+def restore_canonical(module: torch.nn.Module, *_: Any) -> None:
+    """Put a 4-bit layer that bitsandbytes' AVX512-BF16 path repacked back to the packed weight and
+    quantization state it was quantized to, exactly (a no-op when it is not repacked).
+
+    The nibble permutation is undone with bitsandbytes' inverse (exact); the state (float32 or
+    double-quantized absmaxes) comes from the copy :func:`keep_canonical` took. The next forward
+    repacks again. Also a ``state_dict`` pre-hook, so a save always writes the canonical tensors.
+    """
+    if not _is_repacked(module):
+        return
+    state = getattr(module, _CANONICAL, None)
+    if state is None:
         raise FlipcheckError(
-            "this 4-bit layer was repacked by bitsandbytes' AVX512-BF16 CPU kernel during a forward; its "
-            "weights can no longer be read or saved exactly. Load bnb children with flipcheck.models.load_model "
-            "(or call flipcheck.compressors.bnb.pin_reference_kernels(model) before the first forward)."
+            "this 4-bit layer was repacked by bitsandbytes' AVX512-BF16 CPU kernel during a forward and its "
+            "original state was not kept; its weights can no longer be read or saved exactly. Load bnb children "
+            "with flipcheck.models.load_model, or call flipcheck.compressors.bnb.keep_canonical(model) before "
+            "the first forward."
         )
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    data, _ = _convert_weight_packed_for_cpu_inverse(module.weight.data, copy.copy(module.weight.quant_state))
+    fresh = copy.deepcopy(state)
+    module.weight.data = data
+    module.weight.quant_state = fresh
+    module.quant_state = fresh
+
+
+def keep_canonical(model: torch.nn.Module) -> int:
+    """Keep a copy of the quantization state of every 4-bit layer that may be repacked on a forward
+    (AVX512-BF16 CPUs), and restore it before every ``state_dict``. Returns the layers covered."""
+    bnb = _bnb()
+    n = 0
+    for mod in model.modules():
+        if not isinstance(mod, bnb.nn.Linear4bit) or not getattr(mod, "support_avx512bf16_for_cpu", False):
+            continue
+        if hasattr(mod, _CANONICAL):
+            continue
+        restore_canonical(mod)  # a layer that raises here was repacked before we saw it
+        setattr(mod, _CANONICAL, copy.deepcopy(mod.weight.quant_state))
+        mod.register_state_dict_pre_hook(restore_canonical)
+        n += 1
+    return n
+
+
+def cpu_kernel(model: torch.nn.Module) -> str | None:
+    """Which bitsandbytes path the model's CPU 4-bit layers take: "avx512_bf16 repack" (bfloat16
+    absmaxes and matmul, weights repacked on the first forward) or "reference" (dequantize ->
+    matmul in compute_dtype); None without 4-bit layers on the CPU (int8 and GPUs have one path)."""
+    bnb = _bnb()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"]
+    if not layers:
+        return None
+    fast = any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+    return "avx512_bf16 repack" if fast else "reference"
 
 
 def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -153,7 +213,7 @@ def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
     """
     bnb = _bnb()
     if isinstance(module, bnb.nn.Linear4bit):
-        _check_not_repacked(module)
+        restore_canonical(module)
         return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
     if isinstance(module, bnb.nn.Linear8bitLt):
         cb, scb = _int8_tensors(module)
@@ -169,7 +229,7 @@ def storage_bits(module: torch.nn.Module) -> tuple[int, int]:
     """
     bnb = _bnb()
     if isinstance(module, bnb.nn.Linear4bit):
-        _check_not_repacked(module)
+        restore_canonical(module)
         qs = module.weight.quant_state
         data = module.weight.data
         bits = data.numel() * data.element_size() * 8 + qs.absmax.numel() * qs.absmax.element_size() * 8
@@ -183,31 +243,20 @@ def storage_bits(module: torch.nn.Module) -> tuple[int, int]:
     return w.numel() * w.element_size() * 8, w.numel()
 
 
-def logical_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the model counted as weights, not storage: a packed 4-bit weight counts its
-    ``out * in`` entries (bitsandbytes stores two per byte). Tied weights count once."""
-    bnb = _bnb()
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        qs = getattr(p, "quant_state", None) if isinstance(p, bnb.nn.Params4bit) else None
-        total += int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
-    return total
-
-
 def pin_reference_kernels(model: torch.nn.Module) -> int:
     """Keep bitsandbytes' 4-bit layers on the reference ``dequantize -> matmul(compute_dtype)`` path.
 
     Switches off the AVX512-BF16 CPU fast path (weights repacked on first forward, bf16 absmax, bf16
-    matmul), so results do not depend on the CPU's instruction set and weights stay saveable.
-    Returns the number of layers changed; a no-op on GPUs and CPUs without AVX512-BF16.
+    matmul), so results do not depend on the CPU's instruction set; a layer already repacked is put
+    back first. Plain transformers does not do this: a child evaluated pinned on an AVX512-BF16 CPU
+    is not what its users run there. Returns the number of layers changed; a no-op on GPUs and CPUs
+    without AVX512-BF16.
     """
     bnb = _bnb()
     n = 0
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit) and getattr(mod, "support_avx512bf16_for_cpu", False):
+            restore_canonical(mod)
             mod.support_avx512bf16_for_cpu = False
             n += 1
     return n
@@ -328,7 +377,6 @@ def quantize_linear(linear: torch.nn.Linear, qconfig) -> torch.nn.Module:
             quant_storage=qconfig.bnb_4bit_quant_storage,
             module=new,
         ).to(device)
-        new.support_avx512bf16_for_cpu = False  # see pin_reference_kernels
     if has_bias:
         new.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     new.source_cls = torch.nn.Linear  # what transformers' loader records on the modules it builds
@@ -398,26 +446,29 @@ def apply_bnb(model: torch.nn.Module, config: BnbConfig, calibration: Any = None
             config.threshold,
         )
 
-    bits = weights = 0
+    bits = 0
     for name, linear in linears:
         new = quantize_linear(linear, qconfig)
         _set_submodule(model, name, new)
-        b, n = storage_bits(new)
-        bits += b
-        weights += n
+        bits += storage_bits(new)[0]
     _mark_quantized(model, qconfig)
+    # an earlier llm-compressor step (wanda, sparsegpt) wrapped save_pretrained to write its own
+    # compressed format, which cannot hold bitsandbytes layers: transformers' own save writes them
+    model.__dict__.pop("save_pretrained", None)
+    keep_canonical(model)
+    kernel = cpu_kernel(model)
     log.info(
-        "bnb %s: quantized %d Linear layers, kept %d in full precision", config.mode, len(linears), len(skip)
+        "bnb %s: quantized %d Linear layers, kept %d in full precision; CPU kernel: %s",
+        config.mode, len(linears), len(skip), kernel or "n/a",
     )
 
-    return CompressionReport(
-        method="bnb",
-        config=config.model_dump(),
-        parameters=logical_parameters(model),
-        bits_per_weight=bits / weights,
-        sparsity=0.0,
+    return step_report(
+        "bnb",
+        config,
+        model,
         targeted=len(linears),
         extra={
+            "cpu_kernel": kernel,
             "mode": config.mode,
             "threshold": config.threshold if config.mode == "int8" else None,
             "double_quant": config.double_quant,
@@ -435,18 +486,20 @@ def apply_bnb(model: torch.nn.Module, config: BnbConfig, calibration: Any = None
 # loading a saved child
 
 
-def load_bnb_child(path: Path, provenance: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_bnb_child(path: Path, provenance: dict, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     """Load a bnb child folder with transformers (which rebuilds the bitsandbytes layers from
-    ``quantization_config``) and pin the reference kernels. `dtype` applies to the layers that are
-    not quantized (embeddings, norms, output head)."""
+    ``quantization_config``), keeping the kernels plain transformers picks on this machine and the
+    state to save or measure the layers exactly (:func:`keep_canonical`). `dtype` applies to the
+    layers that are not quantized (embeddings, norms, output head)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, device_map={"": str(device)}, use_safetensors=True, trust_remote_code=False
+        path, dtype=dtype, device_map="auto" if device == "auto" else {"": str(device)}, use_safetensors=True,
+        trust_remote_code=False,
     )
-    pin_reference_kernels(model)
+    keep_canonical(model)
     return model.eval()
 
 
 register_loader(LOADER, load_bnb_child)
-register("bnb", BnbConfig, apply_bnb, needs_calibration=False)
+register("bnb", BnbConfig, apply_bnb, needs_calibration=False, produces="bnb")

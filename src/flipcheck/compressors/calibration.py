@@ -15,16 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
+# The default calibration text of a real parent, as llm-compressor's examples use it.
+DEFAULT_SOURCE = "hf:wikitext:wikitext-2-raw-v1:train"
+
 
 class CalibrationConfig(BaseModel):
     """Where calibration text comes from and how much of it to use."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(
-        "demo",
-        description="'demo' (the demo task's text), a local .txt/.jsonl file or folder, or a Hugging Face "
-        "dataset as 'hf:NAME[:CONFIG[:SPLIT]]' (e.g. hf:wikitext:wikitext-2-raw-v1:train)",
+    source: str | None = Field(
+        None,
+        description="a local .txt/.jsonl file or folder, a Hugging Face dataset as 'hf:NAME[:CONFIG[:SPLIT]]' "
+        "(SPLIT may be sliced, e.g. hf:allenai/c4:en:train[:1000], read by streaming), or a named source "
+        "('demo': the demo's facts). Default: the text the parent's flipcheck.json names (the demo "
+        f"parent names its facts), else {DEFAULT_SOURCE}",
     )
     samples: int = Field(32, ge=1, le=100_000, description="number of calibration sequences")
     seq_len: int = Field(256, ge=8, le=131_072, description="tokens per calibration sequence")
@@ -38,10 +43,12 @@ class Calibration:
     tokenizer: Any
     input_ids: torch.Tensor | None = None  # (samples, seq_len) int64; None when no step needs data
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
-    # Statistics that do not depend on a swept setting (SliceGPT's PCA rotations, layer-drop angular
-    # distances), computed once on the parent and reused by every point of a sweep. Keyed by
-    # (method, what, parent fingerprint or id).
+    # Statistics that do not depend on a swept setting (SliceGPT's parent PCA, layer-drop angular
+    # distances), computed once on the parent and reused by every point of a sweep, keyed by
+    # (what, parent_key). The pipeline sets parent_key to the parent's fingerprint while a child's
+    # first step runs (the model then holds the parent's exact weights) and to None otherwise.
     memo: dict[Any, Any] = field(default_factory=dict)
+    parent_key: str | None = None
 
     def describe(self) -> dict[str, Any] | None:
         if self.input_ids is None:
@@ -64,18 +71,17 @@ class Calibration:
             yield ids[i : i + batch_size]
 
 
-def memoized(calibration: Calibration | None, model: torch.nn.Module, what: str, compute: Callable[[], T]) -> T:
-    """`compute()` once per (what, model weights) in this run; later sweep points reuse it.
+def memoized(calibration: Calibration | None, what: str, compute: Callable[[], T]) -> T:
+    """`compute()` once per (what, parent) in this run; later sweep points reuse it.
 
-    Keyed by the weights' fingerprint, so a statistic computed on the parent is reused only by
-    steps that see the parent's exact weights (the first step of each child), never after another
-    step changed them.
+    Memoised only while ``calibration.parent_key`` is set, i.e. while a step sees the parent's exact
+    weights (the first step of each child); after another step changed them it is computed afresh.
+    The key is the parent's fingerprint and the memo lives on this calibration, so no weight is
+    read or copied to build the key.
     """
-    if calibration is None:
+    key = None if calibration is None or calibration.parent_key is None else (what, calibration.parent_key)
+    if key is None:
         return compute()
-    from flipcheck.models import fingerprint
-
-    key = (what, fingerprint(model))
     if key not in calibration.memo:
         calibration.memo[key] = compute()
     return calibration.memo[key]

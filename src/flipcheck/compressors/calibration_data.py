@@ -2,12 +2,19 @@
 
 Text comes from one source (:class:`~flipcheck.compressors.calibration.CalibrationConfig`):
 
-- ``demo``: the offline demo task's text (:func:`flipcheck.demo.demo_texts`);
+- none given: the source the parent's ``flipcheck.json`` names (``calibration_source``; the demo
+  parent names ``demo``), else :data:`~flipcheck.compressors.calibration.DEFAULT_SOURCE`
+  (wikitext-2 train, as llm-compressor's examples calibrate), see :func:`resolve_calibration`;
+- a named source registered with :func:`register_source` (the demo registers ``demo``, its facts;
+  this module does not import the demo);
 - a local ``.txt`` file (one document per blank-line-separated paragraph; a file without blank
   lines is one document), a ``.jsonl`` file (one document per line, in its ``"text"`` field), or a
   folder of such files (read in sorted path order);
-- ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face dataset through ``datasets.load_dataset`` (split
-  ``train`` by default), its ``"text"`` column. This needs network unless the dataset is cached.
+- ``hf:NAME[:CONFIG[:SPLIT]]``: a Hugging Face dataset (or a local folder of data files) through
+  ``datasets.load_dataset`` (split ``train`` by default; ``hf:NAME::SPLIT`` leaves CONFIG out), its
+  ``"text"`` column. A split sliced by rows, ``train[:1000]`` or ``train[500:1500]``, is streamed
+  and only those rows are read; other forms (``train[:10%]``) go to ``datasets`` as they are. This
+  needs network unless the dataset is cached or local.
 
 The documents are tokenized without special tokens and concatenated with the tokens of "\\n\\n"
 between them; `samples` windows of `seq_len` tokens are cut at offsets drawn uniformly from
@@ -17,14 +24,17 @@ config and text give the same samples. Windows may overlap when the text is shor
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from flipcheck.compressors.calibration import Calibration, CalibrationConfig
+from flipcheck.compressors.calibration import DEFAULT_SOURCE, Calibration, CalibrationConfig
 from flipcheck.errors import FlipcheckError
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,7 @@ def build_calibration(
         config = config.model_copy(update={"source": "texts"})
         docs = list(texts)
     else:
+        config = resolve_calibration(config, None)
         docs = read_texts(config.source)
     ids = concat_tokens(tokenizer, docs)
     windows = cut_windows(ids, config.samples, config.seq_len, config.seed, source=config.source)
@@ -56,11 +67,41 @@ def build_calibration(
 
 # --------------------------------------------------------------------------- sources
 
+_NAMED: dict[str, Callable[[], list[str]]] = {}
+
+
+def register_source(name: str, texts: Callable[[], list[str]]) -> None:
+    """Make `name` a calibration source whose documents are ``texts()`` (the demo registers ``demo``)."""
+    _NAMED[name] = texts
+
+
+def default_source(parent: str | os.PathLike | None) -> str:
+    """The calibration source for `parent` when none is given: the one its flipcheck.json names,
+    else :data:`DEFAULT_SOURCE`."""
+    from flipcheck.models import read_provenance
+
+    prov = read_provenance(parent) if parent is not None and Path(parent).is_dir() else None
+    named = (prov or {}).get("calibration_source")
+    return named if isinstance(named, str) and named else DEFAULT_SOURCE
+
+
+def resolve_calibration(config: CalibrationConfig | None, parent: str | os.PathLike | None) -> CalibrationConfig:
+    """`config` with its source filled in for `parent` when it has none (:func:`default_source`)."""
+    config = config or CalibrationConfig()
+    if config.source is not None:
+        return config
+    return config.model_copy(update={"source": default_source(parent)})
+
 
 def read_texts(source: str) -> list[str]:
     """The documents of a calibration source (see the module docstring for the forms)."""
+    if source in _NAMED:
+        return list(_NAMED[source]())
     if source == "demo":
-        return _demo_texts()
+        raise FlipcheckError(
+            "calibration source 'demo' (the demo's made-up facts) comes with the demo parent (parent: demo); "
+            "for another parent use a local .txt/.jsonl file or folder, or hf:NAME[:CONFIG[:SPLIT]]"
+        )
     if source.startswith("hf:"):
         return _hf_texts(source)
     path = Path(os.path.expanduser(source))
@@ -74,21 +115,11 @@ def read_texts(source: str) -> list[str]:
         return docs
     if path.is_file():
         return _file_texts(path)
+    named = ", ".join(repr(n) for n in sorted(_NAMED)) or "none registered"
     raise FlipcheckError(
-        f"calibration source {source!r} is neither 'demo', an existing .txt/.jsonl file or folder, "
-        "nor 'hf:NAME[:CONFIG[:SPLIT]]' (e.g. hf:wikitext:wikitext-2-raw-v1:train)"
+        f"calibration source {source!r} is neither an existing .txt/.jsonl file or folder, "
+        f"'hf:NAME[:CONFIG[:SPLIT]]' (e.g. {DEFAULT_SOURCE}), nor a named source ({named})"
     )
-
-
-def _demo_texts() -> list[str]:
-    try:
-        from flipcheck.demo import demo_texts
-    except ImportError as err:
-        raise FlipcheckError(
-            "calibration source 'demo' needs flipcheck.demo, which this installation does not have "
-            f"({err}); pass a local .txt or .jsonl file as the calibration source instead"
-        ) from err
-    return list(demo_texts())
 
 
 def _file_texts(path: Path) -> list[str]:
@@ -132,36 +163,70 @@ def _jsonl_texts(path: Path) -> list[str]:
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
-    """'hf:NAME[:CONFIG[:SPLIT]]' -> (name, config or None, split, default 'train')."""
-    parts = source[len("hf:") :].split(":")
-    if not parts[0] or len(parts) > 3 or any(p == "" for p in parts[1:]):
-        raise FlipcheckError(f"calibration source {source!r}: expected hf:NAME[:CONFIG[:SPLIT]], e.g. hf:wikitext:wikitext-2-raw-v1:train")
+    """'hf:NAME[:CONFIG[:SPLIT]]' -> (name, config or None, split, default 'train'); CONFIG may be empty."""
+    parts = source[len("hf:") :].split(":", 2)  # a split's slice, train[:10], holds a colon of its own
+    bad_split = len(parts) == 3 and (not parts[2] or ":" in re.sub(r"\[[^\]]*\]", "", parts[2]))
+    if not parts[0] or bad_split or (len(parts) == 2 and not parts[1]):
+        raise FlipcheckError(
+            f"calibration source {source!r}: expected hf:NAME[:CONFIG[:SPLIT]], e.g. {DEFAULT_SOURCE} "
+            "or hf:allenai/c4:en:train[:1000]"
+        )
     name = parts[0]
-    config = parts[1] if len(parts) > 1 else None
+    config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 else "train"
     return name, config, split
+
+
+_ROW_SLICE = re.compile(r"^(?P<split>[\w.-]+)\[(?P<start>\d*):(?P<stop>\d+)\]$")
+
+
+def row_slice(split: str) -> tuple[str, int, int] | None:
+    """'train[:1000]' -> ('train', 0, 1000); 'train[500:1500]' -> ('train', 500, 1500); else None."""
+    m = _ROW_SLICE.match(split.replace(" ", ""))
+    if m is None:
+        return None
+    start, stop = int(m["start"] or 0), int(m["stop"])
+    if stop <= start:
+        raise FlipcheckError(f"calibration split {split!r}: the slice selects no rows")
+    return m["split"], start, stop
 
 
 def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def _load_rows(name: str, config: str | None, split: str) -> tuple[list[str], list]:
+    """(column names, "text" values) of a split; a row slice is streamed and only its rows read."""
+    from datasets import load_dataset
+
+    sliced = row_slice(split)
+    if sliced is None:
+        ds = load_dataset(name, config, split=split)
+        return list(ds.column_names), (ds["text"] if "text" in ds.column_names else [])
+    base, start, stop = sliced
+    stream = load_dataset(name, config, split=base, streaming=True)
+    rows = list(itertools.islice(iter(stream), start, stop))  # stops pulling rows (and files) at `stop`
+    columns = list(rows[0]) if rows else ["text"]
+    return columns, [r.get("text") for r in rows]
+
+
 def _hf_texts(source: str) -> list[str]:
     name, config, split = parse_hf_source(source)
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset(name, config, split=split)
+        columns, texts = _load_rows(name, config, split)
+    except FlipcheckError:
+        raise
     except Exception as err:  # datasets raises many types for "not reachable / not cached"
         msg = str(err).splitlines()[0][:200] if str(err) else ""
         why = "no network: Hugging Face offline mode is on" if _offline() else "the hub could not be reached or the dataset was not found"
         raise FlipcheckError(
-            f"calibration source {source!r}: could not load the dataset ({why}; {type(err).__name__}: {msg}). "
-            "Save the text to a local .txt or .jsonl file and pass its path as the calibration source."
+            f"calibration source {source!r}: could not load the dataset ({why}; {type(err).__name__}: {msg}); "
+            "pass a local .txt or .jsonl file or a folder of them as the calibration source "
+            "(--calibration PATH, or calibration.source in a recipe)"
         ) from err
-    if "text" not in ds.column_names:
-        raise FlipcheckError(f"calibration source {source!r}: no 'text' column (columns: {', '.join(ds.column_names)})")
-    return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+    if "text" not in columns:
+        raise FlipcheckError(f"calibration source {source!r}: no 'text' column (columns: {', '.join(columns)})")
+    return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 # --------------------------------------------------------------------------- tokens

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from flipcheck.compressors.llmc import apply_llmc, none_from_text, quant_scheme
-from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
+from flipcheck.compressors.llmc import check_serving_layout, preset_group_size, quant_scheme
+from flipcheck.compressors.registry import MethodConfig, none_from_text, register
 
 
 class GPTQConfig(MethodConfig):
@@ -32,7 +32,11 @@ class GPTQConfig(MethodConfig):
         "W4A16", description="weight (and activation) format: W4A16 = int4 weights, 16-bit activations"
     )
     group_size: int | None = Field(
-        128, ge=1, le=65536, description="input weights sharing one scale; None = one scale per output channel"
+        128,
+        ge=1,
+        le=65536,
+        description="input weights sharing one scale; None = one scale per output channel. Default: the "
+        "scheme's preset (128; per channel for W8A8, the layout vLLM's W8A8 kernels take)",
     )
     actorder: Literal["none", "weight"] = Field(
         "weight", description="'weight': quantize columns in order of decreasing activation (no runtime cost); 'none': in order"
@@ -41,6 +45,21 @@ class GPTQConfig(MethodConfig):
         0.01, ge=0.0, le=1.0, description="λ added to diag(H) as a fraction of its mean, for a stable inverse"
     )
     block_size: int = Field(128, ge=1, le=8192, description="columns quantized per block before the lazy error update")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_layout(cls, data):
+        """Without an explicit group_size, take the preset's (W8A8: per channel)."""
+        if isinstance(data, dict) and "group_size" not in data and isinstance(data.get("scheme"), str):
+            scheme = data["scheme"].upper()
+            if scheme in ("W4A16", "W4A16_ASYM", "W8A16", "W8A8"):
+                data = {**data, "group_size": preset_group_size(scheme)}
+        return data
+
+    @model_validator(mode="after")
+    def _serving_layout(self):
+        check_serving_layout(self.scheme, self.group_size)
+        return self
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -82,9 +101,4 @@ def gptq_modifiers(config: GPTQConfig, head: str) -> list:
     ]
 
 
-def apply_gptq(model, config: GPTQConfig, calibration) -> CompressionReport:
-    """Quantize every decoder Linear (not the head) with GPTQ, in place."""
-    return apply_llmc("gptq", model, config, calibration)
-
-
-register("gptq", GPTQConfig, apply_gptq, needs_calibration=True)
+register("gptq", GPTQConfig, modifiers=gptq_modifiers, needs_calibration=True, produces="quantized")

@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 from flipcheck.compressors.architectures import ModelAdapter, adapter_for
 from flipcheck.compressors.calibration import memoized, require_ids
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
-from flipcheck.compressors.stats import count_parameters, dtype_bits
+from flipcheck.compressors.stats import logical_parameters, step_report
 from flipcheck.errors import FlipcheckError
 
 log = logging.getLogger(__name__)
@@ -234,14 +234,13 @@ def apply_layer_drop(
     adapter = adapter_for(model)
     num_layers = adapter.num_layers
     n = layers_to_drop(config, num_layers)
-    params_before = count_parameters(model)
+    params_before = logical_parameters(model)
     extra: dict = {"selection": config.selection, "layers_before": num_layers}
     if config.selection == "angular" and n > 0:
         if distances is None:
             ids = require_ids(calibration, "layer_drop selection='angular'", "use selection='last' to drop without it")
             distances = memoized(
                 calibration,
-                model,
                 f"layer_drop.angular_distances.{config.angular_tokens}",
                 lambda: angular_distances(model, ids, tokens=config.angular_tokens, batch_size=config.batch_size),
             )
@@ -265,22 +264,18 @@ def apply_layer_drop(
     if drop:
         drop_layers(model, drop)
     log.info("layer_drop: dropped layers %s of %d", drop, num_layers)
-    linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     extra.update(
         dropped_layers=drop,
         layers_after=num_layers - n,
         parameters_before=params_before,
     )
-    return CompressionReport(
-        method="layer_drop",
-        config=config.model_dump(),
-        parameters=count_parameters(model),
-        bits_per_weight=float(dtype_bits(linear_weights[0].dtype)) if linear_weights else 0.0,
-        sparsity=0.0,
-        calibration=calibration.describe()
-        if (config.selection == "angular" and calibration is not None and n > 0)
-        else None,
+    used_calibration = config.selection == "angular" and calibration is not None and n > 0
+    return step_report(  # parameters, bits and sparsity read off the model the step leaves
+        "layer_drop",
+        config,
+        model,
         targeted=removed_linears,
+        calibration=calibration.describe() if used_calibration else None,
         extra=extra,
     )
 

@@ -1,7 +1,9 @@
 """The shared runner for the methods whose engine is llm-compressor's ``oneshot``.
 
 gptq, awq, smoothquant, rtn, wanda and sparsegpt each describe their work as a list of
-llm-compressor modifiers (:func:`modifiers_for`); :func:`run_oneshot` runs any such list on a
+llm-compressor modifiers, built by the function they register with
+(``register(name, Config, modifiers=build)``, see :func:`modifiers_for`); :func:`apply_llmc` is
+their one apply, and :func:`run_oneshot` runs any such list on a
 model in place, so a recipe's consecutive llm-compressor steps (e.g. wanda 2:4 then gptq W4A16)
 can be merged into one calibration run.
 
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import logging
 import math
 import os
@@ -53,33 +54,28 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from flipcheck.compressors.calibration import Calibration
-from flipcheck.compressors.registry import CompressionReport, MethodConfig
-from flipcheck.compressors.stats import count_parameters, dtype_bits, targeted_linears, weight_sparsity
+from flipcheck.compressors.registry import CompressionReport, MethodConfig, get_method, methods
+from flipcheck.compressors.stats import step_report, targeted_linears
 from flipcheck.errors import FlipcheckError
 
 log = logging.getLogger(__name__)
-
-# Which module builds each method's modifiers. Imported lazily: the method modules import this one.
-_BUILDERS: dict[str, tuple[str, str]] = {
-    "gptq": ("flipcheck.compressors.gptq", "gptq_modifiers"),
-    "awq": ("flipcheck.compressors.awq", "awq_modifiers"),
-    "smoothquant": ("flipcheck.compressors.smoothquant", "smoothquant_modifiers"),
-    "rtn": ("flipcheck.compressors.rtn", "rtn_modifiers"),
-    "wanda": ("flipcheck.compressors.wanda", "wanda_modifiers"),
-    "sparsegpt": ("flipcheck.compressors.sparsegpt", "sparsegpt_modifiers"),
-}
-LLMC_METHODS = tuple(_BUILDERS)
 
 # Calibration batch size: samples all share one length, so batching changes no statistic (up to
 # float rounding); on CPU a batch of 16 runs GPTQ ~4x and AWQ ~8x faster than the default of 1.
 DEFAULT_BATCH_SIZE = 16
 # Group sizes suggested when a requested one does not divide a layer's width.
 _GROUP_CANDIDATES = (32, 64, 128, 256, 512, 1024)
-# Tensors a quantized Linear carries besides its weight; they are bits, not parameters.
-_QPARAM_SUFFIXES = ("_scale", "_zero_point", "_global_scale", "_g_idx", "_shape")
+
+
+def is_llmc(name: str) -> bool:
+    """True when method `name` is carried out by llm-compressor modifiers (registered with them)."""
+    return get_method(name).modifiers is not None
+
+
+def llmc_methods() -> list[str]:
+    return sorted(n for n, m in methods().items() if m.modifiers is not None)
 
 
 # --------------------------------------------------------------------------- modifiers
@@ -108,10 +104,9 @@ def modifiers_for(name: str, config: MethodConfig, model: torch.nn.Module | None
     head is targeted. The list can be concatenated with other methods' lists and run in one
     :func:`run_oneshot`.
     """
-    if name not in _BUILDERS:
-        raise FlipcheckError(f"{name!r} is not an llm-compressor method; allowed: {', '.join(LLMC_METHODS)}")
-    module_name, fn_name = _BUILDERS[name]
-    build = getattr(importlib.import_module(module_name), fn_name)
+    build = get_method(name).modifiers
+    if build is None:
+        raise FlipcheckError(f"{name!r} is not an llm-compressor method; allowed: {', '.join(llmc_methods())}")
     with _quiet_engine():  # building modifiers already logs (device probes)
         return build(config, head_name(model) if model is not None else "lm_head")
 
@@ -136,74 +131,34 @@ def quant_scheme(preset: str, group_size: int | str | None = "preset", *, target
     return scheme.model_copy(update={"weights": QuantizationArgs(**args)})
 
 
-# --------------------------------------------------------------------------- pruning settings
+def preset_group_size(preset: str) -> int | None:
+    """The group size of a preset's weights; None when they are per channel or per tensor."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-_MASK = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def none_from_text(value: Any) -> Any:
-    """'None'/'null'/'' (as typed on a command line or in YAML) -> None; anything else unchanged."""
-    if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
-        return None
-    return value
+    w = PRESET_SCHEMES[preset].get("weights")
+    return int(w.group_size) if w is not None and _strategy(w) == "group" and w.group_size else None
 
 
-def parse_mask(mask: str) -> tuple[int, int]:
-    """'N:M' -> (N, M): at most N non-zeros in every M consecutive input weights (the N:M
-    convention of NVIDIA's sparse tensor cores and the Wanda/SparseGPT papers; 2:4 = 50 %)."""
-    match = _MASK.match(str(mask))
-    if not match:
-        raise ValueError(f"mask must look like 'N:M' (e.g. '2:4', '4:8'), got {mask!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not (1 <= n < m <= 256):
-        raise ValueError(f"mask {mask!r}: need 1 <= N < M <= 256 (N weights kept of every M), e.g. '2:4', '4:8'")
-    return n, m
+def check_serving_layout(preset: str, group_size: int | str | None) -> None:
+    """Refuse a weight layout that the serving kernels of `preset` do not run (a ValueError, for
+    the config validators).
 
+    Presets with integer weights per output channel and dynamic per-token integer activations
+    (W8A8, INT8) are what vLLM's int8 GEMM kernels run; they take per-channel or per-tensor
+    weight scales, never groups.
+    """
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
-class PruningConfig(MethodConfig):
-    """Settings shared by the pruning methods: how many weights to zero, and in what pattern."""
-
-    sparsity: float = Field(
-        0.5, ge=0.0, lt=1.0, description="fraction of each targeted weight zeroed (0 = identity); implied by mask when set"
-    )
-    mask: str | None = Field(
-        None, description="'N:M' semi-structured mask: keep N of every M consecutive input weights ('2:4', '4:8'); None = unstructured"
-    )
-
-    @field_validator("mask", mode="before")
-    @classmethod
-    def _check_mask(cls, v):
-        v = none_from_text(v)
-        if v is None:
-            return v
-        n, m = parse_mask(v)
-        return f"{n}:{m}"
-
-    @model_validator(mode="after")
-    def _mask_vs_sparsity(self):
-        if self.mask is not None and "sparsity" in self.model_fields_set:
-            n, m = parse_mask(self.mask)
-            if abs(self.sparsity - (m - n) / m) > 1e-9:
-                raise ValueError(
-                    f"sparsity={self.sparsity} conflicts with mask={self.mask!r}, which zeroes {(m - n) / m:g} "
-                    "of the weights; set only one of them"
-                )
-        return self
-
-    def engine_args(self) -> dict[str, Any]:
-        """llm-compressor's spelling: ``mask_structure='Z:M'`` with Z = weights *zeroed* per M."""
-        if self.mask is None:
-            return {"sparsity": self.sparsity, "mask_structure": "0:0"}
-        n, m = parse_mask(self.mask)
-        return {"sparsity": (m - n) / m, "mask_structure": f"{m - n}:{m}"}
-
-    def is_identity(self) -> bool:
-        return self.mask is None and self.sparsity == 0.0
-
-
-def pruning_needs_data(config: PruningConfig) -> bool:
-    """Pruning scores need activations, except at sparsity 0 where nothing runs."""
-    return not config.is_identity()
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        return
+    spec = PRESET_SCHEMES[preset]
+    w, a = spec.get("weights"), spec.get("input_activations")
+    kind = lambda args: getattr(args.type, "value", args.type)  # noqa: E731
+    if w is not None and a is not None and _strategy(w) == "channel" and kind(w) == "int" and kind(a) == "int":
+        raise ValueError(
+            f"scheme {preset} (int8 weights and per-token int8 activations) needs per-channel weights, which "
+            f"vLLM's W8A8 kernels run; group_size={group_size} is not allowed; allowed: group_size=None (per channel)"
+        )
 
 
 # --------------------------------------------------------------------------- checks
@@ -444,94 +399,30 @@ def materialize_quantized_weights(model: torch.nn.Module) -> int:
     return count
 
 
-# --------------------------------------------------------------------------- measurements
-
-
-def quantized_weight_bits(module: torch.nn.Module) -> float | None:
-    """Bits one quantized Linear's weight takes in the checkpoint, or None if not quantized.
-
-        bits = numel(W)·b + numel(scale)·bits(scale dtype) + [asymmetric] numel(zero point)·b
-               + numel(global scale)·bits(its dtype) + numel(g_idx)·32
-
-    b is the weight's num_bits; zero points are packed at b bits (compressed-tensors'
-    pack-quantized format) and are not stored for symmetric schemes. For W4A16 with group 128 and
-    fp16 scales that is 4 + 16/128 = 4.125 bits per weight; with fp32 scales 4.25.
-    """
-    args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
-    if args is None or not hasattr(module, "weight_scale"):
-        return None
-    n = module.weight.numel()
-    bits = n * args.num_bits
-    scale = module.weight_scale
-    bits += scale.numel() * dtype_bits(scale.dtype)
-    zp = getattr(module, "weight_zero_point", None)
-    if zp is not None and not args.symmetric:
-        bits += zp.numel() * args.num_bits
-    gs = getattr(module, "weight_global_scale", None)
-    if gs is not None:
-        bits += gs.numel() * dtype_bits(gs.dtype)
-    g_idx = getattr(module, "weight_g_idx", None)
-    if g_idx is not None:
-        bits += g_idx.numel() * 32
-    return float(bits)
-
-
-def quantization_parameter_count(model: torch.nn.Module) -> int:
-    """Elements of the scale/zero-point tensors quantization attached (accounted as bits)."""
-    seen, total = set(), 0
-    for mod in model.modules():
-        if getattr(mod, "quantization_scheme", None) is None:
-            continue
-        for pname, p in mod.named_parameters(recurse=False):
-            if pname != "weight" and pname.startswith(("weight", "input", "output")) and pname.endswith(_QPARAM_SUFFIXES):
-                if p.data_ptr() not in seen:
-                    seen.add(p.data_ptr())
-                    total += p.numel()
-    return total
-
-
-def measure(
-    method: str,
-    config: MethodConfig,
-    model: torch.nn.Module,
-    calibration: Calibration | None,
-    *,
-    used_calibration: bool,
-) -> CompressionReport:
-    """A CompressionReport read off the model's tensors after an llm-compressor step.
-
-    bits_per_weight averages :func:`quantized_weight_bits` over the targeted Linears (weights
-    left unquantized count their dtype's bits); sparsity is the fraction of exact zeros in those
-    weights; parameters excludes the quantization scales/zero points (they are in the bits).
-    """
-    linears = targeted_linears(model)
-    total_bits, total_n, quantized = 0.0, 0, 0
-    for _, mod in linears:
-        b = quantized_weight_bits(mod)
-        if b is None:
-            b = float(mod.weight.numel() * dtype_bits(mod.weight.dtype))
-        else:
-            quantized += 1
-        total_bits += b
-        total_n += mod.weight.numel()
-    weights = [m.weight.data for _, m in linears]
-    return CompressionReport(
-        method=method,
-        config=config.model_dump(),
-        parameters=count_parameters(model) - quantization_parameter_count(model),
-        bits_per_weight=total_bits / total_n if total_n else 0.0,
-        sparsity=weight_sparsity(weights),
-        calibration=calibration.describe() if (used_calibration and calibration is not None) else None,
-        targeted=len(linears),
-        extra={"quantized_linears": quantized},
-    )
+# --------------------------------------------------------------------------- applying methods
 
 
 def apply_llmc(method: str, model: torch.nn.Module, config: MethodConfig, calibration: Calibration) -> CompressionReport:
-    """``run_oneshot(model, calibration, modifiers_for(method, config, model))`` plus the report."""
+    """Every llm-compressor method's apply: ``run_oneshot(model, calibration, modifiers_for(...))``
+    plus the report. A config may name what to do without data (``no_data_hint``)."""
     modifiers = modifiers_for(method, config, model)
+    with _quiet_engine():
+        validate_modifiers(model, modifiers)  # shapes first: they fail whatever the data
+    if needs_data(modifiers) and (calibration is None or calibration.input_ids is None):
+        hint = getattr(config, "no_data_hint", "") or "give the step calibration data (calibration.source)"
+        raise FlipcheckError(f"{method} needs calibration data with these settings, but none was prepared; {hint}")
     run_oneshot(model, calibration, modifiers)
     return measure(method, config, model, calibration, used_calibration=needs_data(modifiers))
+
+
+def measure(
+    method: str, config: MethodConfig, model: torch.nn.Module, calibration: Calibration | None, *, used_calibration: bool
+) -> CompressionReport:
+    """The step's report, its figures read off the model (:func:`stats.step_report`)."""
+    used = used_calibration and calibration is not None
+    return step_report(
+        method, config, model, targeted=len(targeted_linears(model)), calibration=calibration.describe() if used else None
+    )
 
 
 def apply_chain(

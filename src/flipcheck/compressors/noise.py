@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
-from flipcheck.compressors.stats import count_parameters, dtype_bits, targeted_linears, weight_sparsity
+from flipcheck.compressors.stats import step_report, targeted_linears
 
 
 class NoiseConfig(MethodConfig):
@@ -47,16 +47,7 @@ def apply_noise(model: torch.nn.Module, config: NoiseConfig, calibration=None) -
     linears = targeted_linears(model, config.include, config.exclude)
     for name, mod in linears:
         add_noise(mod.weight.data, config.sigma, module_seed(config.seed, name))
-    weights = [m.weight for _, m in linears]
-    bits = dtype_bits(weights[0].dtype) if weights else 0
-    return CompressionReport(
-        method="noise",
-        config=config.model_dump(),
-        parameters=count_parameters(model),
-        bits_per_weight=float(bits),
-        sparsity=weight_sparsity(weights),
-        targeted=len(linears),
-    )
+    return step_report("noise", config, model, targeted=len(linears))  # figures read off the model
 
 
-register("noise", NoiseConfig, apply_noise, needs_calibration=False)
+register("noise", NoiseConfig, apply_noise, needs_calibration=False, produces="dense")

@@ -14,20 +14,12 @@ NVFP4: those need calibration).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flipcheck.compressors.llmc import (
-    measure,
-    modifiers_for,
-    needs_data,
-    none_from_text,
-    quant_scheme,
-    run_oneshot,
-)
-from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
-from flipcheck.errors import FlipcheckError
+from flipcheck.compressors.llmc import check_serving_layout, needs_data, quant_scheme
+from flipcheck.compressors.registry import MethodConfig, none_from_text, register
 
 
 def preset_schemes() -> list[str]:
@@ -75,6 +67,11 @@ class RTNConfig(MethodConfig):
             raise ValueError(f"group_size must be >= 1, 'channel' or None, got {v}")
         return v
 
+    no_data_hint: ClassVar[str] = (
+        "this scheme quantizes activations with static scales; use a dynamic scheme (W8A8, FP8_DYNAMIC) "
+        "or give the step calibration data"
+    )
+
     @model_validator(mode="after")
     def _layout(self):
         if self.group_size is not None and not regroupable(self.scheme):
@@ -83,6 +80,7 @@ class RTNConfig(MethodConfig):
                 f"scheme {self.scheme} has a fixed weight layout, group_size must be None; "
                 f"schemes whose group size can change: {ok}"
             )
+        check_serving_layout(self.scheme, self.group_size)
         return self
 
 
@@ -98,16 +96,4 @@ def rtn_needs_data(config: RTNConfig) -> bool:
     return needs_data(rtn_modifiers(config, "lm_head"))
 
 
-def apply_rtn(model, config: RTNConfig, calibration) -> CompressionReport:
-    """Round every decoder Linear (not the head) to the scheme's grid, in place."""
-    modifiers = modifiers_for("rtn", config, model)
-    if needs_data(modifiers) and (calibration is None or calibration.input_ids is None):
-        raise FlipcheckError(
-            f"rtn scheme={config.scheme} quantizes activations with static scales, which need calibration data; "
-            "use a dynamic scheme (W8A8, FP8_DYNAMIC) or give the step calibration data"
-        )
-    run_oneshot(model, calibration, modifiers)
-    return measure("rtn", config, model, calibration, used_calibration=needs_data(modifiers))
-
-
-register("rtn", RTNConfig, apply_rtn, needs_calibration=rtn_needs_data)
+register("rtn", RTNConfig, modifiers=rtn_modifiers, needs_calibration=rtn_needs_data, produces="quantized")

@@ -33,12 +33,18 @@ moving ``eps`` to the wrong scale. :class:`SlicedRMSNorm` therefore divides by t
 ``y = z_k / sqrt(sum_(i<=k) z_i^2 / D + eps)``, which is exactly the parent norm of the
 reconstructed stream ``z_k Q_k^T`` (its norm equals ``||z_k||``). It has no weight (fused in step 1).
 
-**Departures from the reference implementation** (github.com/microsoft/TransformerCompression):
+**Where the bases come from** (``pca``). ``sequential`` (default) is the reference procedure
+(``rotate_and_slice_sequential`` of github.com/microsoft/TransformerCompression): the basis of
+stream ``s+1`` is the PCA of the stream the *already-sliced* model produces there. flipcheck runs
+the parent's layer ``l`` on the sliced stream mapped back to the parent's coordinates,
+``x Q_k Q_k^T`` (which is exactly what the sliced layer computes, rotated), so each covariance is
+accumulated, turned into a basis and dropped before the next one: one ``D x D`` covariance and
+three bases alive at a time. ``parent`` computes every basis once on the parent's own streams
+(:func:`pca_rotations`, memoised per calibration so a sweep over ``slicing`` reuses them); it
+holds all ``2L+1`` bases. The two are identical at ``slicing = 0``.
 
-- The PCA bases are computed once, on the **parent's** streams (one forward pass over the
-  calibration data, :func:`pca_rotations`), so a sweep over ``slicing`` reuses them. SliceGPT's
-  ``rotate_and_slice_sequential`` recomputes each block's basis on the signals of the
-  already-sliced earlier blocks. Both are identical at ``slicing = 0``.
+**Departure from the reference implementation:**
+
 - By default the stream read by ``lm_head`` is not sliced (SliceGPT's default, ``slice_head``);
   it is then not rotated either (``Q_2L = I``), which changes nothing in exact arithmetic.
 
@@ -55,17 +61,23 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from flipcheck.compressors.architectures import ArchitectureSpec, ModelAdapter, adapter_for, norm_eps
+from flipcheck.compressors.architectures import (
+    ArchitectureSpec,
+    LayerAdapter,
+    ModelAdapter,
+    adapter_for,
+    norm_eps,
+)
 from flipcheck.compressors.calibration import memoized, require_ids
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
-from flipcheck.compressors.stats import count_parameters, dtype_bits
+from flipcheck.compressors.stats import logical_parameters, step_report
 from flipcheck.errors import FlipcheckError
-from flipcheck.models import register_loader
+from flipcheck.loaders import register_loader
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +102,11 @@ class SliceGPTConfig(MethodConfig):
     )
     batch_size: int = Field(
         8, ge=1, description="calibration sequences per forward pass when computing the PCA bases"
+    )
+    pca: Literal["sequential", "parent"] = Field(
+        "sequential",
+        description="'sequential': each stream's PCA on the already-sliced model (the paper's reference); "
+        "'parent': every basis from the parent, computed once per sweep (faster, differs when slicing > 0)",
     )
 
 
@@ -117,14 +134,7 @@ class Rotations:
 
     def variance_kept(self, dims: list[int]) -> float | None:
         """Mean over streams of the fraction of the stream's energy in its first ``dims[s]`` directions."""
-        if self.eigenvalues is None:
-            return None
-        fractions = [
-            float(ev[:k].sum() / ev.sum())
-            for ev, k in zip(self.eigenvalues, dims, strict=True)
-            if ev.sum() > 0
-        ]
-        return sum(fractions) / len(fractions) if fractions else None
+        return None if self.eigenvalues is None else _variance_kept(self.eigenvalues, dims)
 
 
 # --- math: pure functions on tensors ----------------------------------------------------------
@@ -317,54 +327,175 @@ def _check_model(adapter: ModelAdapter) -> None:
 # --- PCA -------------------------------------------------------------------------------------
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it needed was recorded."""
+
+
+def _layer_inputs(adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int) -> list[tuple]:
+    """Per calibration batch: (stream entering layer 0, the other positional and keyword arguments
+    the decoder passes to its layers: rotary embeddings, mask). Runs only the embedding."""
+    captured: list[tuple] = []
+
+    def catch(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), kwargs))
+        raise _Stop
+
+    handle = adapter.layer_list[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = adapter.embed_tokens.weight.device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                adapter.decoder(input_ids=input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(
+    layer: LayerAdapter, hidden: torch.Tensor, args: tuple, kwargs: dict, mid=None, *, stop: bool = False, seen=None
+) -> torch.Tensor:
+    """One decoder layer on `hidden`; ``m = x + attn(N(x))`` is the stream between its two blocks.
+
+    ``stop``: return ``m`` without running the MLP block. Otherwise run the whole layer, with ``m``
+    replaced by ``mid(m)`` when `mid` is given (SliceGPT's sliced stream, mapped back to the
+    parent's coordinates), and return the layer's output. ``seen(m)`` is called with ``m``.
+    """
+    box: list[torch.Tensor] = []
+
+    def on_attention(module, inputs, output):
+        attn = output[0] if isinstance(output, tuple) else output
+        m = hidden + attn
+        if seen is not None:
+            seen(m)
+        if stop:
+            box.append(m)
+            raise _Stop
+        if mid is None:
+            return None
+        new = (mid(m) - hidden).to(attn.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = layer.attention.register_forward_hook(on_attention)
+    try:
+        out = layer.layer(hidden, *args, **kwargs)
+    except _Stop:
+        return box[0]
+    finally:
+        handle.remove()
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _covariance(streams) -> torch.Tensor:
+    """``C = sum over tokens of x^T x`` in float64, accumulated batch by batch."""
+    c = None
+    for x in streams:
+        x = x.reshape(-1, x.shape[-1]).double()
+        part = x.T @ x
+        c = part if c is None else c + part.to(c.device)
+    return c
+
+
+class _RunningCovariance:
+    """``sum x^T x`` over the batches handed to :meth:`add` (float64)."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        part = _covariance([x])
+        self.total = part if self.total is None else self.total + part.to(self.total.device)
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor, k: int) -> torch.Tensor:
+    """``x Q_k Q_k^T``: the stream a model sliced to `k` directions carries, in the parent's coordinates.
+
+    Computed as ``x - (x Q_r) Q_r^T`` with ``Q_r`` the deleted directions (``Q Q^T = I``), which
+    costs ``D - k`` instead of ``k`` columns.
+    """
+    rest = basis[:, k:].to(x.device)
+    x64 = x.double()
+    return (x64 - (x64 @ rest) @ rest.T).to(x.dtype)
+
+
+def stream_bases(
+    model: torch.nn.Module, input_ids: torch.Tensor, dims: list[int], *, sequential: bool, batch_size: int = 8
+):
+    """Yield ``(eigenvalues, basis)`` for the streams ``0 .. 2L`` in order, one covariance alive at a time.
+
+    ``sequential=True`` is SliceGPT's reference procedure: the stream of position ``s+1`` is
+    computed from the stream of position ``s`` as the model sliced to ``dims[s]`` carries it
+    (``x Q_k Q_k^T``), so each basis is the PCA of the already-sliced model. ``False``: the
+    parent's own streams (every basis from the parent). A stream kept whole (``dims[s] == D``,
+    e.g. the head's by default) at the last position gets the identity without a covariance.
+    The caller may change layer ``l``'s weights once the basis of position ``2l+2`` was yielded.
+    """
+    adapter = adapter_for(model)
+    d, last = adapter.hidden_size, 2 * adapter.num_layers
+    batches = _layer_inputs(adapter, input_ids, batch_size)
+    xs = [h for h, _, _ in batches]
+
+    def basis_of(covariance):
+        vals, vecs = principal_basis(covariance)
+        return vals.cpu(), vecs.cpu()
+
+    def basis(streams):
+        return basis_of(_covariance(streams))
+
+    def keep(streams, q, k):
+        return [_project(x, q, k) for x in streams] if sequential and k < d else streams
+
+    vals, q = basis(xs)
+    yield vals, q
+    xs = keep(xs, q, dims[0])
+    for i, layer in enumerate(adapter.layers):
+        head_kept = 2 * i + 2 == last and dims[last] == d
+        if sequential or head_kept:  # the MLP's input stream first: the MLP then reads it sliced
+            mids = (_run_layer(layer, x, a, kw, stop=True) for x, (_, a, kw) in zip(xs, batches, strict=True))
+            vals, q_mid = basis(mids)
+            yield vals, q_mid
+            if head_kept:
+                yield None, torch.eye(d, dtype=torch.float64)
+                return
+            k_mid = dims[2 * i + 1]
+            mid = (lambda m, q=q_mid, k=k_mid: _project(m, q, k)) if sequential and k_mid < d else None
+            outs = [_run_layer(layer, x, a, kw, mid) for x, (_, a, kw) in zip(xs, batches, strict=True)]
+        else:  # the parent's streams: one pass gives both
+            running = _RunningCovariance()
+            outs = [_run_layer(layer, x, a, kw, seen=running.add) for x, (_, a, kw) in zip(xs, batches, strict=True)]
+            vals, q_mid = basis_of(running.total)
+            del running
+            yield vals, q_mid
+        vals, q = basis(outs)
+        yield vals, q
+        xs = keep(outs, q, dims[2 * i + 2])
+
+
 @torch.no_grad()
 def pca_rotations(model: torch.nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8) -> Rotations:
-    """PCA bases of every residual-stream position of the parent, from one pass over `input_ids`.
+    """PCA bases of every residual-stream position of the parent (``pca: parent``).
 
     ``C_s = sum over tokens of x_s^T x_s`` (float64), where ``x_s`` is the input of the norm that
     opens block ``s`` (those inputs are the residual stream; fusing the norm scales does not change
-    them). Eigenvectors by decreasing eigenvalue. Reuse the result across slicing fractions.
+    them). Eigenvectors by decreasing eigenvalue. Computed layer by layer (one covariance alive at
+    a time); the result holds all ``2L+1`` bases, to be reused across slicing fractions.
     """
     adapter = adapter_for(model)
     _check_model(adapter)
-    norms = []
-    for layer in adapter.layers:
-        norms += [layer.input_norm, layer.post_attention_norm]
-    norms.append(adapter.final_norm)
-    d = adapter.hidden_size
-    device = adapter.embed_tokens.weight.device
-    covariances: list[torch.Tensor | None] = [None] * len(norms)
-    tokens = 0
-
-    def hook(index):
-        def accumulate(module, args):
-            x = args[0].reshape(-1, d).double()
-            c = x.T @ x
-            covariances[index] = (
-                c if covariances[index] is None else covariances[index] + c.to(covariances[index].device)
-            )
-
-        return accumulate
-
-    handles = [norm.register_forward_pre_hook(hook(i)) for i, norm in enumerate(norms)]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start : start + batch_size].to(device)
-            adapter.decoder(input_ids=batch, use_cache=False)
-            tokens += batch.numel()
+        full = [adapter.hidden_size] * (2 * adapter.num_layers) + [adapter.hidden_size + 1]  # +1: compute the last too
+        pairs = list(stream_bases(model, input_ids, full, sequential=False, batch_size=batch_size))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    bases, eigenvalues = [], []
-    for c in covariances:
-        vals, vecs = principal_basis(c)
-        eigenvalues.append(vals.cpu())
-        bases.append(vecs.cpu())
-    log.info("slicegpt: PCA of %d streams over %d tokens", len(bases), tokens)
-    return Rotations(bases=bases, eigenvalues=eigenvalues, source="pca", tokens=tokens)
+    log.info("slicegpt: PCA of %d streams over %d tokens", len(pairs), input_ids.numel())
+    return Rotations(
+        bases=[q for _, q in pairs], eigenvalues=[v for v, _ in pairs], source="pca", tokens=int(input_ids.numel())
+    )
 
 
 def random_rotations(model: torch.nn.Module, *, seed: int = 0) -> Rotations:
@@ -381,6 +512,103 @@ def random_rotations(model: torch.nn.Module, *, seed: int = 0) -> Rotations:
 # --- apply ---------------------------------------------------------------------------------------
 
 
+def _untie_head(adapter: ModelAdapter) -> None:
+    """The head and the embedding are rotated differently: give the head its own weight."""
+    model = adapter.model
+    if adapter.tied_embeddings:
+        head = adapter.lm_head
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        log.info("slicegpt: untied lm_head from embed_tokens")
+    model.config.tie_word_embeddings = False
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if text_config is not model.config:
+        text_config.tie_word_embeddings = False
+
+
+def _rotate_and_slice(adapter: ModelAdapter, bases, dims: list[int], dtype: torch.dtype) -> tuple[list, list]:
+    """Fuse the norm scales into the readers, rotate every reader and writer, slice (steps 1, 3, 4).
+
+    `bases` yields ``(eigenvalues, Q_s)`` for ``s = 0 .. 2L`` in order; layer ``l`` is rewritten as
+    soon as the bases of its three streams are known, and only those are held. Returns the
+    shortcut matrices per layer and the eigenvalues seen.
+    """
+
+    def on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.to(device=like.device)
+
+    bases = iter(bases)
+    eigen, q_in = [], None
+
+    def take() -> torch.Tensor:
+        vals, q = next(bases)
+        eigen.append(vals)
+        return q
+
+    emb = adapter.embed_tokens
+    q_in = take()
+    emb.weight = torch.nn.Parameter(
+        (emb.weight.double() @ on(q_in, emb.weight)[:, : dims[0]]).to(dtype), requires_grad=False
+    )
+    emb.embedding_dim = dims[0]
+    shortcuts = []
+    for i, layer in enumerate(adapter.layers):
+        s_attn, s_mlp, s_out = 2 * i, 2 * i + 1, 2 * i + 2
+        q_mid = take()
+        q_out = take()
+        for norm, readers, q, s in (
+            (layer.input_norm, layer.attention_inputs, q_in, s_attn),
+            (layer.post_attention_norm, layer.mlp_inputs, q_mid, s_mlp),
+        ):
+            for lin in readers:
+                _set_linear(lin, rotate_reader(lin.weight, norm.weight, on(q, lin.weight), dims[s]).to(dtype), lin.bias)
+        for lin, q, s in ((layer.attention_output, q_mid, s_mlp), (layer.mlp_output, q_out, s_out)):
+            q = on(q, lin.weight)
+            bias = None if lin.bias is None else rotate_writer(lin.bias, q, dims[s]).to(dtype)
+            _set_linear(lin, rotate_writer(lin.weight, q, dims[s]).to(dtype), bias)
+        shortcuts.append(
+            (
+                shortcut(q_in, q_mid, dims[s_attn], dims[s_mlp]).to(dtype),
+                shortcut(q_mid, q_out, dims[s_mlp], dims[s_out]).to(dtype),
+            )
+        )
+        q_in = q_out
+    head = adapter.lm_head
+    _set_linear(
+        head, rotate_reader(head.weight, adapter.final_norm.weight, on(q_in, head.weight), dims[-1]).to(dtype), head.bias
+    )
+    return shortcuts, eigen
+
+
+def _variance_kept(eigen: list, dims: list[int]) -> float | None:
+    """Mean over the PCA'd streams of the fraction of each stream's energy in its kept directions."""
+    fractions = [float(ev[:k].sum() / ev.sum()) for ev, k in zip(eigen, dims, strict=True) if ev is not None and ev.sum() > 0]
+    return sum(fractions) / len(fractions) if fractions else None
+
+
+def _bases_for(model, config: SliceGPTConfig, calibration, rotations: Rotations | None, dims: list[int]):
+    """The bases to slice with, as an iterator, plus a description (source, tokens)."""
+    adapter = adapter_for(model)
+    d, num_layers = adapter.hidden_size, adapter.num_layers
+    if rotations is None and config.pca == "parent":
+        ids = require_ids(calibration, "slicegpt (its PCA runs on it)")
+        rotations = memoized(
+            calibration, "slicegpt.pca_rotations", lambda: pca_rotations(model, ids, batch_size=config.batch_size)
+        )
+    if rotations is None:
+        ids = require_ids(calibration, "slicegpt (its PCA runs on it)")
+        return stream_bases(model, ids, dims, sequential=True, batch_size=config.batch_size), "pca", int(ids.numel())
+    if len(rotations.bases) != 2 * num_layers + 1 or rotations.hidden_size != d:
+        raise FlipcheckError(
+            f"slicegpt: precomputed rotations are for {rotations.num_layers} layers of width {rotations.hidden_size}, "
+            f"the model has {num_layers} layers of width {d}"
+        )
+    bases = list(rotations.bases)
+    eigen = list(rotations.eigenvalues) if rotations.eigenvalues is not None else [None] * len(bases)
+    if dims[-1] == d:  # the head's stream keeps all D directions: no rotation needed
+        bases[-1], eigen[-1] = torch.eye(d, dtype=torch.float64), None
+    return zip(eigen, bases, strict=True), rotations.source, rotations.tokens
+
+
 @torch.no_grad()
 def apply_slicegpt(
     model: torch.nn.Module,
@@ -391,113 +619,56 @@ def apply_slicegpt(
 ) -> CompressionReport:
     """Rotate and slice `model` in place (see the module docstring).
 
-    `rotations`: bases from :func:`pca_rotations` on this very (parent) model, so a sweep over
-    ``slicing`` runs the calibration pass once; computed from ``calibration.input_ids`` otherwise.
+    Bases: ``config.pca == "sequential"`` (default) computes each stream's PCA on the
+    already-sliced model while slicing; ``"parent"`` uses :func:`pca_rotations` of the parent
+    (memoised per calibration, so a sweep over ``slicing`` runs that pass once). `rotations`
+    overrides both (precomputed bases for this very model, e.g. random ones).
     """
     adapter = adapter_for(model)
     _check_model(adapter)
     d, num_layers = adapter.hidden_size, adapter.num_layers
     k = kept_dim(d, config.slicing, config.round_to)
     dims = [k] * (2 * num_layers) + [k if config.slice_head else d]
-    if rotations is None:
-        ids = require_ids(calibration, "slicegpt (its PCA runs on it)")
-        rotations = memoized(
-            calibration, model, "slicegpt.pca_rotations", lambda: pca_rotations(model, ids, batch_size=config.batch_size)
-        )
-    elif len(rotations.bases) != 2 * num_layers + 1 or rotations.hidden_size != d:
-        raise FlipcheckError(
-            f"slicegpt: precomputed rotations are for {rotations.num_layers} layers of width {rotations.hidden_size}, "
-            f"the model has {num_layers} layers of width {d}"
-        )
-    params_before = count_parameters(model)
-    bases = list(rotations.bases)
-    if not config.slice_head:
-        bases[-1] = torch.eye(
-            d, dtype=torch.float64
-        )  # the head's stream keeps all D directions: no rotation needed
-
-    # 2. untie the head from the embedding: they are rotated differently
-    if adapter.tied_embeddings:
-        head = adapter.lm_head
-        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        log.info("slicegpt: untied lm_head from embed_tokens")
-    model.config.tie_word_embeddings = False
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if text_config is not model.config:
-        text_config.tie_word_embeddings = False
-
+    params_before = logical_parameters(model)
+    was_training = model.training
+    model.eval()
+    bases, source, tokens = _bases_for(model, config, calibration, rotations, dims)
+    _untie_head(adapter)  # 2.
     dtype = adapter.embed_tokens.weight.dtype
     eps = []
     for layer in adapter.layers:
         eps += [norm_eps(layer.input_norm), norm_eps(layer.post_attention_norm)]
     eps.append(norm_eps(adapter.final_norm))
-
-    def on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return t.to(device=like.device)
-
-    # 1 + 3 + 4: fuse the norm scales into the readers, rotate, slice
-    emb = adapter.embed_tokens
-    q0 = on(bases[0], emb.weight)
-    emb.weight = torch.nn.Parameter((emb.weight.double() @ q0[:, : dims[0]]).to(dtype), requires_grad=False)
-    emb.embedding_dim = dims[0]
-    shortcuts = []
-    for i, layer in enumerate(adapter.layers):
-        s_attn, s_mlp, s_out = 2 * i, 2 * i + 1, 2 * i + 2
-        for norm, readers, s in (
-            (layer.input_norm, layer.attention_inputs, s_attn),
-            (layer.post_attention_norm, layer.mlp_inputs, s_mlp),
-        ):
-            for lin in readers:
-                q = on(bases[s], lin.weight)
-                _set_linear(lin, rotate_reader(lin.weight, norm.weight, q, dims[s]).to(dtype), lin.bias)
-        for lin, s in ((layer.attention_output, s_mlp), (layer.mlp_output, s_out)):
-            q = on(bases[s], lin.weight)
-            bias = None if lin.bias is None else rotate_writer(lin.bias, q, dims[s]).to(dtype)
-            _set_linear(lin, rotate_writer(lin.weight, q, dims[s]).to(dtype), bias)
-        device = layer.attention_output.weight.device
-        shortcuts.append(
-            (
-                shortcut(bases[s_attn].to(device), bases[s_mlp].to(device), dims[s_attn], dims[s_mlp]),
-                shortcut(bases[s_mlp].to(device), bases[s_out].to(device), dims[s_mlp], dims[s_out]),
-            )
-        )
-    head = adapter.lm_head
-    q = on(bases[-1], head.weight)
-    _set_linear(head, rotate_reader(head.weight, adapter.final_norm.weight, q, dims[-1]).to(dtype), head.bias)
-
+    try:
+        shortcuts, eigen = _rotate_and_slice(adapter, bases, dims, dtype)  # 1, 3, 4.
+    finally:
+        getattr(bases, "close", lambda: None)()
+        model.train(was_training)
     _install_blocks(adapter, dims, d, eps, device=torch.device("meta"), dtype=dtype)
     for layer, (attn_s, mlp_s) in zip(adapter.layers, shortcuts, strict=True):
-        module = layer.layer
         device = layer.attention_output.weight.device
-        module.attn_shortcut.weight = torch.nn.Parameter(
-            attn_s.T.contiguous().to(device, dtype), requires_grad=False
-        )
-        module.mlp_shortcut.weight = torch.nn.Parameter(
-            mlp_s.T.contiguous().to(device, dtype), requires_grad=False
-        )
+        layer.layer.attn_shortcut.weight = torch.nn.Parameter(attn_s.T.contiguous().to(device), requires_grad=False)
+        layer.layer.mlp_shortcut.weight = torch.nn.Parameter(mlp_s.T.contiguous().to(device), requires_grad=False)
     structure = {"format": STRUCTURE_FORMAT, "hidden_size": d, "dims": dims}
     setattr(model.config, STRUCTURE_KEY, structure)
-
-    linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    log.info("slicegpt: kept %d of %d directions per stream (%s bases)", k, d, rotations.source)
-    return CompressionReport(
-        method="slicegpt",
-        config=config.model_dump(),
-        parameters=count_parameters(model),
-        bits_per_weight=float(dtype_bits(dtype)),
-        sparsity=0.0,
-        calibration=calibration.describe() if calibration is not None and rotations.tokens else None,
+    log.info("slicegpt: kept %d of %d directions per stream (%s bases, pca %s)", k, d, source, config.pca)
+    return step_report(  # parameters, bits and sparsity read off the model the step leaves
+        "slicegpt",
+        config,
+        model,
+        calibration=calibration.describe() if calibration is not None and tokens else None,
         targeted=7 * num_layers + 1,
         extra={
             "hidden_size": d,
             "kept_dim": k,
             "slicing_effective": 1.0 - k / d,
             "dims": dims,
-            "rotations": rotations.source,
-            "rotation_tokens": rotations.tokens,
-            "variance_kept": rotations.variance_kept(dims) if rotations.eigenvalues is not None else None,
+            "rotations": source,
+            "pca": config.pca if rotations is None else "given",
+            "rotation_tokens": tokens,
+            "variance_kept": _variance_kept(eigen, dims),
             "parameters_before": params_before,
-            "linear_weights": len(linear_weights),
+            "linear_weights": sum(isinstance(m, torch.nn.Linear) for m in model.modules()),
             "provenance": {"loader": "slicegpt", STRUCTURE_KEY: structure},
         },
     )
@@ -518,7 +689,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_sliced(folder: Path, provenance: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_sliced(folder: Path, provenance: dict, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     """Rebuild a SliceGPT child saved with ``save_pretrained``: stock model, sliced structure, weights.
 
     The structure (kept width per stream) comes from ``config.json``'s ``slicegpt`` entry (or the
@@ -580,7 +751,23 @@ def load_sliced(folder: Path, provenance: dict, device: torch.device, dtype: tor
         p.requires_grad_(False)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
+    if device == "auto":
+        return dispatch_auto(model).eval()
     return model.to(device).eval()
+
+
+def dispatch_auto(model: torch.nn.Module) -> torch.nn.Module:
+    """Spread a (sliced) model over the visible GPUs as ``device_map="auto"`` does, whole decoder
+    layers per device; on a machine without GPUs everything stays on the CPU."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    layer = adapter_for(model).layer_list[0]
+    no_split = sorted({type(layer).__name__, *(getattr(model, "_no_split_modules", None) or [])})
+    device_map = infer_auto_device_map(model, no_split_module_classes=no_split)
+    if set(device_map.values()) <= {"cpu"}:
+        return model.to("cpu")
+    log.info("slicegpt: device map %s", device_map)
+    return dispatch_model(model, device_map=device_map)
 
 
 def read_structure(folder: str | Path) -> dict | None:
@@ -590,4 +777,4 @@ def read_structure(folder: str | Path) -> dict | None:
 
 
 register_loader("slicegpt", load_sliced)
-register("slicegpt", SliceGPTConfig, apply_slicegpt, needs_calibration=True)
+register("slicegpt", SliceGPTConfig, apply_slicegpt, needs_calibration=True, produces="sliced")

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flipcheck.compressors.llmc import apply_llmc, quant_scheme
-from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
+from flipcheck.compressors.llmc import quant_scheme
+from flipcheck.compressors.registry import MethodConfig, register
 
 
 class SmoothQuantConfig(MethodConfig):
@@ -49,9 +49,4 @@ def smoothquant_modifiers(config: SmoothQuantConfig, head: str) -> list:
     ]
 
 
-def apply_smoothquant(model, config: SmoothQuantConfig, calibration) -> CompressionReport:
-    """Smooth activation outliers into the weights and quantize to W8A8, in place."""
-    return apply_llmc("smoothquant", model, config, calibration)
-
-
-register("smoothquant", SmoothQuantConfig, apply_smoothquant, needs_calibration=True)
+register("smoothquant", SmoothQuantConfig, modifiers=smoothquant_modifiers, needs_calibration=True, produces="quantized")

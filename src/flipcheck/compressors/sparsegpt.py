@@ -20,15 +20,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from flipcheck.compressors.llmc import (
-    PruningConfig,
-    measure,
-    modifiers_for,
-    prune_ignore,
-    pruning_needs_data,
-    run_oneshot,
-)
-from flipcheck.compressors.registry import CompressionReport, register
+from flipcheck.compressors.llmc import prune_ignore
+from flipcheck.compressors.pruning import PruningConfig, pruning_needs_data
+from flipcheck.compressors.registry import register
 
 
 class SparseGPTConfig(PruningConfig):
@@ -54,11 +48,4 @@ def sparsegpt_modifiers(config: SparseGPTConfig, head: str) -> list:
     ]
 
 
-def apply_sparsegpt(model, config: SparseGPTConfig, calibration) -> CompressionReport:
-    """Prune every decoder Linear (not the head) in place; sparsity 0 leaves the model untouched."""
-    modifiers = modifiers_for("sparsegpt", config, model)
-    run_oneshot(model, calibration, modifiers)
-    return measure("sparsegpt", config, model, calibration, used_calibration=bool(modifiers))
-
-
-register("sparsegpt", SparseGPTConfig, apply_sparsegpt, needs_calibration=pruning_needs_data)
+register("sparsegpt", SparseGPTConfig, modifiers=sparsegpt_modifiers, needs_calibration=pruning_needs_data, produces="sparse")

@@ -14,15 +14,9 @@ pruning, weights that meet large activations survive.
 
 from __future__ import annotations
 
-from flipcheck.compressors.llmc import (
-    PruningConfig,
-    measure,
-    modifiers_for,
-    prune_ignore,
-    pruning_needs_data,
-    run_oneshot,
-)
-from flipcheck.compressors.registry import CompressionReport, register
+from flipcheck.compressors.llmc import prune_ignore
+from flipcheck.compressors.pruning import PruningConfig, pruning_needs_data
+from flipcheck.compressors.registry import register
 
 
 class WandaConfig(PruningConfig):
@@ -37,11 +31,4 @@ def wanda_modifiers(config: WandaConfig, head: str) -> list:
     return [WandaPruningModifier(targets=["Linear"], ignore=prune_ignore(head), **config.engine_args())]
 
 
-def apply_wanda(model, config: WandaConfig, calibration) -> CompressionReport:
-    """Prune every decoder Linear (not the head) in place; sparsity 0 leaves the model untouched."""
-    modifiers = modifiers_for("wanda", config, model)
-    run_oneshot(model, calibration, modifiers)
-    return measure("wanda", config, model, calibration, used_calibration=bool(modifiers))
-
-
-register("wanda", WandaConfig, apply_wanda, needs_calibration=pruning_needs_data)
+register("wanda", WandaConfig, modifiers=wanda_modifiers, needs_calibration=pruning_needs_data, produces="sparse")

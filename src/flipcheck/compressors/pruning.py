@@ -1,0 +1,71 @@
+"""Settings shared by the pruning methods (wanda, sparsegpt): how many weights to zero, and in
+what pattern (unstructured, or N:M semi-structured)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from flipcheck.compressors.registry import MethodConfig, none_from_text
+
+_MASK = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_mask(mask: str) -> tuple[int, int]:
+    """'N:M' -> (N, M): at most N non-zeros in every M consecutive input weights (the N:M
+    convention of NVIDIA's sparse tensor cores and the Wanda/SparseGPT papers; 2:4 = 50 %)."""
+    match = _MASK.match(str(mask))
+    if not match:
+        raise ValueError(f"mask must look like 'N:M' (e.g. '2:4', '4:8'), got {mask!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not (1 <= n < m <= 256):
+        raise ValueError(f"mask {mask!r}: need 1 <= N < M <= 256 (N weights kept of every M), e.g. '2:4', '4:8'")
+    return n, m
+
+
+class PruningConfig(MethodConfig):
+    """Settings shared by the pruning methods: how many weights to zero, and in what pattern."""
+
+    sparsity: float = Field(
+        0.5, ge=0.0, lt=1.0, description="fraction of each targeted weight zeroed (0 = identity); implied by mask when set"
+    )
+    mask: str | None = Field(
+        None, description="'N:M' semi-structured mask: keep N of every M consecutive input weights ('2:4', '4:8'); None = unstructured"
+    )
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _check_mask(cls, v):
+        v = none_from_text(v)
+        if v is None:
+            return v
+        n, m = parse_mask(v)
+        return f"{n}:{m}"
+
+    @model_validator(mode="after")
+    def _mask_vs_sparsity(self):
+        if self.mask is not None and "sparsity" in self.model_fields_set:
+            n, m = parse_mask(self.mask)
+            if abs(self.sparsity - (m - n) / m) > 1e-9:
+                raise ValueError(
+                    f"sparsity={self.sparsity} conflicts with mask={self.mask!r}, which zeroes {(m - n) / m:g} "
+                    "of the weights; set only one of them"
+                )
+        return self
+
+    def engine_args(self) -> dict[str, Any]:
+        """llm-compressor's spelling: ``mask_structure='Z:M'`` with Z = weights *zeroed* per M."""
+        if self.mask is None:
+            return {"sparsity": self.sparsity, "mask_structure": "0:0"}
+        n, m = parse_mask(self.mask)
+        return {"sparsity": (m - n) / m, "mask_structure": f"{m - n}:{m}"}
+
+    def is_identity(self) -> bool:
+        return self.mask is None and self.sparsity == 0.0
+
+
+def pruning_needs_data(config: PruningConfig) -> bool:
+    """Pruning scores need activations, except at sparsity 0 where nothing runs."""
+    return not config.is_identity()
