@@ -16,7 +16,7 @@ import torch
 
 from flipcheck import demo
 from flipcheck.errors import FlipcheckError
-from flipcheck.models import fingerprint, load_model, load_tokenizer, read_provenance
+from flipcheck.models import fingerprint, load_model, load_tokenizer, read_provenance, resolve_source
 
 N_FACTS = len(demo.RELATIONS) * demo.ENTITIES_PER_RELATION
 
@@ -276,7 +276,7 @@ def test_train_demo_model_saves_a_loadable_parent(tmp_path):
     assert prov["demo_recipe"]["steps"] == 3 and "recipe" not in prov and prov["recipe_key"] == demo.recipe_key(tiny_recipe(steps=3))
     model = load_model(out, device="cpu")
     tok = load_tokenizer(out)
-    assert prov["fingerprint"] == fingerprint(model)
+    assert prov["fingerprint"] == resolve_source(out).fingerprint  # bound to the saved weight files
     assert tok("Question: What colour is the")["input_ids"] == demo.build_demo_tokenizer(tiny_recipe())(
         "Question: What colour is the"
     )["input_ids"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from flipcheck.models import (
     load_tokenizer,
     read_provenance,
     resolve_dtype,
+    resolve_source,
     save_model,
     write_json_atomic,
 )
@@ -25,10 +28,44 @@ def test_fingerprint_stable_across_save_reload_and_sensitive_to_one_weight(tiny_
     out = save_model(tiny_model, tiny_tokenizer, tmp_path / "child", {"parent": None})
     reloaded = load_model(out, device="cpu")
     assert fingerprint(reloaded) == fp
-    assert read_provenance(out)["fingerprint"] == fp
     with torch.no_grad():
         reloaded.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
     assert fingerprint(reloaded) != fp
+
+
+def test_folder_fingerprint_is_bound_to_its_weight_files(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLIPCHECK_CACHE", str(tmp_path / "fc"))
+    out = save_model(tiny_model, tiny_tokenizer, tmp_path / "child", {"parent": None})
+    prov = read_provenance(out)
+    assert set(prov["weights"]) == {"model.safetensors"} and len(prov["weights"]["model.safetensors"]["sha256"]) == 64
+    fp = resolve_source(out).fingerprint
+    assert fp == prov["fingerprint"]
+    resaved = save_model(tiny_model, tiny_tokenizer, tmp_path / "again", {"parent": None})
+    assert resolve_source(resaved).fingerprint == fp  # same weights, another folder and mtime: same identity
+    twin = tmp_path / "copy"
+    shutil.copytree(out, twin)
+    (twin / "model.safetensors").touch()  # new mtime, same bytes: the content check keeps the fingerprint
+    assert resolve_source(twin).fingerprint == fp
+    # changed weights under the old flipcheck.json (same size, same names): a new fingerprint
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    changed.save_pretrained(twin)
+    assert read_provenance(twin)["fingerprint"] == fp  # flipcheck.json still claims the old one
+    assert resolve_source(twin).fingerprint != fp
+
+
+def test_truncated_safetensors_is_one_line_naming_the_file(tiny_model, tiny_tokenizer, tmp_path):
+    out = save_model(tiny_model, tiny_tokenizer, tmp_path / "c", {"parent": None})
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    for call in (lambda: resolve_source(out).fingerprint, lambda: load_model(out, device="cpu")):
+        with pytest.raises(FlipcheckError, match=r"model\.safetensors: truncated or damaged") as err:
+            call()
+        assert "\n" not in str(err.value)
+    f.write_bytes(b"\x05")
+    with pytest.raises(FlipcheckError, match=r"model\.safetensors: not a complete safetensors file"):
+        load_model(out, device="cpu")
 
 
 def test_saved_child_reloads_with_identical_logits_and_tokenizer(tiny_model, tiny_tokenizer, tmp_path):
@@ -90,3 +127,19 @@ def test_write_json_atomic_leaves_no_temp_files(tmp_path):
     write_json_atomic(tmp_path / "a.json", {"x": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_truncated_weights_through_the_cli_exit_2_with_one_line(tiny_model, tiny_tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+
+    parent = save_model(tiny_model, tiny_tokenizer, tmp_path / "p", {"parent": None})
+    child = save_model(tiny_model, tiny_tokenizer, tmp_path / "c", {"parent": str(parent)})
+    f = child / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    res = CliRunner().invoke(app, ["eval", "-", str(child), "--tasks", "flipcheck_demo_facts", "--limit", "2"])
+    assert res.exit_code == 2, res.output
+    msg = " ".join(res.stderr.split())
+    assert res.stderr.count("error: ") == 1 and "Traceback" not in res.output
+    assert f"{f}: truncated or damaged safetensors file" in msg

@@ -4,7 +4,8 @@ A model is a Hugging Face hub id or a local folder. Children that flipcheck writ
 Hugging Face folders plus ``flipcheck.json`` (provenance: parent fingerprint, recipe, stats), so
 ``flipcheck eval`` finds the parent by itself and transformers/vLLM load the child as usual.
 Methods whose children need flipcheck's help to load (SliceGPT's shortcut matrices) name a loader
-in ``flipcheck.json`` and register it with :func:`register_loader`.
+in ``flipcheck.json`` and register it in :mod:`flipcheck.loaders` (this module does not import the
+compressors).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.files import cache_root, write_json_atomic, write_text_atomic
+from flipcheck.loaders import get_loader, loader_names, register_loader  # noqa: F401  (register_loader: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +34,6 @@ PROVENANCE_FILE = "flipcheck.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-Loader = Callable[[Path, dict, torch.device, torch.dtype], torch.nn.Module]
-_LOADERS: dict[str, Loader] = {}
-
-
-def register_loader(name: str, loader: Loader) -> None:
-    """Register how to rebuild a child whose ``flipcheck.json`` says ``"loader": name``."""
-    _LOADERS[name] = loader
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -86,17 +83,268 @@ def _hub_error(source: str, err: Exception) -> FlipcheckError:
     )
 
 
-def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False):
+# -- a model's identity, resolved once ---------------------------------------------------------
+
+WEIGHT_SUFFIX = ".safetensors"
+_HASH_CHUNK = 8 << 20
+_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One weight file as found on disk (size and mtime bind a stored fingerprint to it)."""
+
+    name: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved once: a local folder, or a hub id at a pinned revision.
+
+    ``spec`` is what the user wrote; ``ref`` is what provenance records (the hub id, or the folder's
+    absolute path). ``folder`` is the local folder to load from: the folder itself, or the hub
+    snapshot in the local Hugging Face cache (None while a hub model is not downloaded yet).
+    The fingerprint is computed on first use: for a hub model from its revision and weight file
+    list; for a folder, the sha256 of its weight files (hashed in chunks, never loaded), read from
+    ``flipcheck.json`` while that is still bound to the files (same names and sizes; same mtimes, or
+    else the same content).
+    """
+
+    spec: str
+    folder: Path | None
+    hub_id: str | None = None
+    revision: str | None = None
+    weights: tuple[WeightFile, ...] = ()
+    provenance: dict | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return self.hub_id if self.hub_id else str(self.folder.resolve())  # type: ignore[union-attr]
+
+    @property
+    def loader(self) -> str | None:
+        return (self.provenance or {}).get("loader")
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            if self.hub_id:
+                self._fingerprint = _hub_fingerprint(self.hub_id, self.revision or "", self.weights)
+            else:
+                self._fingerprint = folder_fingerprint(self.folder, self.weights, self.provenance)  # type: ignore[arg-type]
+        return self._fingerprint
+
+    def config_hash(self) -> str:
+        """Content of config.json and generation_config.json (max length, rope scaling, ...)."""
+        if self.hub_id and self.folder is None:
+            return f"{self.hub_id}@{self.revision}"
+        folder = self.local_folder(weights=False)
+        h = hashlib.sha256()
+        for name in ("config.json", "generation_config.json"):
+            f = folder / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()[:16]
+
+    def local_folder(self, *, weights: bool = True) -> Path:
+        """The folder to load from; a hub model missing from the local cache is downloaded."""
+        if self.folder is not None:
+            return self.folder
+        from huggingface_hub import snapshot_download
+
+        patterns = None if weights else _TOKENIZER_PATTERNS
+        try:
+            path = Path(
+                snapshot_download(self.hub_id, revision=self.revision, cache_dir=hub_cache_dir(), allow_patterns=patterns)
+            )
+        except Exception as err:  # network, auth, missing repo: one line
+            raise _hub_error(self.spec, err) from err
+        if weights:
+            self.folder = path
+        return path
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
+
+
+def resolve_source(source: str | os.PathLike | ModelSource) -> ModelSource:
+    """Resolve a hub id or folder once: folder, revision, weight files, provenance."""
+    if isinstance(source, ModelSource):
+        return source
+    spec = check_source(source)
+    if os.path.isdir(spec):
+        folder = Path(spec)
+        return ModelSource(spec, folder, weights=weight_files(folder), provenance=read_provenance(folder))
+    return _resolve_hub(spec)
+
+
+def weight_files(folder: Path) -> tuple[WeightFile, ...]:
+    """The folder's ``*.safetensors`` files, each checked to be complete (header vs size)."""
+    files = []
+    for f in sorted(folder.glob(f"*{WEIGHT_SUFFIX}")):
+        st = f.stat()
+        check_safetensors(f, st.st_size)
+        files.append(WeightFile(f.name, st.st_size, st.st_mtime_ns))
+    if not files:
+        raise FlipcheckError(f"model folder {str(folder)!r} has no *.safetensors weight files (flipcheck loads safetensors only)")
+    return tuple(files)
+
+
+def check_safetensors(path: Path, size: int) -> None:
+    """A safetensors file's header must parse and describe exactly the bytes the file holds."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if n < 2 or n > size - 8:
+                raise FlipcheckError(f"{path}: not a complete safetensors file ({size} bytes, no valid header); re-save or re-download it")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        if isinstance(err, FlipcheckError):
+            raise
+        raise FlipcheckError(f"{path}: unreadable safetensors header ({type(err).__name__}); re-save or re-download it") from err
+    if 8 + n + end != size:
+        raise FlipcheckError(
+            f"{path}: truncated or damaged safetensors file: its header describes {8 + n + end} bytes, "
+            f"the file has {size}; re-save or re-download it"
+        )
+
+
+def _resolve_hub(spec: str) -> ModelSource:
+    """Online: the hub's current revision and file list. Offline: the local cache's refs/main."""
+    if not hub_offline():
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(spec, files_metadata=True)
+            files = tuple(
+                WeightFile(s.rfilename, int(s.size or 0), 0) for s in info.siblings or [] if s.rfilename.endswith(WEIGHT_SUFFIX) and "/" not in s.rfilename
+            )
+            snap = _hub_repo_dir(spec) / "snapshots" / str(info.sha)
+            folder = snap if _complete_snapshot(snap, files) else None
+            return ModelSource(spec, folder, hub_id=spec, revision=info.sha, weights=files, provenance=_maybe_prov(folder))
+        except Exception as err:  # no network or no such repo: fall back to the local cache, as transformers does
+            log.info("hub lookup of %s failed (%s); trying the local Hugging Face cache", spec, type(err).__name__)
+    return _resolve_hub_cached(spec)
+
+
+def _hub_repo_dir(repo_id: str) -> Path:
+    return hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+
+
+def _complete_snapshot(folder: Path, files: tuple[WeightFile, ...]) -> bool:
+    return (folder / "config.json").is_file() and all((folder / f.name).is_file() for f in files)
+
+
+def _maybe_prov(folder: Path | None) -> dict | None:
+    return read_provenance(folder) if folder is not None else None
+
+
+def _resolve_hub_cached(spec: str) -> ModelSource:
+    repo = _hub_repo_dir(spec)
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        raise FlipcheckError(
+            f"could not reach the Hugging Face hub for {spec!r} and it is not in the local cache ({hub_cache_dir()}); "
+            "download it where there is network (huggingface-cli download) or pass a local folder"
+        )
+    revision = ref.read_text().strip()
+    folder = repo / "snapshots" / revision
+    if not (folder / "config.json").is_file():
+        raise FlipcheckError(f"{spec!r} is only partly in the local Hugging Face cache ({folder} has no config.json)")
+    files = weight_files(folder)
+    return ModelSource(spec, folder, hub_id=spec, revision=revision, weights=files, provenance=read_provenance(folder))
+
+
+def _hub_fingerprint(repo_id: str, revision: str, files: tuple[WeightFile, ...]) -> str:
+    listing = "|".join(f"{f.name}:{f.size}" for f in sorted(files, key=lambda f: f.name))
+    return hashlib.sha256(f"hub|{repo_id}|{revision}|{listing}".encode()).hexdigest()[:32]
+
+
+def _memo_dir() -> Path:
+    return cache_root() / "fingerprints"
+
+
+def file_sha256(path: Path, wf: WeightFile) -> str:
+    """sha256 of a file's bytes, read in chunks; memoised by (path, name, size, mtime_ns)."""
+    key = hashlib.sha256(f"{path.resolve()}|{wf.name}|{wf.size}|{wf.mtime_ns}".encode()).hexdigest()[:32]
+    memo = _memo_dir() / "files" / f"{key}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    except OSError as err:
+        raise FlipcheckError(f"cannot read weight file {path}: {err.strerror or err}") from err
+    digest = h.hexdigest()
+    write_text_atomic(memo, digest)
+    return digest
+
+
+def weight_binding(folder: Path) -> dict[str, dict[str, Any]]:
+    """What ``flipcheck.json`` stores next to the fingerprint: each weight file's size, mtime, sha256."""
+    return {
+        wf.name: {"size": wf.size, "mtime_ns": wf.mtime_ns, "sha256": file_sha256(folder / wf.name, wf)}
+        for wf in weight_files(folder)
+    }
+
+
+def _bound_fingerprint(folder: Path, files: tuple[WeightFile, ...], prov: dict | None) -> str | None:
+    """flipcheck.json's fingerprint if its weight binding still matches the files, else None."""
+    bound = (prov or {}).get("weights")
+    if not prov or not prov.get("fingerprint") or not isinstance(bound, dict):
+        return None
+    if sorted(bound) != [f.name for f in files]:
+        return None
+    for wf in files:
+        b = bound[wf.name]
+        if b.get("size") != wf.size:
+            return None
+        if b.get("mtime_ns") != wf.mtime_ns and b.get("sha256") != file_sha256(folder / wf.name, wf):
+            return None
+    return str(prov["fingerprint"])
+
+
+def folder_fingerprint(folder: Path, files: tuple[WeightFile, ...], prov: dict | None) -> str:
+    """A folder's fingerprint: flipcheck.json's while bound to the files, else the files' content."""
+    fp = _bound_fingerprint(folder, files, prov)
+    if fp is not None:
+        return fp
+    if prov and prov.get("fingerprint"):
+        log.info("%s: weight files differ from those flipcheck.json was written for; fingerprinting them", folder)
+    return _files_fingerprint({wf.name: {"size": wf.size, "sha256": file_sha256(folder / wf.name, wf)} for wf in files})
+
+
+def _files_fingerprint(binding: dict[str, dict[str, Any]]) -> str:
+    listing = "|".join(f"{name}:{b['size']}:{b['sha256']}" for name, b in sorted(binding.items()))
+    return hashlib.sha256(f"files|{listing}".encode()).hexdigest()[:32]
+
+
+def load_tokenizer(source: str | os.PathLike | ModelSource, *, trust_remote_code: bool = False):
     """Load a tokenizer; give it a pad token (the eos token) when it has none."""
     from transformers import AutoTokenizer
 
-    src = check_source(source)
+    ms = resolve_source(source)
+    src = ms.spec
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(ms.local_folder(weights=False)), trust_remote_code=trust_remote_code)
     except OSError as err:
-        if is_local(src):
-            raise FlipcheckError(f"could not load a tokenizer from {src!r}: {err}") from err
-        raise _hub_error(src, err) from err
+        raise FlipcheckError(f"could not load a tokenizer from {src!r}: {str(err).splitlines()[0][:300]}") from err
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise FlipcheckError(f"tokenizer of {src!r} has neither a pad nor an eos token; add a pad token")
@@ -113,7 +361,7 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
 
 
 def load_model(
-    source: str | os.PathLike,
+    source: str | os.PathLike | ModelSource,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -121,19 +369,31 @@ def load_model(
     **kwargs: Any,
 ) -> torch.nn.Module:
     """Load a causal LM from a hub id or folder, in eval mode, from safetensors only."""
-    from transformers import AutoModelForCausalLM
-
-    src = check_source(source)
+    ms = resolve_source(source)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    prov = read_provenance(src) if os.path.isdir(src) else None
+    try:
+        return _load_model(ms, dev, dt, trust_remote_code, kwargs)
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError":  # a damaged file the header check did not catch
+            raise FlipcheckError(f"could not read the weights of {ms.spec!r}: {str(err).splitlines()[0][:300]}") from err
+        raise
+
+
+def _load_model(ms: ModelSource, dev: str, dt: torch.dtype, trust_remote_code: bool, kwargs: dict) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    src = str(ms.local_folder())
+    prov = ms.provenance
     if prov and prov.get("loader"):
         name = prov["loader"]
-        if name not in _LOADERS:
-            _import_loaders()
-        if name not in _LOADERS:
-            raise FlipcheckError(f"{src!r} needs flipcheck loader {name!r}, which this version does not have")
-        model = _LOADERS[name](Path(src), prov, torch.device("cpu" if dev == "auto" else dev), dt)
+        loader = get_loader(name)
+        if loader is None:
+            raise FlipcheckError(
+                f"{ms.spec!r} needs flipcheck loader {name!r}, which this version does not have; "
+                f"loaders: {', '.join(loader_names())}"
+            )
+        model = loader(Path(src), prov, "auto" if dev == "auto" else torch.device(dev), dt)  # "auto": device_map
         return model.eval()
     load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     if prov is None or not prov.get("quantized_on_load"):
@@ -144,21 +404,17 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **load_kwargs)
     except OSError as err:
-        if is_local(src):
-            raise FlipcheckError(f"could not load a model from {src!r}: {err}") from err
-        raise _hub_error(src, err) from err
+        raise FlipcheckError(f"could not load a model from {ms.spec!r}: {str(err).splitlines()[0][:300]}") from err
     if dev != "auto" and "device_map" not in kwargs and "quantization_config" not in kwargs:
         model.to(dev)
     return model.eval()
 
 
-def _import_loaders() -> None:
-    """Importing the compressors registers their loaders."""
-    import flipcheck.compressors  # noqa: F401
-
-
 def fingerprint(model: torch.nn.Module) -> str:
-    """Content hash of the weights: names, dtypes, shapes and bytes of every state-dict tensor.
+    """Content hash of in-memory weights: names, dtypes, shapes and bytes of every state-dict tensor.
+
+    For models without files (a saved model's identity is :attr:`ModelSource.fingerprint`, made
+    from its files).
 
     Stable across save/reload (same tensors), different when any weight changes. Independent of the
     device the model sits on.
@@ -172,22 +428,6 @@ def fingerprint(model: torch.nn.Module) -> str:
         if t.numel():
             h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_model(
@@ -216,7 +456,8 @@ def save_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         prov = dict(provenance)
-        prov.setdefault("fingerprint", fingerprint(model))
+        prov["weights"] = weight_binding(tmp)  # binds the fingerprint to these files (renaming keeps mtimes)
+        prov["fingerprint"] = _files_fingerprint(prov["weights"])
         prov["bytes_on_disk"] = folder_weight_bytes(tmp)
         write_json_atomic(tmp / PROVENANCE_FILE, prov)
         if out.exists():

@@ -64,3 +64,21 @@ def test_bad_recipes_fail_with_line_numbers(text, pattern):
 def test_unknown_recipe_name_lists_bundled():
     with pytest.raises(FlipcheckError, match="neither a file nor a bundled recipe"):
         load_recipe("paper-quantt")
+
+
+def test_a_misspelt_required_key_is_named_with_its_line_through_the_cli(tmp_path):
+    """`stepz:` also leaves `steps` missing; the error names the unknown key, not the missing one."""
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GOOD.replace("    steps:\n", "    stepz:\n"))
+    res = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "out")])
+    out = res.stderr
+    assert res.exit_code == 2, res.output
+    assert out.startswith("error: ") and out.count("error: ") == 1  # one message (the terminal may wrap it)
+    line = " ".join(out.split())
+    assert ":6: children.0.stepz: unknown key 'stepz'; allowed: name, steps, strength." in line
+    assert "Did you mean: steps?" in line and "Field required" not in line
+    assert not (tmp_path / "out").exists()

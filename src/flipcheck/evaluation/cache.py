@@ -1,38 +1,40 @@
 """Per-task results on disk: the parent's (so a sweep of K children costs K+1 passes) and each
 finished child task (so an interrupted run resumes where it stopped).
 
-An entry is a folder named by the hash of everything that changes the results: the model's
-fingerprint (and the parent's, for a child), the task, few-shot, limit, seed, dtype, top-K, the
-lm-eval and cache-format versions and the content of local task folders. It holds the lm-eval
-per-sample dicts (``samples.json``), scalar fields of the per-request records (``records.json``)
-and their arrays (``records.safetensors``: top-K log-probs, KL per token, one array per field
-with each record's row span). No pickle anywhere.
-Entries are written to a temporary folder and renamed into place, so a crash never leaves a
-half-written entry that looks complete.
+An entry is a file named by the hash of everything that changes the results: the model's
+fingerprint and identity (tokenizer, config; the parent's too, for a child), the task and its config,
+few-shot, limit, seed, dtype, device kind, top-K, the lm-eval and cache-format versions and the
+content of local task folders. It holds the lm-eval per-sample dicts, the scalar fields of the
+per-request records and their arrays (top-K log-probs, KL per token, one array per field with each
+record's row span), all in one safetensors file. No pickle anywhere.
+Entries are written to a temporary file and moved into place atomically, so a crash or a concurrent
+writer never leaves a half-written entry, and an entry of another format reads as a miss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flipcheck.files import cache_root, jsonable, restore_floats
+
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids")
+CACHE_FORMAT = 2  # 2: one safetensors file per entry (1: a folder per entry)
+ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids")
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FLIPCHECK_CACHE", Path.home() / ".cache" / "flipcheck"))
+    return cache_root()
 
 
 def folder_content_hash(paths: list[str] | tuple[str, ...]) -> str:
@@ -51,32 +53,15 @@ def entry_key(**fields: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return repr(obj)  # json has no inf/nan; lm-eval samples may carry -inf loglikelihoods
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
-
-
-def _restore_floats(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _restore_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_restore_floats(v) for v in obj]
-    if obj in ("-inf", "inf", "nan"):
-        return float(obj)
-    return obj
-
-
 class ResultCache:
-    """A folder of entries; ``get`` returns None on a miss, ``put`` is atomic."""
+    """A folder of entries; ``get`` returns None on a miss, ``put`` is atomic.
+
+    An entry is one file, ``results/KEY[:2]/KEY.safetensors``: the record arrays, the per-sample and
+    per-record JSON as uint8 arrays, and the format number in its metadata. It is written to a
+    temporary file and moved into place with ``os.replace``, so concurrent writers of the same key
+    never fail (the last complete file wins, and both hold the same results) and a reader opens
+    either a whole old file or a whole new one. Anything unreadable or of another format is a miss.
+    """
 
     def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
         self.root = Path(root) if root is not None else default_cache_dir()
@@ -84,40 +69,32 @@ class ResultCache:
         self._mem: dict[str, tuple[dict, dict]] = {}  # with the disk cache off, entries live for the process
 
     def path(self, key: str) -> Path:
-        return self.root / "results" / key[:2] / key
+        return self.root / "results" / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        return self.enabled and (self.path(key) / "done").is_file()
+        return self.enabled and self.path(key).is_file()
 
     def get(self, key: str, record_cls: type) -> tuple[dict, dict] | None:
         """(samples by task name, records by instance key) or None."""
         if not self.enabled:
             return self._mem.get(key)
-        if not self.has(key):
+        path = self.path(key)
+        if not path.is_file():
             return None
-        folder = self.path(key)
         try:
-            samples = _restore_floats(json.loads((folder / "samples.json").read_text()))
-            meta = json.loads((folder / "records.json").read_text())
-            arrays = {}
-            if (folder / "records.safetensors").exists():
-                from safetensors.numpy import load_file
+            from safetensors import safe_open
 
-                arrays = load_file(str(folder / "records.safetensors"))
-        except (OSError, ValueError) as err:
-            log.warning("ignoring unreadable cache entry %s: %s", folder, err)
+            with safe_open(str(path), framework="np") as f:
+                if (f.metadata() or {}).get("format") != str(CACHE_FORMAT):
+                    log.info("cache entry %s has another format; recomputing", path.name)
+                    return None
+                arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+            samples = restore_floats(json.loads(arrays.pop(_SAMPLES).tobytes()))
+            meta = json.loads(arrays.pop(_RECORDS).tobytes())
+            return samples, _records_from(meta["records"], arrays, record_cls)
+        except Exception as err:  # a damaged or foreign file is a miss, never an error
+            log.warning("ignoring unreadable cache entry %s: %s", path, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
             return None
-        records = {}
-        for row in meta["records"]:
-            key_t = (row.pop("_task"), int(row.pop("_doc")), int(row.pop("_idx")))
-            spans = row.pop("_spans")
-            row = _restore_floats(row)
-            for name in ARRAY_FIELDS:
-                span = spans.get(name)
-                a = None if span is None else arrays[name][span[0] : span[1]]
-                row[name] = a.astype(bool) if (a is not None and name == "top1_agree") else a
-            records[key_t] = record_cls(**row)
-        return samples, records
 
     def put(self, key: str, samples: dict[str, list[dict]], records: dict, info: dict | None = None) -> None:
         if not self.enabled:
@@ -125,34 +102,55 @@ class ResultCache:
             return
         from safetensors.numpy import save_file
 
+        rows, arrays = _records_to(records)
+        arrays[_SAMPLES] = np.frombuffer(json.dumps(jsonable(samples, nonfinite="text")).encode(), dtype=np.uint8)
+        arrays[_RECORDS] = np.frombuffer(json.dumps({"records": rows}).encode(), dtype=np.uint8)
+        meta = {"format": str(CACHE_FORMAT), "info": json.dumps(jsonable(info or {}, nonfinite="text"))}
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}.tmp-"))
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp")
+        os.close(fd)
         try:
-            rows, chunks = [], {name: [] for name in ARRAY_FIELDS}
-            offsets = dict.fromkeys(ARRAY_FIELDS, 0)
-            for (task, doc, idx), rec in sorted(records.items()):
-                row: dict[str, Any] = {"_task": task, "_doc": doc, "_idx": idx, "_spans": {}}
-                for f in dataclasses.fields(rec):
-                    v = getattr(rec, f.name)
-                    if f.name not in ARRAY_FIELDS:
-                        row[f.name] = _jsonable(v)
-                    elif v is not None:
-                        a = np.asarray(v)
-                        chunks[f.name].append(a.astype(np.uint8) if a.dtype == bool else a)
-                        row["_spans"][f.name] = [offsets[f.name], offsets[f.name] + len(a)]
-                        offsets[f.name] += len(a)
-                rows.append(row)
-            arrays = {name: np.ascontiguousarray(np.concatenate(c)) for name, c in chunks.items() if c}
-            (tmp / "samples.json").write_text(json.dumps(_jsonable(samples)))
-            (tmp / "records.json").write_text(json.dumps({"records": rows}))
-            if arrays:
-                save_file(arrays, str(tmp / "records.safetensors"))
-            (tmp / "info.json").write_text(json.dumps(_jsonable(info or {}), indent=2))
-            (tmp / "done").write_text("ok\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            save_file(arrays, tmp, metadata=meta)
+            os.replace(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
+
+
+_SAMPLES, _RECORDS = "__samples_json__", "__records_json__"
+
+
+def _records_to(records: dict) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Scalar fields of each record as JSON rows; array fields concatenated, with each row's span."""
+    rows, chunks = [], {name: [] for name in ARRAY_FIELDS}
+    offsets = dict.fromkeys(ARRAY_FIELDS, 0)
+    for (task, doc, idx), rec in sorted(records.items()):
+        row: dict[str, Any] = {"_task": task, "_doc": doc, "_idx": idx, "_spans": {}}
+        for f in dataclasses.fields(rec):
+            v = getattr(rec, f.name)
+            if f.name not in ARRAY_FIELDS:
+                row[f.name] = jsonable(v, nonfinite="text")
+            elif v is not None:
+                a = np.asarray(v)
+                chunks[f.name].append(a.astype(np.uint8) if a.dtype == bool else a)
+                row["_spans"][f.name] = [offsets[f.name], offsets[f.name] + len(a)]
+                offsets[f.name] += len(a)
+        rows.append(row)
+    return rows, {name: np.ascontiguousarray(np.concatenate(c)) for name, c in chunks.items() if c}
+
+
+def _records_from(rows: list[dict], arrays: dict[str, np.ndarray], record_cls: type) -> dict:
+    records = {}
+    declared = {f.name for f in dataclasses.fields(record_cls)}
+    for row in rows:
+        key_t = (row.pop("_task"), int(row.pop("_doc")), int(row.pop("_idx")))
+        spans = row.pop("_spans")
+        row = restore_floats(row)
+        for name in (n for n in ARRAY_FIELDS if n in declared):
+            span = spans.get(name)
+            a = None if span is None else arrays[name][span[0] : span[1]]
+            row[name] = a.astype(bool) if (a is not None and name == "top1_agree") else a
+        records[key_t] = record_cls(**row)
+    return records

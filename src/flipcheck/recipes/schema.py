@@ -25,7 +25,7 @@ import itertools
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +63,13 @@ class ChildSpec(_Strict):
     name: str
     steps: list[StepSpec] = Field(min_length=1)
     strength: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chain(self) -> ChildSpec:
+        from flipcheck.compressors.registry import check_chain
+
+        check_chain([s.method for s in self.steps])  # raises FlipcheckError naming the pair
+        return self
 
 
 class SweepSpec(_Strict):
@@ -113,6 +120,10 @@ class EvaluationSpec(_Strict):
     batch_size: int = Field(16, ge=1)
     seed: int = 1234
     noise_floor: bool = False
+    metric: Literal["acc", "acc_norm"] | None = None  # headline and gate figure (default: acc_norm where reported)
+    filter: str | None = None  # lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)
+    per_subtask: bool = False  # every task of a group its own row and verdict (default: the group as named)
+    kl: Literal["topk", "exact"] = "topk"  # vocabulary KL: vs the cached parent's top-K + sampled tail, or exact (lock-step)
 
 
 class GateSpec(_Strict):
@@ -176,13 +187,14 @@ class Recipe(_Strict):
 # -- loading with line numbers ---------------------------------------------------------------------
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """Line (1-based) of the YAML node at pydantic location `loc`, as deep as it resolves."""
+def _line_of(node: yaml.Node | None, loc: tuple, *, key_line: bool = False) -> int | None:
+    """Line (1-based) of the YAML node at pydantic location `loc`, as deep as it resolves
+    (with `key_line`, the line of the last key itself rather than of its value)."""
     line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
             nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
-            if nxt is None:
+            if nxt is None or (key_line and i == len(loc) - 1):
                 key = next((k for k, _ in node.value if getattr(k, "value", None) == part), None)
                 return key.start_mark.line + 1 if key is not None else line
             node = nxt
@@ -208,14 +220,15 @@ def parse_recipe(text: str, origin: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        e = err.errors()[0]
+        # an unknown key first: a typo (`stepz:`) also makes its real key missing, and the typo is the news
+        e = min(err.errors(), key=lambda x: x["type"] != "extra_forbidden")
         loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-        line = _line_of(node, loc)
+        line = _line_of(node, loc, key_line=e["type"] == "extra_forbidden")
         path = ".".join(str(x) for x in loc) or "(recipe)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
-            msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" + suggest(str(loc[-1]), allowed) if allowed else "")
+            msg = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}." + suggest(str(loc[-1]), allowed) if allowed else "")
         more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         raise FlipcheckError(f"{origin}:{line}: {path}: {msg}{more}") from err
 
