@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,8 +31,8 @@ def folders(tmp_path_factory, tiny_model, tiny_tokenizer):
     return root
 
 
-def _evaluator(folders, task_dir, cache_dir, tasks=TASKS, topk=64):
-    settings = EvalSettings(tasks=list(tasks), include_path=str(task_dir), batch_size=8, n_boot=200, topk=topk)
+def _evaluator(folders, task_dir, cache_dir, tasks=TASKS, topk=64, kl="topk"):
+    settings = EvalSettings(tasks=list(tasks), include_path=str(task_dir), batch_size=8, n_boot=200, topk=topk, kl=kl)
     return Evaluator(ModelRef("parent", str(folders / "parent")), settings, ResultCache(cache_dir))
 
 
@@ -56,7 +57,7 @@ def test_identical_child_has_no_flips_and_zero_kl(folders, task_dir, tmp_path):
 def test_parent_cache_hit_skips_the_parent_and_matches_lockstep(folders, task_dir, tmp_path):
     ev = _evaluator(folders, task_dir, tmp_path / "cache")
     entry_a, _ = ev.evaluate_child(runner.child_ref(str(folders / "child_a")))
-    assert ev.parent_passes == len(TASKS)  # miss: parent scored in lock-step, once per task
+    assert ev.parent_passes == len(TASKS)  # miss: the parent scored alone, once per task
 
     # a second child against the same parent: the parent is never loaded again. With top-K = the
     # whole vocabulary (384) the cached distributions are complete, so the cached KL must equal the
@@ -68,9 +69,9 @@ def test_parent_cache_hit_skips_the_parent_and_matches_lockstep(folders, task_di
     assert ev2.parent_passes == 0
     assert ev2.parent.model is None
 
-    # the same child scored in lock-step (fresh cache) gives the same answers; KL from the
-    # parent's stored top-K is a lower bound within a small tolerance of the exact KL
-    ev3 = _evaluator(folders, task_dir, tmp_path / "other_cache", topk=384)
+    # the same child scored in lock-step (kl="exact", fresh cache) gives the same answers; with
+    # K = the whole vocabulary the bound from the parent's stored top-K equals the exact KL
+    ev3 = _evaluator(folders, task_dir, tmp_path / "other_cache", topk=384, kl="exact")
     entry_b_exact, _ = ev3.evaluate_child(runner.child_ref(str(folders / "child_b")))
     for task in TASKS:
         c, e = entry_b_cached["tasks"][task], entry_b_exact["tasks"][task]
@@ -123,7 +124,7 @@ def test_nonfinite_child_logits_are_reported_not_fatal(folders, task_dir, tmp_pa
     save_model(broken, tiny_tokenizer, tmp_path / "nan_child", {"parent": str(folders / "parent")})
     ev = _evaluator(folders, task_dir, tmp_path / "cache", tasks=["tiny_letters"])
     entry, _ = ev.evaluate_child(runner.child_ref(str(tmp_path / "nan_child")))
-    assert entry["tasks"]["tiny_letters"]["nonfinite_positions"] > 0
+    assert entry["tasks"]["tiny_letters"]["nonfinite"]["child"] > 0
 
 
 def test_unknown_task_suggests_close_names(folders, task_dir, tmp_path):
@@ -146,3 +147,99 @@ def test_parent_found_from_child_provenance(folders):
     assert runner.parent_source_for(str(folders / "child_a")) == str(folders / "parent")
     with pytest.raises(FlipcheckError, match="no flipcheck.json naming its parent"):
         runner.parent_source_for(str(folders / "parent"))
+
+
+def _parent_entry(ev, unit):
+    from flipcheck.evaluation.records import Record
+
+    return ev.cache.get(ev._parent_key(unit), Record)
+
+
+def test_cached_parent_does_not_depend_on_the_first_child(folders, task_dir, tmp_path, tiny_model, tiny_tokenizer):
+    """Children with other max lengths than the parent's: the parent's cached results are those of the
+    parent scored alone, whichever child ran first."""
+    for name, positions in (("short", 12), ("long", 20)):
+        m = copy.deepcopy(tiny_model)
+        m.config.max_position_embeddings = positions  # max_length 12 / 20: the questions are truncated
+        save_model(m, tiny_tokenizer, tmp_path / name, {"parent": str(folders / "parent")})
+    alone = _evaluator(folders, task_dir, tmp_path / "alone", tasks=["tiny_sentences"])
+    alone.parent.ensure_identity(alone.settings)
+    want_samples, want = alone._parent_results("tiny_sentences")
+    for name in ("short", "long"):
+        ev = _evaluator(folders, task_dir, tmp_path / f"cache_{name}", tasks=["tiny_sentences"])
+        ev.evaluate_child(runner.child_ref(str(tmp_path / name)))
+        samples, records = _parent_entry(ev, "tiny_sentences")
+        assert records.keys() == want.keys()
+        for key, rec in want.items():
+            got = records[key]
+            assert got.ll == rec.ll and got.n_tokens == rec.n_tokens, (name, key)
+            assert np.array_equal(got.topk_logp, rec.topk_logp) and np.array_equal(got.topk_ids, rec.topk_ids)
+        lls = [[list(r[0]) for r in s["resps"]] for s in samples["tiny_sentences"]]
+        assert lls == [[list(r[0]) for r in s["resps"]] for s in want_samples["tiny_sentences"]]
+
+
+def test_one_kl_method_for_every_child_whatever_the_order(folders, task_dir, tmp_path):
+    ev1 = _evaluator(folders, task_dir, tmp_path / "c1", tasks=["tiny_letters"])
+    first_a, _ = ev1.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    ev2 = _evaluator(folders, task_dir, tmp_path / "c2", tasks=["tiny_letters"])
+    ev2.evaluate_child(runner.child_ref(str(folders / "child_b")))
+    second_a, _ = ev2.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    # the first child's KL is the bound too: the order of the children does not matter
+    assert first_a["tasks"]["tiny_letters"]["kl_vocab"] == second_a["tasks"]["tiny_letters"]["kl_vocab"]
+    method = {"name": "topk_sampled_tail", "k": 64, "tail_samples": 256,
+              "label": "top-K + sampled tail, K=64, S=256 (estimate, never below the top-K bound)"}
+    report = ev1.report([first_a, second_a])
+    assert report["kl_method"] == method and all(c["kl_method"] == method for c in report["children"])
+    # each position counted once: a letter question's options share all their scored positions
+    assert first_a["tasks"]["tiny_letters"]["kl_vocab"]["tokens"] < 4 * first_a["tasks"]["tiny_letters"]["n"]
+
+    exact = _evaluator(folders, task_dir, tmp_path / "c1", tasks=["tiny_letters"], kl="exact")
+    ea, _ = exact.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    eb, _ = exact.evaluate_child(runner.child_ref(str(folders / "child_b")))
+    assert exact.parent_passes == 2  # the parent cached already, run in lock-step with each child
+    assert exact.report([ea, eb])["kl_method"] == {"name": "exact", "label": "exact (parent in lock-step)"}
+    cached, true = first_a["tasks"]["tiny_letters"]["kl_vocab"]["mean"], ea["tasks"]["tiny_letters"]["kl_vocab"]["mean"]
+    # the random parent is nearly uniform (its top-64 holds ~1/4 of the mass): the sampled tail carries
+    # most of the estimate here (measured 9 % off; on a trained model 0.3 %)
+    assert cached == pytest.approx(true, rel=0.15)
+    with pytest.raises(FlipcheckError, match="re-evaluate it with kl='exact'"):
+        exact.report([ea, first_a])
+
+
+def test_nan_child_fails_every_kl_budget_and_keeps_its_count_from_the_cache(
+    folders, task_dir, tmp_path, tiny_model, tiny_tokenizer
+):
+    from flipcheck.gate import run_gate
+
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    save_model(broken, tiny_tokenizer, tmp_path / "nan_child", {"parent": str(folders / "parent")})
+    counts = []
+    for run in ("first", "resumed"):
+        report = evaluate(
+            str(folders / "parent"), str(tmp_path / "nan_child"), tasks=["tiny_letters"], include_path=str(task_dir),
+            out=tmp_path / run, cache_dir=tmp_path / "cache", batch_size=8,
+        )
+        task = report["children"][0]["tasks"]["tiny_letters"]
+        counts.append(task["nonfinite"])
+        assert not run_gate(tmp_path / run / "report.json", max_kl=0.01)
+        assert not run_gate(tmp_path / run / "report.json", max_kl=1e9)  # non-finite KL exceeds any budget
+        assert "NaN/inf" in (tmp_path / run / "report.md").read_text()
+        assert "NaN/inf" in (tmp_path / run / "report.html").read_text()
+    assert counts[0] == counts[1] and counts[0]["child"] > 0 and counts[0]["parent"] == 0
+    assert task["kl_vocab"]["top1_agree"] is None  # agreement excludes the positions KL excludes
+
+
+def test_perplexity_tasks_are_refused_before_any_model_runs(folders, tmp_path):
+    from flipcheck.tiny import write_lm_eval_task
+
+    write_lm_eval_task(
+        tmp_path / "ppl", "tiny_ppl", [{"text": "the cat sat on the mat"}] * 3,
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n',
+    )
+    settings = EvalSettings(tasks=["tiny_ppl"], include_path=str(tmp_path / "ppl"))
+    parent = ModelRef("parent", str(folders / "parent"))
+    with pytest.raises(FlipcheckError, match="tiny_ppl.*perplexity task.*corpus distance is not supported yet"):
+        Evaluator(parent, settings, ResultCache(tmp_path / "cache"))
+    assert parent.model is None
