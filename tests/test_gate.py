@@ -47,13 +47,13 @@ def test_parse_budget_refuses_other_text(text):
 def test_exactly_at_every_budget_passes():
     (v,) = check(_report(child_entry("c", {"t": _summary()})), **BUDGETS)
     assert v.passed and v.failures == []
-    assert v.text == "PASS t: flips 2.0% <= 2.0%, KL 0.01 <= 0.01, Δacc -1.0% >= -1.0%, acc 49.0% >= 49.0%"
+    assert v.text == "PASS t [acc]: flips 2.0% <= 2.0%, KL 0.01 <= 0.01, Δacc -1.0% >= -1.0%, acc 49.0% >= 49.0%"
 
 
 def test_below_every_budget_passes():
     (v,) = check(_report(child_entry("c", {"t": _summary(flips=0.012, kl=0.004, acc_c=0.52)})), **BUDGETS)
     assert v.passed
-    assert v.text == "PASS t: flips 1.2% <= 2.0%, KL 0.004 <= 0.01, Δacc +2.0% >= -1.0%, acc 52.0% >= 49.0%"
+    assert v.text == "PASS t [acc]: flips 1.2% <= 2.0%, KL 0.004 <= 0.01, Δacc +2.0% >= -1.0%, acc 52.0% >= 49.0%"
 
 
 @pytest.mark.parametrize(
@@ -68,13 +68,13 @@ def test_below_every_budget_passes():
 def test_above_each_budget_fails_only_that_check(summary, failure, fragment):
     (v,) = check(_report(child_entry("c", {"t": summary})), **BUDGETS)
     assert not v.passed
-    assert v.text.startswith("FAIL t: ") and fragment in v.text
+    assert v.text.startswith("FAIL t [acc]: ") and fragment in v.text
     assert v.failures == [failure] or (failure == "acc_delta" and v.failures == ["acc_delta", "acc"])
 
 
 def test_only_the_given_budgets_are_checked():
     (v,) = check(_report(child_entry("c", {"t": _summary(flips=0.5, kl=3.0)})), max_kl=5)
-    assert v.passed and v.text == "PASS t: KL 3 <= 5"
+    assert v.passed and v.text == "PASS t [acc]: KL 3 <= 5"
 
 
 def test_one_verdict_per_child_and_task_plus_micro():
@@ -84,14 +84,14 @@ def test_one_verdict_per_child_and_task_plus_micro():
     assert [(v.child, v.task, v.passed) for v in verdicts] == [
         ("gptq", "t1", True), ("gptq", "t2", False), ("gptq", "all tasks (micro)", False), ("awq", "t1", True),
     ]
-    assert verdicts[1].text == "FAIL gptq / t2: flips 5.0% > 2.0%"
+    assert verdicts[1].text == "FAIL gptq / t2 [acc]: flips 5.0% > 2.0%"
 
 
 def test_kl_falls_back_to_vocabulary_kl_and_reports_missing_kl():
     tasks = {"gen": _summary(kl=None, kl_vocab=0.002), "none": _summary(kl=None)}
     v_gen, v_none, _micro = check(_report(child_entry("c", tasks, micro=_summary())), max_kl="0.01")
-    assert v_gen.text == "PASS gen: KL vocab 0.002 <= 0.01"
-    assert v_none.passed and v_none.text == "PASS none: KL n/a"
+    assert v_gen.text == "PASS gen [acc]: KL vocab 0.002 <= 0.01"
+    assert v_none.passed and v_none.text == "PASS none [acc]: KL n/a"
 
 
 def test_bad_gate_settings_are_refused():
@@ -112,11 +112,73 @@ def test_run_gate_reads_a_report_folder(tmp_path):
     lines: list[str] = []
     assert run_gate(tmp_path, max_flips="2%", echo=lines.append) is False
     assert lines == [
-        "PASS t1: flips 2.0% <= 2.0%",
-        "FAIL t2: flips 3.0% > 2.0%",
-        "FAIL all tasks (micro): flips 2.5% > 2.0%",
+        "PASS t1 [acc]: flips 2.0% <= 2.0%",
+        "FAIL t2 [acc]: flips 3.0% > 2.0%",
+        "FAIL all tasks (micro) [acc]: flips 2.5% > 2.0%",
     ]
     assert run_gate(tmp_path / "report.json", max_flips="3%") is True
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(FlipcheckError, match="is not a flipcheck report"):
         run_gate(tmp_path / "x.json", max_flips="2%")
+
+
+def _mc_sample(doc_id: int, lls: list[float], gold: int, choices: list[str]) -> dict:
+    """An lm-eval multiple-choice sample with its acc and acc_norm (lengths from the option texts)."""
+    norm = [x / len(c) for x, c in zip(lls, choices, strict=True)]
+    return {"doc_id": doc_id, "target": gold, "arguments": [(f"Q{doc_id}:", f" {c}") for c in choices],
+            "filtered_resps": [(x, False) for x in lls], "metrics": ["acc", "acc_norm"],
+            "acc": float(max(range(len(lls)), key=lls.__getitem__) == gold),
+            "acc_norm": float(max(range(len(norm)), key=norm.__getitem__) == gold)}
+
+
+def _norm_report():
+    """20 questions: acc never changes between parent and child, acc_norm flips on 4 of them.
+
+    Options "a" (the gold) and "bbbbbbbbbb": the raw log-likelihood prefers "a" (-3 > -10), the
+    length-normalised score "bbbbbbbbbb" (-3 < -10/10), except where the child puts -40 on it.
+    """
+    from flipcheck.evaluation.samples import build_rows, set_headline, summarize_task
+
+    choices = ["a", "bbbbbbbbbb"]
+    parent = [_mc_sample(i, [-3.0, -10.0], 0, choices) for i in range(20)]
+    child = [_mc_sample(i, [-3.0, -10.0] if i >= 4 else [-3.0, -40.0], 0, choices) for i in range(20)]
+    rows = build_rows("hs", parent, child)
+    assert set_headline(rows) == "acc_norm"
+    return _report(child_entry("c", {"hs": summarize_task(rows, n_boot=100)})), rows
+
+
+def test_acc_norm_is_the_headline_and_metric_acc_judges_acc():
+    report, rows = _norm_report()
+    s = report["children"][0]["tasks"]["hs"]
+    assert s["metric"] == "acc_norm" and s["flips"] == pytest.approx(4 / 20)
+    assert s["by_metric"]["acc"]["flips"] == 0.0 and s["by_metric"]["acc"]["acc_P"] == 1.0
+    assert s["by_metric"]["acc_norm"]["acc_P"] == 0.0 and s["by_metric"]["acc_norm"]["n_i2c"] == 4
+    assert s["by_metric"]["acc_norm"]["mcnemar_p"] == pytest.approx(2 / 16)
+    assert s["delta_acc_ci"] == s["by_metric"]["acc_norm"]["delta_acc_ci"]
+    assert sum(r.flipped for r in rows) == 4  # a row's flip follows its headline metric
+    from flipcheck.evaluation.report import report_markdown
+
+    md = report_markdown(report, [{"child": "c", **r.to_dict()} for r in rows])
+    assert "## Flipped questions (4)" in md and "| ✗ 1: bbbbbbbbbb | ✓ 0: a | i→c |" in md  # the acc_norm answers
+    assert "| c | hs (acc_norm) | 20 |" in md and "| c | hs (acc) | 20 |" in md  # both metrics shown
+    (default,) = check(report, max_flips="2%")
+    (on_acc,) = check(report, max_flips="2%", metric="acc")
+    (on_norm,) = check(report, max_flips="2%", metric="acc_norm")
+    assert not default.passed and default.text == "FAIL hs [acc_norm]: flips 20.0% > 2.0%"
+    assert on_acc.passed and on_acc.text == "PASS hs [acc]: flips 0.0% <= 2.0%"
+    assert not on_norm.passed and on_norm.metric == "acc_norm"
+
+
+def test_bad_metric_is_one_line_and_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+
+    report, rows = _norm_report()
+    with pytest.raises(FlipcheckError, match="--metric 'accnorm': choose one of acc, acc_norm"):
+        check(report, max_flips="2%", metric="accnorm")
+    write_report(tmp_path, report, rows)
+    res = CliRunner().invoke(app, ["gate", str(tmp_path), "--max-flips", "2%", "--metric", "accnorm"])
+    assert res.exit_code == 2 and "choose one of acc, acc_norm" in res.output
+    res = CliRunner().invoke(app, ["gate", str(tmp_path), "--max-flips", "2%", "--metric", "acc"])
+    assert res.exit_code == 0 and "PASS hs [acc]" in res.output

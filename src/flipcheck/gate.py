@@ -14,6 +14,13 @@ tasks. A figure exactly at its budget passes. The figures checked:
 - acc_C must be >= min-acc.
 
 A figure the report does not have (no KL for that task) reads "n/a" and does not fail the verdict.
+Non-finite outputs never pass: where the parent or the child had NaN/inf logits at a scored position,
+or any KL was not finite, the KL counts as infinite and fails every KL budget.
+
+Tasks are judged as the report names them: an lm-eval group such as ``mmlu`` is one verdict (a report
+made with ``--per-subtask`` has one per subtask). Each verdict names the metric its figures use:
+the report's headline (acc_norm where the task reports it), or `metric` ("acc" / "acc_norm") where
+the task has that figure.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.files import pct, signed_pct
 
 TOLERANCE = 1e-9  # figures equal to a budget up to float rounding (0.49 - 0.5 != -0.01) pass
 _BUDGET = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?%?$")
@@ -56,23 +64,50 @@ class Verdict:
     passed: bool
     text: str  # one line: "PASS arc_easy: flips 1.2% <= 2.0%, KL 0.004 <= 0.01"
     failures: list[str] = field(default_factory=list)  # the checks that failed, e.g. ["flips"]
+    metric: str | None = None  # the metric the figures were read under: acc, acc_norm, exact_match, ...
 
 
 def _pct(x: float) -> str:
-    t = f"{100 * x:.3f}".rstrip("0")
-    return t + "0%" if t.endswith(".") else t + "%"
+    return pct(x, 3, trim=True)
 
 
 def _signed_pct(x: float) -> str:
-    return ("+" if x >= 0 else "") + _pct(x)
+    return signed_pct(x, 3, trim=True)
+
+
+def _nonfinite(summary: Mapping[str, Any]) -> bool:
+    """Whether any KL of the summary, or any scored position of parent or child, was NaN/inf."""
+    counts = [(summary.get(k) or {}).get("nonfinite") for k in ("kl_options", "kl_vocab")]
+    nf = summary.get("nonfinite")
+    counts += list(nf.values()) if isinstance(nf, Mapping) else [nf, summary.get("nonfinite_positions")]
+    return any(isinstance(n, int | float) and n > 0 for n in counts)
 
 
 def _kl(summary: Mapping[str, Any]) -> tuple[float | None, str]:
-    for key, label in (("kl_options", "KL"), ("kl_vocab", "KL vocab")):
+    """The KL the budget judges; infinite where any KL or scored position was not finite."""
+    value, label = None, "KL"
+    for key, name in (("kl_options", "KL"), ("kl_vocab", "KL vocab")):
         block = summary.get(key)
         if isinstance(block, Mapping) and block.get("mean") is not None:
-            return float(block["mean"]), label
-    return None, "KL"
+            value, label = float(block["mean"]), name
+            break
+    if _nonfinite(summary):
+        return math.inf, label + " (NaN/inf)"
+    return value, label
+
+
+def _figures(summary: Mapping[str, Any], metric: str | None) -> tuple[Mapping[str, Any], str]:
+    """The summary's figures under `metric` where it has them (else its headline), and that metric's name."""
+    block = (summary.get("by_metric") or {}).get(metric) if metric else None
+    if isinstance(block, Mapping):
+        return {**summary, **block}, str(metric)
+    return summary, str(summary.get("metric") or summary.get("correct_metric") or "acc")
+
+
+def _where(name: str, task: str, several: bool, summary: Mapping[str, Any], metric: str) -> str:
+    label = f"{name} / {task}" if several else task
+    extra = [metric] + ([f"filter {summary['filter']}"] if summary.get("filter") not in (None, "none") else [])
+    return f"{label} [{', '.join(extra)}]"
 
 
 def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None]) -> tuple[list[str], list[str]]:
@@ -114,8 +149,16 @@ def check(
     max_kl: float | str | None = None,
     min_acc_delta: float | str | None = None,
     min_acc: float | str | None = None,
+    metric: str | None = None,
 ) -> list[Verdict]:
-    """One verdict per child and task (plus micro when a child has several tasks)."""
+    """One verdict per child and named task or group (plus micro when a child has several).
+
+    `metric` ("acc" or "acc_norm") judges each task's figures under that metric where the task has
+    it; default: the report's headline metric of each task.
+    """
+    from flipcheck.evaluation.samples import check_metric
+
+    check_metric(metric)
     budgets = {
         "max_flips": None if max_flips is None else parse_budget(max_flips, "--max-flips"),
         "max_kl": None if max_kl is None else parse_budget(max_kl, "--max-kl"),
@@ -136,11 +179,12 @@ def check(
         if len(tasks) > 1 and child.get("micro"):
             tasks.append(("all tasks (micro)", child["micro"]))
         for task, summary in tasks:
-            parts, failures = _judge(summary, budgets)
-            where = f"{name} / {task}" if len(children) > 1 else task
+            figures, used = _figures(summary, metric)
+            parts, failures = _judge(figures, budgets)
+            where = _where(name, task, len(children) > 1, summary, used)
             passed = not failures
             text = f"{'PASS' if passed else 'FAIL'} {where}: " + ", ".join(parts)
-            verdicts.append(Verdict(child=name, task=task, passed=passed, text=text, failures=failures))
+            verdicts.append(Verdict(child=name, task=task, passed=passed, text=text, failures=failures, metric=used))
     return verdicts
 
 
@@ -151,13 +195,14 @@ def run_gate(
     max_kl: float | str | None = None,
     min_acc_delta: float | str | None = None,
     min_acc: float | str | None = None,
+    metric: str | None = None,
     echo: Callable[[str], Any] | None = None,
 ) -> bool:
     """Load a report (path or dict), check it, pass each verdict line to `echo`; True if all pass."""
     from flipcheck.evaluation.report import load_report
 
     data = report if isinstance(report, Mapping) else load_report(report)
-    verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc)
+    verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric)
     if echo is not None:
         for v in verdicts:
             echo(v.text)

@@ -266,7 +266,8 @@ def test_filters_pick_one_and_unknown_filter_is_refused():
 def test_attach_vocab_counts_infinite_tokens():
     row = build_rows("t", [_mc_sample(0, [-1, -2], 1.0)], [_mc_sample(0, [-1, -2], 1.0)])[0]
     attach_vocab(row, [0.1, np.inf, 0.3], [1, 0, 1])
-    assert row.kl_vocab == pytest.approx(0.2) and row.n_tokens == 3 and row.top1_agree == pytest.approx(2 / 3)
+    # top-1 agreement leaves out the position KL leaves out (its inf): 2 of 2 finite positions agree
+    assert row.kl_vocab == pytest.approx(0.2) and row.n_tokens == 3 and row.top1_agree == pytest.approx(1.0)
     s = summarize_task([row])
     assert s["kl_vocab"]["nonfinite"] == 1 and s["kl_vocab"]["mean"] == pytest.approx(0.2)
 
@@ -280,3 +281,133 @@ def test_mutual_info_requests_are_not_options():
     (row,) = build_rows("mi", [sample([-1.0, -2.0, -0.5, -0.1])], [sample([-2.0, -1.0, -0.5, -0.1])])
     assert row.choices == ["yes", "no"] and row.ll_P == [-1.0, -2.0]
     assert row.pred_P == 0 and row.pred_C == 1 and row.flipped
+
+
+# ---------------------------------------------------------------------------------------------
+# task shapes end to end through flipcheck.evaluate: Winogrande-style, digit-string choices, filters
+
+WINO = """output_type: multiple_choice
+doc_to_text: label
+doc_to_choice: contexts
+doc_to_target: rest
+metric_list:
+  - metric: acc
+"""
+
+DIGITS = """output_type: multiple_choice
+doc_to_text: "Question: What color is the {{animal}}?\\n1. {{choices[0]}}\\n2. {{choices[1]}}\\n3. {{choices[2]}}\\n4. {{choices[3]}}\\nAnswer:"
+doc_to_choice: ["1", "2", "3", "4"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+TWO_FILTERS = """output_type: generate_until
+doc_to_text: "{{x}} {{y}} ="
+doc_to_target: "{{x + y}}"
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: 6
+filter_list:
+  - name: first-number
+    filter:
+      - function: regex
+        regex_pattern: "(\\\\d+)"
+      - function: take_first
+  - name: raw
+    filter:
+      - function: take_first
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """A parent, a noisy child and three task shapes, evaluated once (cached for further runs)."""
+    from conftest import ANIMALS, COLORS, write_task
+    from flipcheck.compressors.noise import NoiseConfig, apply_noise
+    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.models import save_model
+
+    root = tmp_path_factory.mktemp("shapes")
+    save_model(tiny_model, tiny_tokenizer, root / "parent", {"parent": None})
+    child = copy.deepcopy(tiny_model)
+    apply_noise(child, NoiseConfig(sigma=0.5, seed=2))
+    save_model(child, tiny_tokenizer, root / "child", {"parent": str(root / "parent")})
+    wino = [{"label": i % 2, "contexts": [f"The {a} saw a {c}" for c in (COLORS[i % 8], COLORS[(i + 3) % 8])],
+             "rest": "ball and ran after it slowly."} for i, a in enumerate(ANIMALS[:10])]
+    digits = [{"animal": a, "choices": COLORS[i % 4: i % 4 + 4], "answer": str(1 + (i * 3) % 4)}
+              for i, a in enumerate(ANIMALS)]
+    sums = [{"x": i % 10, "y": (7 * i) % 10} for i in range(6)]
+    tasks = root / "tasks"
+    write_task(tasks, "tiny_wino", wino, WINO)
+    write_task(tasks, "tiny_digits", digits, DIGITS)
+    write_task(tasks, "tiny_filters", sums, TWO_FILTERS)
+
+    def run(**kw):
+        return evaluate(str(root / "parent"), str(root / "child"), tasks="tiny_wino,tiny_digits,tiny_filters",
+                        include_path=str(tasks), cache_dir=root / "cache", batch_size=8, **kw)
+
+    run(out=root / "run")
+    rows = [json.loads(x) for x in (root / "run" / "samples.jsonl").read_text().splitlines()]
+    return run, root, rows, {"tiny_wino": wino, "tiny_digits": digits}
+
+
+def test_gold_agrees_with_the_marks_for_every_task_shape(shapes):
+    _, root, rows, docs = shapes
+    for task in ("tiny_wino", "tiny_digits"):
+        mine = [r for r in rows if r["task"] == task]
+        assert len(mine) == 10
+        for r in mine:
+            assert r["correct_P"] == (r["pred_P"] == r["gold"]), (task, r["doc_id"])
+            assert r["correct_C"] == (r["pred_C"] == r["gold"]), (task, r["doc_id"])
+    wino = {r["doc_id"]: r for r in rows if r["task"] == "tiny_wino"}
+    for i, d in enumerate(docs["tiny_wino"]):
+        assert wino[i]["gold"] == d["label"]  # the gold option, not the shared continuation
+        assert wino[i]["choices"] == [c.rsplit(" ", 1)[1] for c in d["contexts"]]  # the options: the contexts' ends
+        assert wino[i]["question"] == d["contexts"][0].rsplit(" ", 1)[0] + " ___ ball and ran after it slowly."
+    digits = {r["doc_id"]: r for r in rows if r["task"] == "tiny_digits"}
+    for i, d in enumerate(docs["tiny_digits"]):
+        assert digits[i]["gold"] == ["1", "2", "3", "4"].index(d["answer"])  # target "3" is option 2, not index 3
+    md = (root / "run" / "report.md").read_text()
+    for r in rows:  # every flipped question in the report shows the gold next to a right answer
+        if r["task"] != "tiny_filters" and r["correct_P"] != r["correct_C"]:
+            right = r["pred_P"] if r["correct_P"] else r["pred_C"]
+            assert right == r["gold"]
+            assert f"| {r['gold']}: {r['choices'][r['gold']]} |" in md
+
+
+def test_filter_is_recorded_shown_and_chosen(shapes):
+    run, root, _, _ = shapes
+    from flipcheck.evaluation.report import load_report, report_markdown
+
+    report = load_report(root / "run")
+    s = report["children"][0]["tasks"]["tiny_filters"]
+    assert s["filter"] == "first-number"  # lm-eval's first filter, now said
+    assert report["children"][0]["tasks"]["tiny_wino"]["filter"] == "none"
+    assert "tiny_filters (exact_match, filter first-number)" in (root / "run" / "report.md").read_text()
+    raw = run(filter="raw")["children"][0]
+    assert raw["tasks"]["tiny_filters"]["filter"] == "raw"
+    assert raw["tasks"]["tiny_digits"]["filter"] == "none"  # a task with one filter keeps it
+    assert "filter raw" in report_markdown(run(filter="raw"), [])
+    with pytest.raises(FlipcheckError, match=r"--filter 'strict-match': .*tiny_filters: first-number, raw"):
+        run(filter="strict-match")
+
+
+def test_digit_string_targets_are_read_the_way_the_marks_say():
+    """Options "1".."4": target "3" is the label (option 2); a --log_samples file writes index 3 as "3" too."""
+
+    def sample(target, lls, gold_index):
+        args = [("Pick:", f" {c}") for c in "1234"]
+        return {"doc_id": 0, "target": target, "arguments": args, "filtered_resps": [(x, False) for x in lls],
+                "metrics": ["acc"], "acc": float(int(np.argmax(lls)) == gold_index)}
+
+    right_at_2 = [-3.0, -2.0, -0.5, -4.0]
+    (row,) = build_rows("d", [sample("3", right_at_2, 2)], [sample("3", [-0.1, -2.0, -0.5, -4.0], 2)])
+    assert row.gold == 2 and row.correct_P and not row.correct_C  # label "3" is option 2
+    (row,) = build_rows("d", [sample("3", right_at_2, 3)], [sample("3", [-3.0, -2.0, -4.0, -0.5], 3)])
+    assert row.gold == 3 and not row.correct_P and row.correct_C  # a written index: the marks say so
+    (row,) = build_rows("d", [sample(3, right_at_2, 3)], [sample(3, right_at_2, 3)])
+    assert row.gold == 3  # an int target is an index, as lm-eval reads it

@@ -21,7 +21,7 @@ from typing import Any
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.report import child_entry, new_report, write_report
-from flipcheck.evaluation.samples import SampleRow, aggregate, build_rows, summarize_task
+from flipcheck.evaluation.samples import SampleRow, aggregate, build_rows, set_headline, summarize_task
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def compare(
     seed: int = 0,
     filter_name: str | None = None,
     name: str | None = None,
+    metric: str | None = None,
 ) -> dict[str, Any]:
     """Compare a child's lm-eval samples with the parent's; returns a flipcheck report dict.
 
@@ -156,14 +157,15 @@ def compare(
     for p, c, t in _pairs(pf, cf, task):
         tname, rows = compare_rows(p, c, task=t, filter_name=filter_name)
         rows_by_task[tname] = rows
+        set_headline(rows, metric, tname)  # acc_norm where the samples carry it, unless metric says otherwise
         summaries[tname] = summarize_task(rows, n_boot=n_boot, seed=seed)
     agg = aggregate(summaries, rows_by_task, n_boot=n_boot, seed=seed)
     child_name = name or _child_name(pf, cf)
     entry = child_entry(child_name, summaries, micro=agg["micro"], macro=agg["macro"], source=str(cf))
     report = new_report(
         {"source": str(pf), "fingerprint": None},
-        {"source": "lm-eval --log_samples", "tasks": sorted(summaries), "filter": filter_name, "n_boot": n_boot,
-         "seed": seed},
+        {"source": "lm-eval --log_samples", "tasks": sorted(summaries), "filter": filter_name, "metric": metric,
+         "n_boot": n_boot, "seed": seed},
         [entry],
     )
     if out is not None:

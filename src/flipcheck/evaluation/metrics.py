@@ -69,19 +69,52 @@ def bootstrap_delta_ci(
         raise FlipcheckError(f"n_boot must be at least 1 (got {n_boot})")
     if not 0.0 < level < 1.0:
         raise FlipcheckError(f"level must lie in (0, 1) (got {level})")
-    n = p.size
-    if n == 0:
+    if p.size == 0:
         return None
-    d = c.astype(np.float64) - p.astype(np.float64)
-    rng = np.random.default_rng(seed)
+    means = _boot_means(c.astype(np.float64) - p.astype(np.float64), n_boot, np.random.default_rng(seed))
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _boot_means(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """mean(d[idx]) for `n_boot` resamples idx of d's indices with replacement (in bounded blocks)."""
+    n = d.size
     rows = max(1, _BOOT_ELEMENTS // n)
     means = np.empty(n_boot, dtype=np.float64)
     for start in range(0, n_boot, rows):
         k = min(rows, n_boot - start)
         idx = rng.integers(0, n, size=(k, n))
         means[start : start + k] = d[idx].mean(axis=1)
+    return means
+
+
+def stratified_bootstrap_delta_ci(
+    strata: Sequence[tuple[Any, Any]], weights: Sequence[float], *, n_boot: int = 1000, seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Paired bootstrap interval of a weighted Δacc = Σ_s w_s (acc_C,s − acc_P,s) over strata (subtasks).
+
+    Questions are resampled with replacement within each stratum s (keeping the pairing), Δacc* =
+    Σ_s w_s mean(d_s[idx_s]) per resample, and the interval is the (1−level)/2 and (1+level)/2
+    percentiles: the interval of an lm-eval group that averages its subtasks with weights w_s.
+    """
+    if len(strata) != len(weights):
+        raise FlipcheckError(f"{len(strata)} strata but {len(weights)} weights")
+    if n_boot < 1:
+        raise FlipcheckError(f"n_boot must be at least 1 (got {n_boot})")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot, dtype=np.float64)
+    used = False
+    for (cp, cc), w in zip(strata, weights, strict=True):
+        p, c = _pair(cp, cc, "correct")
+        if p.size and w:
+            total += w * _boot_means(c.astype(np.float64) - p.astype(np.float64), n_boot, rng)
+            used = True
+    if not used:
+        return None
     alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(total, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
 
 
@@ -171,7 +204,7 @@ def option_log_probs(ll: Any) -> np.ndarray:
     a = pad_options(ll)
     if a.size == 0:
         return a
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         m = np.max(a, axis=1, keepdims=True)
         m = np.where(np.isfinite(m), m, 0.0)
         lse = m + np.log(np.sum(np.exp(a - m), axis=1, keepdims=True))
@@ -259,7 +292,8 @@ def vocab_kl_summary(kl_tokens: Any, top1_agree: Any | None = None) -> dict[str,
 
     kl_t = KL(P(·|ctx_t) ‖ C(·|ctx_t)) over the whole vocabulary at each scored position t, pooled
     over every request of every question: mean, median, p99 (as llama.cpp's ``--kl-divergence``
-    reports), plus top-1 agreement = mean_t [argmax P(·|ctx_t) == argmax C(·|ctx_t)].
+    reports), plus top-1 agreement = mean_t [argmax P(·|ctx_t) == argmax C(·|ctx_t)] over the same
+    positions (those with a finite KL).
     """
     kl = np.asarray(kl_tokens, dtype=np.float64).reshape(-1)
     if kl.size == 0:
@@ -272,6 +306,7 @@ def vocab_kl_summary(kl_tokens: Any, top1_agree: Any | None = None) -> dict[str,
         out.update(mean=None, median=None, p99=None)
     if top1_agree is not None:
         t = np.asarray(top1_agree, dtype=np.float64).reshape(-1)
+        t = t[np.isfinite(kl)] if t.shape == kl.shape else t
         out["top1_agree"] = float(t.mean()) if t.size else None
     return out
 

@@ -9,7 +9,11 @@ Both forms are accepted. The kind of task is read from the samples themselves:
   ``(loglikelihood, is_greedy)``; pred = argmax_j ll[j] and correctness is the sample's own ``acc``
   (so flipcheck agrees with lm-eval by construction). When the sample carries ``acc_norm``, the
   length-normalised variant pred_norm = argmax_j ll[j] / len(choice_j) (characters, as lm-eval) is
-  kept too.
+  kept too. Winogrande-style tasks (one continuation after several contexts: the options are the
+  contexts) are recognised by their identical continuations; their options are the contexts' tails.
+  The gold index is the target read as an option label first, then as an index, and must agree
+  with lm-eval's own acc/acc_norm of both runs (the one that does is taken; for Winogrande-style
+  tasks, whose logged target is the continuation, it is inferred from those marks).
 - ``generate_until``: pred = the filtered answer, output = the raw generation, correctness from the
   task's ``exact_match`` (else its first numeric metric; a value >= 0.5 counts as correct, which
   is exact for 0/1 metrics).
@@ -24,13 +28,14 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import metrics as M
+from flipcheck.files import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +71,20 @@ class SampleRow:
     n_tokens: int | None = None  # scored tokens behind kl_vocab / top1_agree
     question: str | None = None  # the end of the prompt, for reading the flipped questions
     metric: str | None = None  # what correctness was read from: acc, exact_match, ...
+    filter: str | None = None  # the lm-eval filter the answers came through (generative: strict-match, ...)
+    margin_norm_P: float | None = None  # P's top margin over the length-normalised option scores
+    headline: str | None = None  # "acc_norm" when the headline figures use the length-normalised answers
+
+    def view(self) -> tuple[bool, bool, Any, Any, float | None]:
+        """(correct_P, correct_C, pred_P, pred_C, margin_P) under the row's headline metric."""
+        if self.headline == "acc_norm" and self.correct_norm_P is not None and self.correct_norm_C is not None:
+            return self.correct_norm_P, self.correct_norm_C, self.pred_norm_P, self.pred_norm_C, self.margin_norm_P
+        return self.correct_P, self.correct_C, self.pred_P, self.pred_C, self.margin_P
 
     @property
     def flipped(self) -> bool:
-        return self.correct_P != self.correct_C
+        v = self.view()
+        return v[0] != v[1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,21 +173,36 @@ def _py(x: Any) -> Any:
     return x
 
 
-def _gold(target: Any, choices: list[str] | None) -> Any:
-    """The target as an option index (or list of them) where it is one; the raw target otherwise."""
+def _gold_candidates(target: Any, choices: list[str] | None) -> list[Any]:
+    """What the target may mean as an option index (or list of them), most likely first.
+
+    lm-eval turns a string target that names an option into that option's index, so a string is
+    read as an option label before it is read as a number: with options "1".."4", target "3" is
+    option 2. A --log_samples file writes an index 3 as "3" too; the caller keeps the candidate
+    that agrees with lm-eval's own acc.
+    """
     t = _py(target)
-    if isinstance(t, str):
-        s = t.strip()
-        if s.lstrip("-").isdigit():
-            return int(s)
-        if s.startswith("["):
-            try:
-                return json.loads(s)
-            except ValueError:
-                pass
-        if choices is not None and t in choices:
-            return choices.index(t)
-    return t
+    if isinstance(t, bool) or t is None:
+        return []
+    if isinstance(t, int | list):
+        return [t]
+    if not isinstance(t, str):
+        return []
+    s = t.strip()
+    out: list[Any] = []
+    if choices is not None:
+        for label in (t, s):
+            if label in choices:
+                out.append(choices.index(label))
+                break
+    if s.lstrip("-").isdigit():
+        out.append(int(s))
+    if s.startswith("["):
+        try:
+            out.append(json.loads(s))
+        except ValueError:
+            pass
+    return [g for i, g in enumerate(out) if g not in out[:i]]
 
 
 def _choices(conts: list[str]) -> list[str]:
@@ -182,23 +212,39 @@ def _choices(conts: list[str]) -> list[str]:
     return [str(c) for c in conts]
 
 
+def _context_options(ctxs: list[str]) -> tuple[str, list[str]]:
+    """(shared beginning, each context's own end) of Winogrande-style contexts, cut at a word boundary."""
+    prefix = ctxs[0]
+    for c in ctxs[1:]:
+        n = 0
+        while n < min(len(prefix), len(c)) and prefix[n] == c[n]:
+            n += 1
+        prefix = prefix[:n]
+    cut = max(prefix.rfind(" "), prefix.rfind("\n")) + 1
+    return ctxs[0][:cut], [c[cut:] for c in ctxs]
+
+
 @dataclass
 class _Parsed:
     doc_id: int
     kind: str
     gold: Any
     pred: Any
-    correct: bool
+    correct: bool | None
     ll: list[float] | None = None
     choices: list[str] | None = None
     pred_norm: int | None = None
     correct_norm: bool | None = None
+    margin_norm: float | None = None
     output: str | None = None
     question: str | None = None
     doc_hash: str | None = None
     prompt_hash: str | None = None
-    norm_mismatch: bool = False
     correct_metric: str | None = None
+    filter: str | None = None
+    gold_candidates: list[Any] = field(default_factory=list)
+    acc_seen: bool | None = None  # lm-eval's own acc / acc_norm of this sample (None: not reported)
+    acc_norm_seen: bool | None = None
 
 
 def _parse(task: str, s: Mapping[str, Any]) -> _Parsed:
@@ -211,79 +257,126 @@ def _parse(task: str, s: Mapping[str, Any]) -> _Parsed:
     ctx = args[0][0] if args and isinstance(args[0][0], str) else None
     question = ctx[-QUESTION_CHARS:].strip() if ctx else None
     common = {"doc_id": doc_id, "kind": kind, "question": question, "doc_hash": s.get("doc_hash"),
-              "prompt_hash": s.get("prompt_hash")}
-    metric_names = list(s.get("metrics") or [])
+              "prompt_hash": s.get("prompt_hash"), "filter": str(s.get("filter", "none"))}
 
     if kind == "loglikelihood_rolling":
         raise FlipcheckError(
             f"{task}: a perplexity task (loglikelihood_rolling) has no answers to flip; flipcheck compares "
             "multiple-choice, generative and single-continuation tasks"
         )
-
     if kind == "generate_until":
-        pred = resps[0] if isinstance(resps, list | tuple) and resps else resps
-        while isinstance(pred, list | tuple) and pred:
-            pred = pred[0]
-        output = s.get("resps")
-        while isinstance(output, list | tuple) and output:
-            output = output[0]
-        name = "exact_match" if _number(s.get("exact_match")) is not None else None
-        if name is None:
-            name = next((m for m in metric_names if _number(s.get(m)) is not None), None)
-        if name is None:
-            raise FlipcheckError(f"{task}: doc {doc_id} carries no numeric metric to judge correctness by")
-        return _Parsed(
-            **common, gold=_py(s.get("target")), pred=None if pred is None else str(pred),
-            correct=_number(s[name]) >= 0.5, output=None if output is None else str(output), correct_metric=name,
-        )
-
+        return _parse_generation(task, s, resps, common)
     pairs = [_ll_pair(r) for r in resps]
     lls = [p[0] for p in pairs]
-    conts = [a[1] for a in args]
     if kind == "loglikelihood":
         greedy = pairs[0][1]
         acc = _number(s.get("acc"))
         return _Parsed(
             **common, gold=_py(s.get("target")), pred=greedy, correct=(acc > 0) if acc is not None else greedy,
-            ll=lls, choices=_choices(conts), correct_metric="acc" if acc is not None else "is_greedy",
+            ll=lls, choices=_choices([a[1] for a in args]), correct_metric="acc" if acc is not None else "is_greedy",
         )
+    return _parse_choice(s, args, lls, common)
 
+
+def _parse_generation(task: str, s: Mapping[str, Any], resps: Any, common: dict[str, Any]) -> _Parsed:
+    pred = resps[0] if isinstance(resps, list | tuple) and resps else resps
+    while isinstance(pred, list | tuple) and pred:
+        pred = pred[0]
+    output = s.get("resps")
+    while isinstance(output, list | tuple) and output:
+        output = output[0]
+    name = "exact_match" if _number(s.get("exact_match")) is not None else None
+    if name is None:
+        name = next((m for m in list(s.get("metrics") or []) if _number(s.get(m)) is not None), None)
+    if name is None:
+        raise FlipcheckError(f"{task}: doc {common['doc_id']} carries no numeric metric to judge correctness by")
+    return _Parsed(
+        **common, gold=_py(s.get("target")), pred=None if pred is None else str(pred),
+        correct=_number(s[name]) >= 0.5, output=None if output is None else str(output), correct_metric=name,
+    )
+
+
+def _parse_choice(s: Mapping[str, Any], args: list[list[Any]], lls: list[float], common: dict[str, Any]) -> _Parsed:
+    """A multiple-choice sample: one option per request, or Winogrande-style (one context per option)."""
+    ctxs, conts = [a[0] for a in args], [a[1] for a in args]
     half = len(lls) // 2
-    if "acc_mutual_info" in metric_names and len(lls) % 2 == 0 and all(a[0] == "" for a in args[half:]):
-        lls, conts = lls[:half], conts[:half]  # lm-eval appended the unconditional ("", option) requests
-    choices = _choices(conts)
-    gold = _gold(s.get("target"), choices)
-    pred = int(np.argmax(lls))
-    acc = _number(s.get("acc"))
-    if acc is not None:
-        correct, metric = acc > 0, "acc"
-    elif isinstance(gold, int):
-        correct, metric = pred == gold, "argmax"
-    elif isinstance(gold, list):
-        correct, metric = pred in gold, "argmax"
+    if "acc_mutual_info" in list(s.get("metrics") or []) and len(lls) % 2 == 0 and all(c == "" for c in ctxs[half:]):
+        lls, ctxs, conts = lls[:half], ctxs[:half], conts[:half]  # lm-eval appended unconditional ("", option)
+    multiple_input = len(set(conts)) == 1 and len(set(ctxs)) > 1
+    if multiple_input:  # the options are the contexts; lm-eval normalises acc_norm by their length
+        shared, choices = _context_options([str(c) for c in ctxs])
+        common["question"] = (shared + "___" + str(conts[0]))[-QUESTION_CHARS:].strip()
+        lengths = np.array([max(len(str(c)), 1) for c in ctxs], dtype=np.float64)
+        candidates: list[Any] = []
     else:
-        raise FlipcheckError(f"{task}: doc {doc_id} has neither an 'acc' value nor an option-index target")
-    parsed = _Parsed(**common, gold=gold, pred=pred, correct=bool(correct), ll=lls, choices=choices, correct_metric=metric)
-    acc_norm = _number(s.get("acc_norm"))
-    if acc_norm is not None:
+        choices = _choices(conts)
         lengths = np.array([max(len(c), 1) for c in choices], dtype=np.float64)
-        parsed.pred_norm = int(np.argmax(np.asarray(lls) / lengths))
+        candidates = _gold_candidates(s.get("target"), choices)
+    acc, acc_norm = _number(s.get("acc")), _number(s.get("acc_norm"))
+    parsed = _Parsed(
+        **common, gold=_py(s.get("target")), pred=int(np.argmax(lls)), correct=None if acc is None else acc > 0,
+        ll=lls, choices=choices, correct_metric="acc" if acc is not None else "argmax", gold_candidates=candidates,
+        acc_seen=None if acc is None else acc > 0, acc_norm_seen=None if acc_norm is None else acc_norm > 0,
+    )
+    if acc_norm is not None:
+        normed = np.asarray(lls) / lengths
+        parsed.pred_norm = int(np.argmax(normed))
         parsed.correct_norm = acc_norm > 0
-        if isinstance(gold, int) and (parsed.pred_norm == gold) != parsed.correct_norm:
-            parsed.norm_mismatch = True
+        m = float(M.top_margin([normed])[0])
+        parsed.margin_norm = None if math.isnan(m) else m
     return parsed
+
+
+def _marks(*sides: _Parsed) -> list[tuple[int, bool]]:
+    """(answer, judged right by lm-eval) for each side and each of acc / acc_norm it reports."""
+    out = []
+    for x in sides:
+        out += [(x.pred, x.acc_seen)] if x.acc_seen is not None else []
+        out += [(x.pred_norm, x.acc_norm_seen)] if x.acc_norm_seen is not None and x.pred_norm is not None else []
+    return out
+
+
+def _resolve_gold(task: str, p: _Parsed, c: _Parsed) -> Any:
+    """The option index (or indices) that agrees with lm-eval's acc/acc_norm marks of both runs."""
+    marks = _marks(p, c)
+
+    def fits(g: Any) -> bool:
+        return all(((pred in g) if isinstance(g, list) else pred == g) == ok for pred, ok in marks)
+
+    for g in p.gold_candidates:
+        if fits(g):
+            return g
+    right = {pred for pred, ok in marks if ok}
+    wrong = {pred for pred, ok in marks if not ok}
+    left = [j for j in range(len(p.ll or [])) if j not in wrong]
+    for g in ([next(iter(right))] if len(right) == 1 else []) + (left if len(left) == 1 else []):
+        if fits(g):
+            return g
+    if p.gold_candidates:
+        if marks:
+            log.debug("%s: doc %d: no reading of the target %r agrees with lm-eval's acc", task, p.doc_id, p.gold)
+        return p.gold_candidates[0]
+    return None if marks else p.gold
 
 
 def _select_filter(
     task: str, samples: list[Mapping[str, Any]], filter_name: str | None, who: str
 ) -> tuple[str, list[Mapping[str, Any]]]:
+    """One lm-eval filter's samples. Default: the first filter, with a note when there are several.
+
+    A requested filter that a task with a single filter lacks is not an error (``--filter
+    strict-match`` leaves a multiple-choice task's only filter, ``none``, in place); a task with
+    several filters must have it.
+    """
     names = list(dict.fromkeys(str(s.get("filter", "none")) for s in samples))
-    if filter_name is None:
-        if len(names) > 1:
-            log.info("%s: samples have filters %s; using %r", task, ", ".join(names), names[0])
+    if filter_name is None or (filter_name not in names and len(names) == 1):
+        if filter_name is None and len(names) > 1:
+            log.info("%s: samples have filters %s; using %r (choose with --filter)", task, ", ".join(names), names[0])
         filter_name = names[0] if names else "none"
     elif filter_name not in names:
-        raise FlipcheckError(f"{task}: the {who}'s samples have no filter {filter_name!r}; present: {', '.join(names)}")
+        raise FlipcheckError(
+            f"{task}: no filter {filter_name!r} in the {who}'s samples; this task's filters: {', '.join(names)}"
+        )
     return filter_name, [s for s in samples if str(s.get("filter", "none")) == filter_name]
 
 
@@ -295,6 +388,35 @@ def _by_doc(task: str, samples: list[Mapping[str, Any]], who: str) -> dict[int, 
             raise FlipcheckError(f"{task}: the {who}'s samples hold doc_id {p.doc_id} twice")
         out[p.doc_id] = p
     return out
+
+
+def _check_pair(task: str, doc_id: int, p: _Parsed, c: _Parsed) -> None:
+    if p.doc_hash and c.doc_hash and p.doc_hash != c.doc_hash:
+        raise FlipcheckError(
+            f"{task}: doc_id {doc_id} is a different document in the child's samples (doc_hash differs); "
+            "were both run on the same dataset version?"
+        )
+    if p.prompt_hash and c.prompt_hash and p.prompt_hash != c.prompt_hash:
+        raise FlipcheckError(
+            f"{task}: doc_id {doc_id} was prompted differently for the child (prompt_hash differs); run both "
+            "with the same num_fewshot, few-shot seed and chat template"
+        )
+    if p.kind != c.kind or (p.ll is not None and c.ll is not None and len(p.ll) != len(c.ll)):
+        raise FlipcheckError(f"{task}: doc_id {doc_id} is scored differently by parent and child ({p.kind} vs {c.kind})")
+
+
+def _settle_choice(task: str, p: _Parsed, c: _Parsed) -> int:
+    """Set gold (and correctness where lm-eval gave no acc) on a multiple-choice pair; count norm mismatches."""
+    gold = _resolve_gold(task, p, c)
+    p.gold = c.gold = gold
+    for x in (p, c):
+        if x.correct is None:
+            if not isinstance(gold, int | list):
+                raise FlipcheckError(f"{task}: doc {x.doc_id} has neither an 'acc' value nor an option-index target")
+            x.correct = x.pred in gold if isinstance(gold, list) else x.pred == gold
+    return sum(
+        x.correct_norm is not None and isinstance(gold, int) and (x.pred_norm == gold) != x.correct_norm for x in (p, c)
+    )
 
 
 def build_rows(
@@ -312,7 +434,7 @@ def build_rows(
     version, few-shot examples or chat template), or when the two disagree on the kind of task.
     `vocab` maps doc_id to (per-token vocabulary KL, per-token top-1 agreement) pooled over that
     document's requests. `filter_name` picks one of lm-eval's filters (e.g. ``strict-match`` of
-    gsm8k); default: the first one in the samples.
+    gsm8k); default: the first one in the samples. Every row records the filter it came through.
     """
     if not parent or not child:
         raise FlipcheckError(f"{task}: no samples from the {'parent' if not parent else 'child'}")
@@ -331,21 +453,10 @@ def build_rows(
     mismatches = 0
     for doc_id in sorted(p_docs):
         p, c = p_docs[doc_id], c_docs[doc_id]
-        if p.doc_hash and c.doc_hash and p.doc_hash != c.doc_hash:
-            raise FlipcheckError(
-                f"{task}: doc_id {doc_id} is a different document in the child's samples (doc_hash differs); "
-                "were both run on the same dataset version?"
-            )
-        if p.prompt_hash and c.prompt_hash and p.prompt_hash != c.prompt_hash:
-            raise FlipcheckError(
-                f"{task}: doc_id {doc_id} was prompted differently for the child (prompt_hash differs); run both "
-                "with the same num_fewshot, few-shot seed and chat template"
-            )
-        if p.kind != c.kind or (p.ll is not None and c.ll is not None and len(p.ll) != len(c.ll)):
-            raise FlipcheckError(f"{task}: doc_id {doc_id} is scored differently by parent and child ({p.kind} vs {c.kind})")
-        mismatches += p.norm_mismatch + c.norm_mismatch
+        _check_pair(task, doc_id, p, c)
         kl = margin = None
         if p.kind == "multiple_choice":
+            mismatches += _settle_choice(task, p, c)
             kl = float(M.kl_options([p.ll], [c.ll])[0])
             m = float(M.top_margin([p.ll])[0])
             margin = None if math.isnan(m) else m
@@ -355,7 +466,7 @@ def build_rows(
             top1_agree=None, margin_P=margin, output_P=p.output, output_C=c.output, kind=p.kind,
             ll_P=p.ll, ll_C=c.ll, choices=p.choices, pred_norm_P=p.pred_norm, pred_norm_C=c.pred_norm,
             correct_norm_P=p.correct_norm, correct_norm_C=c.correct_norm, question=p.question,
-            metric=p.correct_metric,
+            metric=p.correct_metric, filter=filter_name, margin_norm_P=p.margin_norm,
         )
         if vocab is not None and doc_id in vocab:
             attach_vocab(row, *vocab[doc_id])
@@ -367,7 +478,6 @@ def build_rows(
         )
     return rows
 
-
 def attach_vocab(row: SampleRow, kl_tokens: Any, top1_tokens: Any | None = None) -> SampleRow:
     """Set a row's vocabulary KL and top-1 agreement from its per-token arrays (kept for pooling)."""
     kl = np.asarray(kl_tokens, dtype=np.float64).reshape(-1)
@@ -375,26 +485,14 @@ def attach_vocab(row: SampleRow, kl_tokens: Any, top1_tokens: Any | None = None)
     object.__setattr__(row, "_tokens", (kl, top1))  # not a dataclass field: asdict/to_dict stay small
     fin = kl[np.isfinite(kl)]
     row.kl_vocab = float(fin.mean()) if fin.size else None
-    row.top1_agree = float(top1.mean()) if top1 is not None and top1.size else None
+    top1_fin = top1[np.isfinite(kl)] if top1 is not None and top1.shape == kl.shape else top1
+    row.top1_agree = float(top1_fin.mean()) if top1_fin is not None and top1_fin.size else None
     row.n_tokens = int(kl.size)
     return row
 
 
 # ---------------------------------------------------------------------------------------------
 # summaries
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy -> Python."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def _accuracy_block(cp: np.ndarray, cc: np.ndarray, pp: list, pc: list, n_boot: int, seed: int) -> dict[str, Any]:
@@ -442,6 +540,67 @@ def _vocab_block(rows: list[SampleRow]) -> dict[str, Any] | None:
     }
 
 
+METRICS = ("acc", "acc_norm")  # the choices of --metric
+_FIGURES = ("acc_P", "acc_C", "delta_acc", "flips", "flips_c2i", "flips_i2c", "answer_changes")
+
+
+def check_metric(metric: str | None) -> str | None:
+    if metric is not None and metric not in METRICS:
+        raise FlipcheckError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def _has_norm(rows: list[SampleRow]) -> bool:
+    return bool(rows) and all(r.correct_norm_P is not None and r.correct_norm_C is not None for r in rows)
+
+
+def set_headline(rows: list[SampleRow], metric: str | None = None, task: str | None = None) -> str:
+    """Choose one task's headline metric and mark its rows; returns the metric's name.
+
+    Default (`metric` None) follows what the task reports: acc_norm when lm-eval scored it, else
+    acc (or the task's own metric, e.g. exact_match). ``acc`` forces acc; ``acc_norm`` on a task
+    without it falls back to acc, and the summary says so.
+    """
+    check_metric(metric)
+    use = "acc_norm" if _has_norm(rows) and metric != "acc" else None
+    if metric == "acc_norm" and use is None and rows:
+        log.info("%s reports no acc_norm; its figures use %s", task or rows[0].task, _row_metric(rows[0]))
+    for r in rows:
+        r.headline = use
+    return use or (_row_metric(rows[0]) if rows else "acc")
+
+
+def _row_metric(r: SampleRow) -> str:
+    if r.headline == "acc_norm":
+        return "acc_norm"
+    return "acc" if r.metric in (None, "acc", "argmax") else r.metric
+
+
+def _metric_block(rs: list[SampleRow], which: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """The accuracy figures, McNemar and margins with correctness read one way ("acc", "acc_norm", "headline")."""
+    if which == "acc":
+        views = [(r.correct_P, r.correct_C, r.pred_P, r.pred_C, r.margin_P) for r in rs]
+    elif which == "acc_norm":
+        views = [(r.correct_norm_P, r.correct_norm_C, r.pred_norm_P, r.pred_norm_C, r.margin_norm_P) for r in rs]
+    else:
+        views = [r.view() for r in rs]
+    cp = np.array([v[0] for v in views], dtype=bool)
+    cc = np.array([v[1] for v in views], dtype=bool)
+    out = _accuracy_block(cp, cc, [_hashable(v[2]) for v in views], [_hashable(v[3]) for v in views], n_boot, seed)
+    out["margin"] = _margin_block([v[4] for v in views], cp, cp != cc)
+    return out
+
+
+def _margin_block(margins: list[float | None], cp: np.ndarray, flipped: np.ndarray) -> dict[str, Any] | None:
+    keep = [i for i, m in enumerate(margins) if m is not None]
+    if not keep:
+        return None
+    m = np.array([margins[i] for i in keep], dtype=np.float64)
+    mc, mi = M.margin_by_correctness(m, cp[keep])
+    return {"mean": float(m.mean()), "mean_correct": mc, "mean_incorrect": mi,
+            "deciles": M.flip_rate_by_margin_decile(m, flipped[keep])}
+
+
 def summarize_task(
     rows: Iterable[SampleRow | Mapping[str, Any]],
     *,
@@ -450,66 +609,98 @@ def summarize_task(
     nonfinite: Mapping[str, int] | None = None,
     task: str | None = None,
 ) -> dict[str, Any]:
-    """Every figure of SPEC §2 for one task (or any pooled set of rows), JSON-serialisable.
+    """Every figure of the README's "What is measured" for one task (or any pooled set of rows).
 
-    Keys: task, kind, n, correct_metric, acc_P, acc_C, delta_acc, delta_acc_ci [lo, hi] (paired
-    bootstrap 95 %), flips, flips_c2i, flips_i2c, n_c2i, n_i2c, answer_changes, mcnemar_p,
-    kl_options {mean, median, p95, p99, max, n, nonfinite}, kl_vocab {mean, median, p99, tokens,
-    nonfinite, top1_agree}, top1_agree, margin {mean_correct, mean_incorrect, deciles},
-    identical_output (generative), norm (the acc_norm variant: the accuracy figures recomputed with
-    length-normalised predictions), nonfinite (as given). Unmeasured figures are None.
+    Keys: task, kind, n, metric (the headline metric: acc_norm, acc, exact_match, ...; a pooled set
+    of tasks lists each), filter, correct_metric, acc_P, acc_C, delta_acc, delta_acc_ci [lo, hi]
+    (paired bootstrap 95 %), flips, flips_c2i, flips_i2c, n_c2i, n_i2c, answer_changes, mcnemar_p,
+    margin {mean, mean_correct, mean_incorrect, deciles} (all these under the headline metric: each
+    row's, see set_headline), by_metric {"acc": {...}, "acc_norm": {...}} (the same figures under
+    each metric, where the task reports acc_norm; else None), kl_options {mean, median, p95, p99,
+    max, n, nonfinite}, kl_vocab {mean, median, p99, tokens, nonfinite, top1_agree}, top1_agree,
+    identical_output (generative), nonfinite (as given). Unmeasured figures are None.
     """
     rs = [_as_row(r) for r in rows]
     if not rs:
         raise FlipcheckError(f"{task or 'task'}: no rows to summarise")
     kinds = sorted({r.kind for r in rs})
     tasks = sorted({r.task for r in rs})
-    cp = np.array([r.correct_P for r in rs], dtype=bool)
-    cc = np.array([r.correct_C for r in rs], dtype=bool)
-    pp, pc = [_hashable(r.pred_P) for r in rs], [_hashable(r.pred_C) for r in rs]
     out: dict[str, Any] = {
         "task": task or (tasks[0] if len(tasks) == 1 else "all"),
         "kind": kinds[0] if len(kinds) == 1 else "mixed",
         "n": len(rs),
+        "metric": ", ".join(sorted({_row_metric(r) for r in rs})),
+        "filter": ", ".join(sorted({r.filter for r in rs if r.filter})) or None,
     }
-    out.update(_accuracy_block(cp, cc, pp, pc, n_boot, seed))
+    by_metric = {m: _metric_block(rs, m, n_boot, seed) for m in METRICS} if _has_norm(rs) else None
+    heads = {r.headline for r in rs}
+    if by_metric and len(heads) == 1:
+        out.update(by_metric[next(iter(heads)) or "acc"])
+    else:
+        out.update(_metric_block(rs, "headline", n_boot, seed))
+    out["by_metric"] = by_metric
     out["kl_options"] = M.summary_stats([r.kl_options for r in rs])
     vb = _vocab_block(rs)
     out["kl_vocab"] = vb
     out["top1_agree"] = vb.get("top1_agree") if vb else None
-    with_margin = [r for r in rs if r.margin_P is not None]
-    if with_margin:
-        m = np.array([r.margin_P for r in with_margin], dtype=np.float64)
-        mp = np.array([r.correct_P for r in with_margin], dtype=bool)
-        fl = np.array([r.flipped for r in with_margin], dtype=bool)
-        mc, mi = M.margin_by_correctness(m, mp)
-        out["margin"] = {
-            "mean": float(m.mean()),
-            "mean_correct": mc,
-            "mean_incorrect": mi,
-            "deciles": M.flip_rate_by_margin_decile(m, fl),
-        }
-    else:
-        out["margin"] = None
     gen = [r for r in rs if r.kind == "generate_until"]
     out["identical_output"] = float(np.mean([r.output_P == r.output_C for r in gen])) if gen else None
-    normed = [r for r in rs if r.correct_norm_P is not None and r.correct_norm_C is not None]
-    if normed and len(normed) == len(rs):
-        out["norm"] = _accuracy_block(
-            np.array([r.correct_norm_P for r in rs], dtype=bool),
-            np.array([r.correct_norm_C for r in rs], dtype=bool),
-            [r.pred_norm_P for r in rs],
-            [r.pred_norm_C for r in rs],
-            n_boot,
-            seed,
-        )
-    else:
-        out["norm"] = None
     out["correct_metric"] = ", ".join(sorted({r.metric for r in rs if r.metric})) or None
     out["nonfinite"] = dict(nonfinite) if nonfinite else None
-    return _clean(out)
+    return jsonable(out)
 
 
+def summarize_group(
+    name: str,
+    leaf_rows: Mapping[str, list[SampleRow]],
+    leaf_summaries: Mapping[str, dict[str, Any]],
+    weights: Mapping[str, float] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One row for an lm-eval group, aggregated as lm-eval aggregates it, its subtasks beneath.
+
+    `weights` gives each subtask's share of the group's figures (they sum to 1), from the group's
+    ``aggregate_metric_list``; None, or shares proportional to the subtasks' sizes
+    (``weight_by_size``, lm-eval's default), pools the group's questions: every figure is then the
+    micro figure over the group, with the bootstrap over its questions. Other shares (a group that
+    averages its subtasks unweighted) give acc, Δacc, flips and answer changes as the weighted
+    means of the subtasks' figures, with Δacc's interval from a bootstrap stratified by subtask;
+    KL, margins and McNemar stay pooled over the group's questions.
+    """
+    rows_all = [r for t in leaf_rows for r in leaf_rows[t]]
+    out = summarize_task(rows_all, n_boot=n_boot, seed=seed, task=name)
+    sizes = {t: len(rs) for t, rs in leaf_rows.items() if rs}
+    total = sum(sizes.values())
+    pooled = weights is None or all(abs(weights.get(t, 0.0) - n / total) < 1e-9 for t, n in sizes.items())
+    out["aggregation"] = "size-weighted" if pooled else "weighted mean of subtasks"
+    out["weights"] = None if pooled else {t: float(weights.get(t, 0.0)) for t in sizes}
+    if not pooled:
+        _reweight(out, leaf_rows, leaf_summaries, weights, n_boot, seed)
+    out["subtasks"] = {t: dict(leaf_summaries[t]) for t in leaf_summaries}
+    return jsonable(out)
+
+
+def _reweight(out: dict, leaf_rows: Mapping[str, list[SampleRow]], leaf_summaries: Mapping[str, dict],
+              weights: Mapping[str, float], n_boot: int, seed: int) -> None:
+    tasks = [t for t in leaf_rows if leaf_rows[t]]
+    w = [float(weights.get(t, 0.0)) for t in tasks]
+
+    def redo(block: dict, get, views) -> None:
+        for k in _FIGURES:
+            vals = [get(t).get(k) for t in tasks]
+            block[k] = None if any(v is None for v in vals) else float(sum(a * b for a, b in zip(w, vals, strict=True)))
+        strata = [(np.array([v[0] for v in views(t)], bool), np.array([v[1] for v in views(t)], bool)) for t in tasks]
+        ci = M.stratified_bootstrap_delta_ci(strata, w, n_boot=n_boot, seed=seed)
+        block["delta_acc_ci"] = list(ci) if ci else None
+
+    redo(out, lambda t: leaf_summaries[t], lambda t: [r.view() for r in leaf_rows[t]])
+    for m, block in (out.get("by_metric") or {}).items():
+        if all((leaf_summaries[t].get("by_metric") or {}).get(m) for t in tasks):
+            redo(block, lambda t, m=m: leaf_summaries[t]["by_metric"][m],
+                 lambda t, m=m: [(r.correct_P, r.correct_C) if m == "acc" else (r.correct_norm_P, r.correct_norm_C)
+                                 for r in leaf_rows[t]])
 def _hashable(x: Any) -> Any:
     return json.dumps(x, sort_keys=True) if isinstance(x, list | dict) else x
 
@@ -530,8 +721,9 @@ def aggregate(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Figures over all tasks: ``micro`` pools every question (each question weighs the same),
-    ``macro`` averages the per-task figures (each task weighs the same).
+    """Figures over all tasks: ``micro`` pools every question of `rows_by_task` (each question weighs
+    the same), ``macro`` averages the figures of `summaries`, the tasks as the user named them (each
+    weighs the same: a group such as mmlu counts once, not once per subject).
 
     micro has the shape of a task summary (``task`` = "micro"); macro holds the means over tasks of
     acc_P, acc_C, delta_acc, flips, flips_c2i, flips_i2c, answer_changes, top1_agree,
@@ -547,4 +739,4 @@ def aggregate(
     for k in ("kl_options", "kl_vocab"):
         m = _mean([(s.get(k) or {}).get("mean") for s in ss])
         macro[k] = None if m is None else {"mean": m}
-    return {"micro": micro, "macro": _clean(macro)}
+    return {"micro": micro, "macro": jsonable(macro)}
