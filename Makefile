@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 # Debian's Chromium for the test that opens report.html in a real headless browser. Best effort:

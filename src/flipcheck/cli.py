@@ -69,6 +69,10 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available)")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate figure: acc or acc_norm (default: acc_norm where a task reports it)")]
+Filter = Annotated[str | None, typer.Option("--filter", help="lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)")]
+KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail) or exact (parent in lock-step, 2 passes per child)")]
+PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a group its own row and verdict (default: a group is one row, as named)")]
 
 
 @app.command("eval")
@@ -88,22 +92,33 @@ def eval_cmd(
     cache_dir: Annotated[Path | None, typer.Option(help="parent cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="do not read or write cached results")] = False,
     noise_floor: Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself at another batch size")] = False,
+    metric: Metric = None,
+    filter_: Filter = None,
+    per_subtask: PerSubtask = False,
+    kl: KlMethod = "topk",
     verbose: Verbose = False,
 ) -> None:
     """Score PARENT and CHILD on the same lm-eval instances; report accuracy, flips and KL."""
     _setup_logging(verbose)
     from flipcheck.evaluation.runner import evaluate
+    from flipcheck.evaluation.samples import check_metric
 
     def go():
+        check_metric(metric)  # a bad value fails before any model is looked up
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
         report = evaluate(
             None if parent == "-" else parent, children, tasks=tasks, out=out, include_path=include_path,
             num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl,
         )
         _show(report, out)
 
     _run(go)
+
+
+def _verdict(line: str) -> None:
+    console.print(line, markup=False, highlight=False)  # "[acc_norm]" in a verdict is text, not markup
 
 
 def _show(report: dict, out: Path | None) -> None:
@@ -120,6 +135,8 @@ def compare_cmd(
     child_samples: Annotated[Path, typer.Argument(help="the child's file for the same task")],
     task: Annotated[str | None, typer.Option(help="task name (default: from the file name)")] = None,
     out: Annotated[Path | None, typer.Option(help="write report.json etc. here")] = None,
+    metric: Metric = None,
+    filter_: Filter = None,
     verbose: Verbose = False,
 ) -> None:
     """Flips, answer changes, KL over options and margins from two existing lm-eval sample files."""
@@ -127,7 +144,7 @@ def compare_cmd(
     from flipcheck.evaluation.compare import compare
 
     def go():
-        report = compare(parent_samples, child_samples, task=task, out=out)
+        report = compare(parent_samples, child_samples, task=task, out=out, metric=metric, filter_name=filter_)
         _show(report, out)
 
     _run(go)
@@ -139,7 +156,7 @@ def compress_cmd(
     method: Annotated[list[str], typer.Option("--method", "-m", help="method name; repeat for a chain (applied in order)")],
     out: Annotated[Path, typer.Option(help="folder for the child (Hugging Face format + flipcheck.json)")],
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="key=value setting; prefix with METHOD. in a chain")] = None,
-    calibration: Annotated[str, typer.Option(help="'demo', a .txt/.jsonl file or folder, or hf:NAME[:CONFIG[:SPLIT]]")] = "demo",
+    calibration: Annotated[str | None, typer.Option(help="a .txt/.jsonl file or folder, hf:NAME[:CONFIG[:SPLIT]], or 'demo' (default: the parent's own, else wikitext-2 train)")] = None,
     calibration_samples: Annotated[int, typer.Option(help="calibration sequences")] = 32,
     calibration_len: Annotated[int, typer.Option(help="tokens per calibration sequence")] = 256,
     seed: int = 0,
@@ -213,12 +230,14 @@ def gate_cmd(
     max_kl: Annotated[str | None, typer.Option(help="largest allowed mean KL, e.g. 0.01")] = None,
     min_acc_delta: Annotated[str | None, typer.Option(help="smallest allowed accuracy change, e.g. -1%")] = None,
     min_acc: Annotated[str | None, typer.Option(help="smallest allowed child accuracy, e.g. 60%")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="judge acc or acc_norm where a task has it (default: the report's headline)")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
 
     def go():
-        ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, echo=console.print)
+        ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
+                      metric=metric, echo=_verdict)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)
@@ -233,23 +252,27 @@ def run_cmd(
     limit: Annotated[float | None, typer.Option(help="override the questions per task")] = None,
     calibration: Annotated[str | None, typer.Option(help="override the calibration source")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="result cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
+    metric: Metric = None,
+    filter_: Filter = None,
+    per_subtask: PerSubtask = False,
+    kl: Annotated[str | None, typer.Option("--kl", help="override the recipe's vocabulary KL: topk or exact")] = None,
     verbose: Verbose = False,
 ) -> None:
     """Compress, evaluate every child against the parent, write the report, apply the recipe's gate."""
     _setup_logging(verbose)
+    from flipcheck.evaluation.samples import check_metric
+    from flipcheck.recipes.runner import run_recipe
     from flipcheck.recipes.schema import load_recipe
-    from flipcheck.sweep import run_recipe
 
     def go():
         r = load_recipe(recipe)
         update: dict = {}
         if parent:
             update["parent"] = parent
-        if tasks or limit is not None:
-            ev = r.evaluation.model_copy(
-                update={k: v for k, v in {"tasks": tasks.split(",") if tasks else None, "limit": limit}.items() if v is not None}
-            )
-            update["evaluation"] = ev
+        overrides = {"tasks": tasks.split(",") if tasks else None, "limit": limit, "metric": check_metric(metric),
+                     "filter": filter_, "per_subtask": per_subtask or None, "kl": _kl_choice(kl)}
+        if any(v is not None for v in overrides.values()):
+            update["evaluation"] = r.evaluation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if calibration:
             update["calibration"] = r.calibration.model_copy(update={"source": calibration})
         r = r.model_copy(update=update)
@@ -259,10 +282,18 @@ def run_cmd(
         if r.gate is not None:
             from flipcheck.gate import run_gate
 
-            ok = run_gate(folder / "report.json", **r.gate.budgets(), echo=console.print)
+            ok = run_gate(folder / "report.json", **r.gate.budgets(), echo=_verdict)
             raise typer.Exit(0 if ok else 1)
 
     _run(go)
+
+
+def _kl_choice(kl: str | None) -> str | None:
+    from flipcheck.evaluation.kl import KL_METHODS
+
+    if kl is not None and kl not in KL_METHODS:
+        raise FlipcheckError(f"--kl {kl!r}: allowed are {', '.join(KL_METHODS)}")
+    return kl
 
 
 @app.command("sweep")
@@ -277,26 +308,33 @@ def sweep_cmd(
     num_fewshot: int | None = None,
     limit: float | None = None,
     batch_size: int = 16,
-    calibration: Annotated[str, typer.Option(help="calibration source")] = "demo",
+    calibration: Annotated[str | None, typer.Option(help="calibration source (default: the parent's own, else wikitext-2 train)")] = None,
     calibration_samples: int = 32,
     calibration_len: int = 256,
     device: Device = None,
     dtype: Dtype = None,
     cache_dir: Annotated[Path | None, typer.Option()] = None,
+    metric: Metric = None,
+    filter_: Filter = None,
+    per_subtask: PerSubtask = False,
+    kl: KlMethod = "topk",
     verbose: Verbose = False,
 ) -> None:
     """Evaluate one method at several strengths against one parent (evaluated once)."""
     _setup_logging(verbose)
     from flipcheck.compressors.registry import parse_set_options
-    from flipcheck.sweep import parse_grid, sweep
+    from flipcheck.evaluation.samples import check_metric
+    from flipcheck.recipes.runner import parse_grid, sweep
 
     def go():
+        check_metric(metric)
         folder = out or Path("runs") / f"sweep-{method}"
         report = sweep(
             parent, method, parse_grid(grid), tasks=tasks, out=folder, settings=parse_set_options(set_),
             calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
             include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl,
         )
         _show(report, folder)
 

@@ -44,7 +44,7 @@ def run_demo(out: str | Path, *, retrain: bool = False, quick: bool = False, con
     """Train or load the demo parent, run the demo recipe into `out`, print the summary."""
     from flipcheck.demo import demo_model_path
     from flipcheck.evaluation.report import render_table
-    from flipcheck.sweep import run_recipe
+    from flipcheck.recipes.runner import run_recipe
 
     console = console or Console()
     t0 = time.perf_counter()

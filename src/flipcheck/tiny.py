@@ -115,9 +115,9 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
     import tempfile
     import zipfile
 
-    root = Path(cache_dir) if cache_dir is not None else Path(
-        os.environ.get("FLIPCHECK_CACHE", Path.home() / ".cache" / "flipcheck")
-    )
+    from flipcheck.files import cache_root
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     out = root / "models" / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out

@@ -114,7 +114,7 @@ def test_tables_show_hand_checkable_figures(synthetic):
     flipped_a = [r for r in rows if r["child"] == "noise-0.1" and r["task"] == "task_a" and r["correct_P"] != r["correct_C"]]
     assert c1["flips"] == pytest.approx(len(flipped_a) / 40)
     md = report_markdown(report, rows)
-    assert f"| noise-0.1 | task_a | 40 | {100 * c1['acc_P']:.1f}% | {100 * c1['acc_C']:.1f}% |" in md
+    assert f"| noise-0.1 | task_a (acc) | 40 | {100 * c1['acc_P']:.1f}% | {100 * c1['acc_C']:.1f}% |" in md
     assert f"{100 * c1['flips']:.1f}% ({100 * c1['flips_c2i']:.1f}% / {100 * c1['flips_i2c']:.1f}%)" in md
     n_flipped = sum(r["correct_P"] != r["correct_C"] for r in rows)
     assert f"## Flipped questions ({n_flipped})" in md

@@ -2,12 +2,13 @@
 
 The flow for one child and one task:
 
-1. parent results cached (same parent fingerprint and settings)? Score only the child, with KL over
-   the vocabulary taken against the parent's stored top-K distributions.
-2. otherwise run parent and child in lock-step on the same batches (exact KL over the whole
-   vocabulary), replay the parent's recorded answers through lm-eval to get its per-sample
-   metrics without a second forward, and cache the parent's results for the next child.
-3. join the two per-sample lists on doc_id and compute every figure of SPEC section 2.
+1. the parent's results: from the cache (same parent identity and settings), or from a run of the
+   parent alone (its own tokenizer and max length), then cached, so they never depend on a child.
+2. the child's results, its vocabulary KL computed one way for every child of the report
+   (``EvalSettings.kl``): ``topk`` against the parent's stored top-K log-probs and sampled tail
+   tokens (K+1 passes for K children), or ``exact`` with the parent run in lock-step (2 per child).
+3. join the two per-sample lists on doc_id and compute every figure (README, "What is measured"),
+   per task as the user named it (an lm-eval group is one row, its subtasks beneath).
 
 Each finished (child, task) pair is cached too, so an interrupted run resumes where it stopped.
 """
@@ -15,8 +16,9 @@ Each finished (child, task) pair is cached too, so an interrupted run resumes wh
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -27,21 +29,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from flipcheck import __version__
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
-from flipcheck.evaluation.tasks import _include_paths, resolve_tasks, task_manager
+from flipcheck.evaluation.kl import DEFAULT_TOPK, kl_method
+from flipcheck.evaluation.report.schema import child_entry, new_report
+from flipcheck.evaluation.tasks import (
+    _include_paths,
+    check_filter,
+    leaf_weights,
+    packaged_task_dir,
+    resolve_tasks,
+    task_manager,
+    task_tree,
+)
 from flipcheck.models import (
-    check_source,
+    ModelSource,
     fingerprint,
     load_model,
     load_tokenizer,
-    read_provenance,
     resolve_device,
     resolve_dtype,
+    resolve_source,
 )
 
 log = logging.getLogger(__name__)
+
+# Version of what a child's cached records mean (2: each distinct scored position counted once, NaN/inf
+# counts per record); part of every child key, so entries of an older engine are never reused.
+ENGINE_VERSION = 2
 
 
 @dataclass
@@ -54,13 +69,20 @@ class EvalSettings:
     limit: int | float | None = None
     seed: int = 1234
     batch_size: int = 16
-    topk: int = 64  # parent top-K log-probs kept per scored position for KL against a cached parent
+    topk: int = DEFAULT_TOPK  # parent top-K log-probs kept per scored position for KL against a cached parent
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
     n_boot: int = 1000
+    metric: str | None = None  # headline and gate figure: acc or acc_norm (default: acc_norm where reported)
+    filter: str | None = None  # lm-eval filter of generative tasks (default: the task's first)
+    per_subtask: bool = False  # every leaf task its own row (default: groups as one row, as named)
+    kl: str = "topk"  # vocabulary KL of every child: "topk" (bound from the parent's top-K) or "exact" (lock-step)
 
     def __post_init__(self) -> None:
+        from flipcheck.evaluation.samples import check_metric
+
+        check_metric(self.metric)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise FlipcheckError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit <= 0:
@@ -69,17 +91,21 @@ class EvalSettings:
             raise FlipcheckError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.topk < 1:
             raise FlipcheckError(f"topk must be >= 1, got {self.topk}")
+        from flipcheck.evaluation.kl import KL_METHODS
+
+        if self.kl not in KL_METHODS:
+            raise FlipcheckError(f"kl={self.kl!r}: allowed are {', '.join(KL_METHODS)}")
 
     def key_fields(self) -> dict[str, Any]:
+        """Every setting that changes scores (a field added later enters by default)."""
         import lm_eval
 
         dev = resolve_device(self.device)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_IN_KEY}
         return {
-            "num_fewshot": self.num_fewshot,
-            "limit": self.limit,
-            "seed": self.seed,
-            "topk": self.topk,
+            **fields,
             "dtype": str(resolve_dtype(self.dtype, dev)),
+            "device_kind": "cuda" if dev == "auto" else dev.split(":")[0],
             "lm_eval": getattr(lm_eval, "__version__", "?"),
             # content of the user's local task folders (a private task edited -> new results)
             "task_files": cache_mod.folder_content_hash(_user_include_paths(self.include_path)),
@@ -96,55 +122,99 @@ class EvalSettings:
             "topk": self.topk,
             "device": resolve_device(self.device),
             "dtype": str(resolve_dtype(self.dtype, resolve_device(self.device))).replace("torch.", ""),
+            "metric": self.metric or "acc_norm where reported",
+            "filter": self.filter,
+            "per_subtask": self.per_subtask,
+            "kl": self.kl,
         }
 
 
-def _user_include_paths(include_path) -> tuple[str, ...]:
-    from flipcheck.demo import demo_task_dir
+# Settings that do not change per-sample scores: which tasks (the unit is keyed), where task files
+# live (their content is keyed), batch size (numerics only: the noise floor measures it), bootstrap.
+_NOT_IN_KEY = {"tasks", "include_path", "batch_size", "trust_remote_code", "n_boot", "device", "dtype",
+               "metric", "filter", "per_subtask",  # these three choose among the samples every run keeps
+               "kl"}  # how a child's KL is computed: in the child's key only (the parent's results are the same)
 
-    demo = str(demo_task_dir())
-    return tuple(p for p in _include_paths(include_path) if p != demo)
+
+def _task_config_hash(unit: str, include_path) -> str | None:
+    """lm-eval's config of `unit` (and its YAML's content) from the task index; None when it has none."""
+    try:
+        entry = task_manager(include_path, [unit]).task_index.get(unit)
+    except Exception:  # the task names were checked already; an index without the entry keys nothing
+        return None
+    if entry is None:
+        return None
+    get = entry.get if isinstance(entry, dict) else lambda name: getattr(entry, name, None)
+    h = hashlib.sha256(json.dumps(get("cfg"), sort_keys=True, default=str).encode())
+    path = get("yaml_path")
+    if path is not None and os.path.isfile(str(path)):
+        h.update(Path(str(path)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _user_include_paths(include_path) -> tuple[str, ...]:
+    packaged = str(packaged_task_dir())
+    return tuple(p for p in _include_paths(include_path) if p != packaged)
 
 
 def _unit_files(unit: str) -> str | None:
     """The packaged demo tasks' content enters only the keys of demo task units."""
-    from flipcheck.demo import demo_task_dir
-
     if not unit.startswith("flipcheck_demo"):
         return None
-    return cache_mod.folder_content_hash((str(demo_task_dir()),))
+    return cache_mod.folder_content_hash((str(packaged_task_dir()),))
 
 
 @dataclass
 class ModelRef:
-    """A model to evaluate: where it comes from, and (lazily) the loaded weights."""
+    """A model to evaluate: its resolved source (identity), and lazily its tokenizer and weights.
+
+    `source` is what the user wrote (hub id or folder) or a :class:`ModelSource`; it is resolved
+    once, and fingerprint, tokenizer and weights all come from that one resolution.
+    """
 
     name: str
-    source: str | None
+    source: str | ModelSource | None
     model: torch.nn.Module | None = None
     tokenizer: Any = None
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # method, settings, strength, compression reports
+    resolved: ModelSource | None = field(default=None, repr=False)
+    _identity: tuple[Any, dict[str, Any]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, ModelSource):
+            self.resolved, self.source = self.source, self.source.spec
+
+    def src(self) -> ModelSource:
+        if self.resolved is None:
+            if self.source is None:
+                raise FlipcheckError(f"model {self.name!r} has neither weights nor a source")
+            self.resolved = resolve_source(self.source)
+        return self.resolved
 
     def ensure_identity(self, settings: EvalSettings) -> None:
-        """Tokenizer and fingerprint, without loading the weights when flipcheck.json has them."""
+        """Tokenizer and fingerprint, without loading the weights."""
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.source, trust_remote_code=settings.trust_remote_code)
+            self.tokenizer = load_tokenizer(self.src(), trust_remote_code=settings.trust_remote_code)
         if self.fingerprint is None:
-            self.fingerprint = cached_fingerprint(self.source, self.model)
+            self.fingerprint = cached_fingerprint(self.resolved or self.source, self.model)
 
     def ensure_loaded(self, settings: EvalSettings) -> None:
         if self.model is None:
-            if self.source is None:
-                raise FlipcheckError(f"model {self.name!r} has neither weights nor a source")
             log.info("loading %s", self.source)
             self.model = load_model(
-                self.source, device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
+                self.src(), device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
             )
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.source, trust_remote_code=settings.trust_remote_code)
-        if self.fingerprint is None:
-            self.fingerprint = cached_fingerprint(self.source, self.model)
+        self.ensure_identity(settings)
+
+    def identity_key(self) -> dict[str, Any]:
+        """What besides the fingerprint changes this model's scores: tokenizer, config (max length)."""
+        if self._identity is None or self._identity[0] is not self.tokenizer:
+            self._identity = (self.tokenizer, {
+                "tokenizer": tokenizer_key(self.tokenizer) if self.tokenizer is not None else None,
+                "config": self.src().config_hash() if self.source is not None else None,
+            })
+        return self._identity[1]
 
     def release(self) -> None:
         """Drop the weights (a sweep keeps one child in memory at a time)."""
@@ -152,45 +222,41 @@ class ModelRef:
             self.model = None
 
 
-def _stat_key(source: str) -> str | None:
-    p = Path(source)
-    if not p.is_dir():
-        return None
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        return None
-    parts = [str(p.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
-
-
-def cached_fingerprint(source: str | None, model: torch.nn.Module | None) -> str:
-    """A model's fingerprint: from its flipcheck.json, a memo keyed by file stats, or the weights."""
-    if source is not None and os.path.isdir(source):
-        prov = read_provenance(source)
-        if prov and prov.get("fingerprint") and not prov.get("loader"):
-            # flipcheck wrote it from the in-memory weights it saved
-            return prov["fingerprint"]
-        key = _stat_key(source)
-        memo = cache_mod.default_cache_dir() / "fingerprints" / f"{key}.txt" if key else None
-        if memo is not None and memo.is_file():
-            return memo.read_text().strip()
-        if model is None:
-            model = load_model(source, device="cpu", dtype="float32")
-        fp = fingerprint(model)
-        if memo is not None:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(fp)
-            os.replace(tmp, memo)
-        return fp
+def cached_fingerprint(source: str | ModelSource | None, model: torch.nn.Module | None = None) -> str:
+    """A model's fingerprint: from its resolved source (never loading weights), or the in-memory weights."""
+    if source is not None:
+        return resolve_source(source).fingerprint
     if model is None:
-        raise FlipcheckError(f"cannot fingerprint {source!r}: no weights")
+        raise FlipcheckError("cannot fingerprint a model with neither a source nor weights")
     return fingerprint(model)
 
 
 def tokenizer_hash(tok) -> str:
+    """The vocabulary (token -> id): parent and child must share it for flips and KL to mean anything."""
     vocab = sorted(tok.get_vocab().items())
     return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+
+_TOKENIZER_PROBE = "Question: The  café's answer is 42.\nAnswer:"
+
+
+def tokenizer_key(tok) -> str:
+    """Everything about a tokenizer that changes scores: vocabulary, merges, normalisation, added and
+    special tokens, BOS/EOS handling (the fast tokenizer's full pipeline without its padding state),
+    the length limit, and how a probe text encodes."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    parts: dict[str, Any] = {"vocab": tokenizer_hash(tok)}
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+        parts["pipeline"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    parts["special"] = {k: str(v) for k, v in sorted(tok.special_tokens_map.items()) if k != "pad_token"}
+    parts["added"] = sorted((i, repr(t)) for i, t in getattr(tok, "added_tokens_decoder", {}).items())
+    for attr in ("add_bos_token", "add_eos_token", "model_max_length"):
+        parts[attr] = getattr(tok, attr, None)
+    parts["probe"] = tok(_TOKENIZER_PROBE)["input_ids"]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Header fields lm-eval's simple_evaluate adds to its results after scoring; flipcheck reads only the
@@ -262,25 +328,39 @@ class Evaluator:
         self.units = resolve_tasks(settings.tasks, settings.include_path)
         settings.tasks = self.units
         self._key_fields = settings.key_fields()
+        self.trees = {u: task_tree(u, settings.include_path) for u in self.units}  # groups, to report as named
+        check_filter(list(self.trees.values()), settings.filter)
+        _refuse_rolling(self.trees, settings.include_path)
+        self._task_configs: dict[str, str | None] = {}
         self.parent_passes = 0  # model passes of the parent made by this evaluator (for tests/benchmarks)
 
     # -- keys ---------------------------------------------------------------------------------
+    def _unit_fields(self, unit: str) -> dict[str, Any]:
+        if unit not in self._task_configs:
+            self._task_configs[unit] = _task_config_hash(unit, self.settings.include_path)
+        return {"unit": unit, "unit_files": _unit_files(unit), "task_config": self._task_configs[unit]}
+
     def _parent_key(self, unit: str) -> str:
         return cache_mod.entry_key(
-            role="parent", model=self.parent.fingerprint, unit=unit, unit_files=_unit_files(unit), **self._key_fields
+            role="parent", model=self.parent.fingerprint, **self.parent.identity_key(), **self._unit_fields(unit),
+            **self._key_fields, engine=ENGINE_VERSION,
         )
 
-    def _child_key(self, child: ModelRef, unit: str) -> str:
+    def _child_key(self, child: ModelRef, unit: str, method: str | None = None) -> str:
         return cache_mod.entry_key(
-            role="child", model=child.fingerprint, parent=self.parent.fingerprint, unit=unit,
-            unit_files=_unit_files(unit), **self._key_fields,
+            role="child", model=child.fingerprint, **child.identity_key(), parent=self.parent.fingerprint,
+            parent_identity=self.parent.identity_key(), **self._unit_fields(unit), **self._key_fields,
+            kl=method or self.settings.kl, engine=ENGINE_VERSION,
         )
 
     # -- one child ----------------------------------------------------------------------------
-    def evaluate_child(self, child: ModelRef, *, batch_size: int | None = None) -> tuple[dict, list[dict]]:
-        """Per-task summaries and per-sample rows of one child against the parent."""
-        from flipcheck.evaluation.lm import FlipLM, Record, ReplayLM
-        from flipcheck.evaluation.samples import aggregate, build_rows, summarize_task
+    def evaluate_child(
+        self, child: ModelRef, *, batch_size: int | None = None, kl: str | None = None
+    ) -> tuple[dict, list[dict]]:
+        """Per-task summaries and per-sample rows of one child against the parent; `kl` overrides the
+        settings' vocabulary-KL method (the noise floor's is always ``topk``)."""
+        from flipcheck.evaluation.records import nonfinite_by_task
+        from flipcheck.evaluation.samples import aggregate, build_rows, set_headline, summarize_task
 
         self.parent.ensure_identity(self.settings)
         child.ensure_identity(self.settings)
@@ -292,70 +372,99 @@ class Evaluator:
         summaries: dict[str, dict] = {}
         rows_by_task: dict[str, list] = {}
         all_rows: list[dict] = []
+        unit_tasks: dict[str, list[str]] = {}  # the leaf tasks lm-eval ran for each named task or group
+        method = kl or self.settings.kl
+        kl_method(method, self.settings.topk)  # an unknown method fails before any model runs
         for unit in self.units:
-            ckey = self._child_key(child, unit)
-            hit = self.cache.get(ckey, Record)
-            pkey = self._parent_key(unit)
-            parent_hit = self.cache.get(pkey, Record)
-            if hit is not None and parent_hit is not None:
-                log.info("%s / %s: finished in an earlier run (cache)", child.name, unit)
-                child_samples, child_records = hit
-                parent_samples, _ = parent_hit
-                nonfinite: dict[str, int] = {}
-            else:
-                child.ensure_loaded(self.settings)
-                if parent_hit is not None:
-                    parent_samples, parent_records = parent_hit
-                    lm = FlipLM(
-                        child.model, child.tokenizer, batch_size=batch_size or self.settings.batch_size,
-                        reference=parent_records, topk=self.settings.topk,
-                    )
-                    child_samples, _ = _lm_eval_samples(lm, unit, self.settings)
-                else:
-                    self.parent.ensure_loaded(self.settings)
-                    lm = FlipLM(
-                        child.model, child.tokenizer, batch_size=batch_size or self.settings.batch_size,
-                        reference=self.parent.model, topk=self.settings.topk,
-                        reference_tokenizer=self.parent.tokenizer,
-                    )
-                    child_samples, _ = _lm_eval_samples(lm, unit, self.settings)
-                    self.parent_passes += 1
-                    parent_records = lm.reference_records
-                    parent_samples, _ = _lm_eval_samples(ReplayLM(parent_records), unit, self.settings)
-                    self.cache.put(pkey, parent_samples, parent_records, {"unit": unit, "parent": self.parent.source})
-                child_records = lm.records
-                nonfinite = dict(lm.nonfinite)
-                self.cache.put(ckey, child_samples, child_records, {"unit": unit, "child": child.source})
+            parent_samples, parent_records = self._parent_results(unit)
+            child_samples, child_records = self._child_results(child, unit, parent_records, batch_size, method)
+            nonfinite = {"parent": nonfinite_by_task(parent_records), "child": nonfinite_by_task(child_records)}
+            unit_tasks[unit] = sorted(child_samples)
             for task in sorted(child_samples):
                 if task not in parent_samples:
                     raise FlipcheckError(f"{unit}: parent has no samples for subtask {task!r}; clear the cache")
-                rows = build_rows(task, parent_samples[task], child_samples[task], vocab=_vocab_by_doc(child_records, task))
-                summary = summarize_task(rows, n_boot=self.settings.n_boot, seed=self.settings.seed)
-                if nonfinite.get(task):
-                    summary["nonfinite_positions"] = nonfinite[task]
-                    log.warning("%s / %s: %d scored positions had NaN/inf logits", child.name, task, nonfinite[task])
+                rows = build_rows(task, parent_samples[task], child_samples[task], vocab=_vocab_by_doc(child_records, task),
+                                  filter_name=self.settings.filter)
+                set_headline(rows, self.settings.metric, task)
+                bad = {who: counts.get(task, 0) for who, counts in nonfinite.items()}
+                summary = summarize_task(rows, n_boot=self.settings.n_boot, seed=self.settings.seed, nonfinite=bad)
+                if any(bad.values()):
+                    log.warning("%s / %s: scored positions with NaN/inf logits: parent %d, child %d",
+                                child.name, task, bad["parent"], bad["child"])
                 summaries[task] = summary
                 rows_by_task[task] = rows
                 all_rows.extend({"child": child.name, **_row_dict(r)} for r in rows)
+        summaries = self._named(summaries, rows_by_task, unit_tasks)
         agg = aggregate(summaries, rows_by_task)
-        entry = {
-            "name": child.name,
-            "source": child.source,
-            "fingerprint": child.fingerprint,
-            "method": child.info.get("method"),
-            "settings": child.info.get("settings"),
-            "strength": child.info.get("strength"),
-            "compression": child.info.get("compression", []),
-            "tasks": summaries,
-            "micro": agg.get("micro"),
-            "macro": agg.get("macro"),
-        }
+        entry = child_entry(
+            child.name, summaries, micro=agg.get("micro"), macro=agg.get("macro"), source=child.source,
+            fingerprint=child.fingerprint, method=child.info.get("method"), settings=child.info.get("settings"),
+            strength=child.info.get("strength"), compression=child.info.get("compression", []),
+            kl_method=kl_method(method, self.settings.topk),
+        )
+        if entry["micro"] is not None:  # the pooled figures carry the counts too (the gate judges micro)
+            entry["micro"]["nonfinite"] = _sum_nonfinite(s for n, s in summaries.items() if n != "micro")
         return entry, all_rows
+
+    def _parent_results(self, unit: str) -> tuple[dict, dict]:
+        """The parent's samples and records of one unit: from the cache, or from a run of the parent
+        alone (its own tokenizer, max length and batch size), so they never depend on a child."""
+        from flipcheck.evaluation.lm import FlipLM
+        from flipcheck.evaluation.records import Record
+
+        pkey = self._parent_key(unit)
+        hit = self.cache.get(pkey, Record)
+        if hit is not None:
+            return hit
+        self.parent.ensure_loaded(self.settings)
+        lm = FlipLM(
+            self.parent.model, self.parent.tokenizer, batch_size=self.settings.batch_size, topk=self.settings.topk
+        )
+        samples, _ = _lm_eval_samples(lm, unit, self.settings)
+        self.parent_passes += 1
+        self.cache.put(pkey, samples, lm.records, {"unit": unit, "parent": self.parent.source})
+        return samples, lm.records
+
+    def _child_results(self, child: ModelRef, unit: str, parent_records: dict, batch_size: int | None,
+                       method: str) -> tuple[dict, dict]:
+        """The child's samples and records of one unit, its KL computed by `method` (cached per method):
+        ``topk`` against the parent's stored top-K, ``exact`` with the parent run in lock-step."""
+        from flipcheck.evaluation.lm import FlipLM
+        from flipcheck.evaluation.records import Record
+
+        ckey = self._child_key(child, unit, method)
+        hit = self.cache.get(ckey, Record)
+        if hit is not None:
+            log.info("%s / %s: finished in an earlier run (cache)", child.name, unit)
+            return hit
+        child.ensure_loaded(self.settings)
+        reference: Any = parent_records
+        if method == "exact":
+            self.parent.ensure_loaded(self.settings)
+            reference = self.parent.model
+            self.parent_passes += 1
+        lm = FlipLM(
+            child.model, child.tokenizer, batch_size=batch_size or self.settings.batch_size,
+            reference=reference, topk=self.settings.topk,
+            reference_tokenizer=self.parent.tokenizer if method == "exact" else None,
+        )
+        samples, _ = _lm_eval_samples(lm, unit, self.settings)
+        self.cache.put(ckey, samples, lm.records, {"unit": unit, "child": child.source, "kl": method})
+        return samples, lm.records
+
+    def _named(self, summaries: dict[str, dict], rows_by_task: dict[str, list], unit_tasks: dict[str, list[str]]) -> dict:
+        """The rows as the user named them: a group is one row (its subtasks beneath), unless --per-subtask."""
+        if self.settings.per_subtask:
+            return summaries
+        return named_summaries(
+            self.trees, unit_tasks, summaries, rows_by_task, n_boot=self.settings.n_boot, seed=self.settings.seed
+        )
 
     def noise_floor(self) -> dict:
         """The parent against itself re-run with another batch size: what numerics alone change.
 
-        Scored against the parent's cached results, so KL comes from the stored top-K.
+        Always scored against the parent's stored top-K (the top-K + tail bound, recorded in the
+        entry's ``kl_method``): lock-step would run both sides on the same batches and measure nothing.
         """
         self.parent.ensure_loaded(self.settings)
         bs = 1 if self.settings.batch_size > 1 else 2
@@ -364,30 +473,77 @@ class Evaluator:
             tokenizer=self.parent.tokenizer, fingerprint=f"{self.parent.fingerprint}:batch{bs}",
             info={"method": "noise_floor", "settings": {"batch_size": bs}},
         )
-        for unit in self.units:  # the floor needs the parent's cached results as its reference
-            if self.cache.get(self._parent_key(unit), _record_cls()) is None:
-                self.evaluate_child(ModelRef("parent", None, self.parent.model, self.parent.tokenizer, self.parent.fingerprint))
-                break
-        entry, _ = self.evaluate_child(ref, batch_size=bs)
+        entry, _ = self.evaluate_child(ref, batch_size=bs, kl="topk")
         return entry
 
     def report(self, children_entries: list[dict], noise_floor: dict | None = None) -> dict:
-        return {
-            "schema": "flipcheck.report",
-            "version": 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "flipcheck_version": __version__,
-            "parent": {"source": self.parent.source, "fingerprint": self.parent.fingerprint},
-            "settings": self.settings.public(),
-            "children": children_entries,
-            "noise_floor": noise_floor,
-        }
+        method = kl_method(self.settings.kl, self.settings.topk)
+        for e in children_entries:  # one kind of vocabulary KL per report
+            if e.get("kl_method", method) != method:
+                raise FlipcheckError(
+                    f"{e.get('name')}: its vocabulary KL is {e['kl_method'].get('label')}, the report's "
+                    f"{method['label']}; re-evaluate it with kl={self.settings.kl!r}"
+                )
+        parent = {"source": self.parent.source, "fingerprint": self.parent.fingerprint}
+        if self.parent.resolved is not None and self.parent.resolved.revision:
+            parent["revision"] = self.parent.resolved.revision  # a hub parent: the commit that was scored
+        return new_report(
+            parent, self.settings.public(),
+            children_entries, noise_floor, kl_method=method,
+        )
 
 
-def _record_cls():
-    from flipcheck.evaluation.lm import Record
+def named_summaries(
+    trees: dict[str, Any],
+    unit_tasks: dict[str, list[str]],
+    summaries: dict[str, dict],
+    rows_by_task: dict[str, list],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """One summary per name the user gave: an lm-eval group becomes one row aggregated as lm-eval
+    aggregates it (see samples.summarize_group), with its subtasks under ``subtasks``; a task is
+    its own row, and a tag (a list of tasks, not a group) gives each of its tasks a row."""
+    from flipcheck.evaluation.samples import summarize_group
 
-    return Record
+    out: dict[str, dict] = {}
+    for unit, tasks in unit_tasks.items():
+        tree = trees.get(unit)
+        if tree is None or tree.kind != "group" or tasks == [unit]:
+            out.update({t: summaries[t] for t in tasks})
+            continue
+        leaf_rows = {t: rows_by_task[t] for t in tasks}
+        weights = leaf_weights(tree, {t: len(r) for t, r in leaf_rows.items()})
+        group = summarize_group(unit, leaf_rows, {t: summaries[t] for t in tasks}, weights, n_boot=n_boot, seed=seed)
+        group["nonfinite"] = _sum_nonfinite(summaries[t] for t in tasks)
+        out[unit] = group
+    return out
+
+
+def _refuse_rolling(trees: dict[str, Any], include_path) -> None:
+    """Refuse perplexity tasks (lm-eval's ``loglikelihood_rolling``) before any model runs: they have no
+    answers to flip, and distance on plain text is not supported yet."""
+    for unit, tree in trees.items():
+        index = task_manager(include_path, [unit]).task_index
+        for leaf in tree.leaves():
+            cfg = getattr(index.get(leaf.name), "cfg", None) or {}
+            if isinstance(cfg, dict) and cfg.get("output_type") == "loglikelihood_rolling":
+                where = "" if leaf.name == unit else f" (in {unit})"
+                raise FlipcheckError(
+                    f"task {leaf.name!r}{where} is a perplexity task (loglikelihood_rolling): corpus distance is "
+                    "not supported yet; use multiple-choice or generative tasks"
+                )
+
+
+def _sum_nonfinite(summaries) -> dict[str, int]:
+    """Parent's and child's NaN/inf scored positions summed over task summaries."""
+    out = {"parent": 0, "child": 0}
+    for s in summaries:
+        for who, n in (s.get("nonfinite") or {}).items():
+            if who in out:
+                out[who] += int(n or 0)
+    return out
 
 
 def _row_dict(row) -> dict:
@@ -396,9 +552,10 @@ def _row_dict(row) -> dict:
     return asdict(row) if is_dataclass(row) else dict(row)
 
 
-def child_ref(source: str, name: str | None = None) -> ModelRef:
-    """A child on disk; method and settings from its flipcheck.json when flipcheck made it."""
-    prov = read_provenance(source) if os.path.isdir(source) else None
+def child_ref(source: str | ModelSource, name: str | None = None) -> ModelRef:
+    """A child (folder or hub id); method and settings from its flipcheck.json when flipcheck made it."""
+    ms = resolve_source(source)
+    prov = ms.provenance
     info: dict[str, Any] = {}
     if prov:
         steps = prov.get("recipe") or []
@@ -406,14 +563,16 @@ def child_ref(source: str, name: str | None = None) -> ModelRef:
         info["settings"] = steps[0].get("settings") if len(steps) == 1 else steps
         info["compression"] = prov.get("reports", [])
         info["strength"] = prov.get("strength")
-    return ModelRef(name=name or Path(source).name, source=source, info=info)
+    return ModelRef(name=name or (ms.hub_id or Path(ms.spec).name), source=ms, info=info)
 
 
-def parent_source_for(child: str) -> str:
-    prov = read_provenance(child) if os.path.isdir(child) else None
+def parent_source_for(child: str | ModelSource) -> str:
+    """The parent a child's flipcheck.json names (a hub id, or a folder)."""
+    ms = resolve_source(child)
+    prov = ms.provenance
     if not prov or not prov.get("parent"):
         raise FlipcheckError(
-            f"{child!r} has no flipcheck.json naming its parent; pass the parent explicitly: flipcheck eval PARENT CHILD"
+            f"{ms.spec!r} has no flipcheck.json naming its parent; pass the parent explicitly: flipcheck eval PARENT CHILD"
         )
     return str(prov["parent"])
 
@@ -434,28 +593,36 @@ def evaluate(
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-    topk: int = 64,
+    topk: int = DEFAULT_TOPK,
     noise_floor: bool = False,
+    metric: str | None = None,
+    filter: str | None = None,
+    per_subtask: bool = False,
+    kl: str = "topk",
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
     `parent` may be None when each child's flipcheck.json names it. With `out`, writes
-    report.json, samples.jsonl, report.md and report.html there.
+    report.json, samples.jsonl, report.md and report.html there. `metric` ("acc" or "acc_norm")
+    picks the headline figures (default: acc_norm where a task reports it), `filter` a generative
+    task's lm-eval filter, and `per_subtask` reports every task of a group as its own row. `kl`:
+    every child's vocabulary KL as the top-K + tail lower bound against the parent's stored top-K
+    (``"topk"``, K+1 model passes for K children) or exact with the parent in lock-step (``"exact"``).
     """
     children = [child] if isinstance(child, str) else list(child)
     if not children:
         raise FlipcheckError("no child model given")
-    parent = parent or parent_source_for(children[0])
+    child_sources = [resolve_source(c) for c in children]  # a missing path or hub id fails before any loading
+    parent_src = resolve_source(parent or parent_source_for(child_sources[0]))
     settings = EvalSettings(
         tasks=tasks if isinstance(tasks, list) else [t for t in tasks.split(",") if t.strip()],
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
-        topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
+        per_subtask=per_subtask, kl=kl,
     )
-    for src in [parent, *children]:  # fail on a missing path before any model is loaded
-        check_source(src)
-    ev = Evaluator(ModelRef("parent", parent), settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
+    ev = Evaluator(ModelRef("parent", parent_src), settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
     entries, rows = [], []
-    for c in children:
+    for c in child_sources:
         ref = child_ref(c)
         entry, r = ev.evaluate_child(ref)
         entries.append(entry)
