@@ -363,7 +363,7 @@ def make_models(model_kind: str, args, root: Path):
 
         from flipcheck.tiny import smollm2_folder
 
-        parent_dir = smollm2_folder()
+        parent_dir = smollm2_folder(Path.home() / ".cache" / "flipcheck")  # built once, kept between runs
         tok = AutoTokenizer.from_pretrained(parent_dir)
         parent = AutoModelForCausalLM.from_pretrained(parent_dir, dtype=torch.float32).eval()
     else:
