@@ -155,8 +155,8 @@ def test_sweep_reloads_the_parent_and_never_copies_a_model(parent_dir, task_dir,
     import torch
 
     from flipcheck import models
-    from flipcheck.recipes import runner as sweep_mod
     from flipcheck.compressors import layer_drop
+    from flipcheck.recipes import runner as sweep_mod
 
     def no_copy(self, memo):
         raise AssertionError("a model was deep-copied")
