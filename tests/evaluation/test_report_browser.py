@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from flipcheck.evaluation.report import child_entry, new_report, write_report
+from flipcheck.evaluation.report.text import task_label
 from flipcheck.evaluation.samples import aggregate, attach_vocab, build_rows, summarize_task
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -266,7 +267,7 @@ def test_dumped_dom_has_the_figures_the_plots_and_the_flipped_questions(browser,
     for c in entries:
         label = "noise floor" if c is report["noise_floor"] else c["name"]
         for task, s in [*c["tasks"].items(), ("micro (all questions)", c["micro"])]:
-            row = next(r for r in table if r["child"] == label and r["task"] == task)
+            row = next(r for r in table if r["child"] == label and r["task"] == task_label(task, s))
             assert row["n"] == str(s["n"])
             assert row["acc P"] == f"{100 * s['acc_P']:.1f}%" and row["acc C"] == f"{100 * s['acc_C']:.1f}%"
             assert row["flips"].startswith(f"{100 * s['flips']:.1f}% {100 * s['flips_c2i']:.1f}% c→i")
