@@ -74,10 +74,6 @@ def prepare_calibration(tokenizer, steps: list[Step], config: CalibrationConfig 
     return Calibration(tokenizer=tokenizer, input_ids=None, config=config)
 
 
-def _is_llmc(name: str) -> bool:
-    return get_method(name).modifiers is not None  # run by llm-compressor: consecutive ones share a oneshot
-
-
 def apply_steps(
     model: torch.nn.Module, steps: list[Step], calibration: Calibration, *, parent_key: str | None = None
 ) -> list[CompressionReport]:
@@ -125,9 +121,9 @@ def _apply_steps(
     while i < len(steps):
         name, cfg = steps[i]
         calibration.parent_key = parent_key if i == 0 else None
-        if _is_llmc(name):
+        if get_method(name).modifiers is not None:  # llm-compressor methods: consecutive ones share a oneshot
             j = i
-            while j < len(steps) and _is_llmc(steps[j][0]):
+            while j < len(steps) and get_method(steps[j][0]).modifiers is not None:
                 j += 1
             if j - i > 1:
                 from flipcheck.compressors import llmc
@@ -190,8 +186,10 @@ def compress_model(
     calibration: CalibrationConfig | Calibration | None = None,
     strength: dict[str, Any] | None = None,
     parent_fingerprint: str | None = None,
+    extra_provenance: dict[str, Any] | None = None,
 ) -> CompressResult:
-    """Compress an in-memory model (changed in place) and optionally save it."""
+    """Compress an in-memory model (changed in place) and optionally save it; `extra_provenance` is
+    written into the child's flipcheck.json with the rest, in the same atomic save."""
     parent_fp = parent_fingerprint or fingerprint(model)
     cal = calibration if isinstance(calibration, Calibration) else prepare_calibration(tokenizer, steps, calibration)
     reports = apply_steps(model, steps, cal, parent_key=parent_fp)
@@ -207,6 +205,7 @@ def compress_model(
     }
     for r in reports:  # methods whose children need flipcheck to load (slicegpt) or load quantized (bnb)
         provenance.update(r.extra.get("provenance", {}))
+    provenance.update(extra_provenance or {})
     out_path = None
     if out is not None:
         out_path = save_model(model, tokenizer, out, provenance)

@@ -305,16 +305,17 @@ def _lm_eval_samples(lm, unit: str, settings: EvalSettings) -> tuple[dict[str, l
     return res["samples"], kinds
 
 
-def _vocab_by_doc(records: dict, task: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    per_doc: dict[int, list] = defaultdict(list)
-    for (t, doc, _idx), rec in sorted(records.items()):
-        if t == task and rec.kl is not None:
-            per_doc[doc].append(rec)
-    out = {}
-    for doc, recs in per_doc.items():
+def _vocab_by_task(records: dict) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """Per task and document, the vocabulary KL and top-1 agreement of its scored positions (one pass)."""
+    per_doc: dict[tuple[str, int], list] = defaultdict(list)
+    for (task, doc, _idx), rec in sorted(records.items()):
+        if rec.kl is not None:
+            per_doc[(task, doc)].append(rec)
+    out: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+    for (task, doc), recs in per_doc.items():
         kl = np.concatenate([np.asarray(r.kl, dtype=np.float64) for r in recs])
         agree = np.concatenate([np.asarray(r.top1_agree, dtype=bool) for r in recs])
-        out[doc] = (kl, agree)
+        out[task][doc] = (kl, agree)
     return out
 
 
@@ -331,14 +332,15 @@ class Evaluator:
         self.trees = {u: task_tree(u, settings.include_path) for u in self.units}  # groups, to report as named
         check_filter(list(self.trees.values()), settings.filter)
         _refuse_rolling(self.trees, settings.include_path)
-        self._task_configs: dict[str, str | None] = {}
+        self._unit_keys: dict[str, dict[str, Any]] = {}
         self.parent_passes = 0  # model passes of the parent made by this evaluator (for tests/benchmarks)
 
     # -- keys ---------------------------------------------------------------------------------
     def _unit_fields(self, unit: str) -> dict[str, Any]:
-        if unit not in self._task_configs:
-            self._task_configs[unit] = _task_config_hash(unit, self.settings.include_path)
-        return {"unit": unit, "unit_files": _unit_files(unit), "task_config": self._task_configs[unit]}
+        if unit not in self._unit_keys:  # hashed once per evaluator, not per child
+            self._unit_keys[unit] = {"unit": unit, "unit_files": _unit_files(unit),
+                                     "task_config": _task_config_hash(unit, self.settings.include_path)}
+        return self._unit_keys[unit]
 
     def _parent_key(self, unit: str) -> str:
         return cache_mod.entry_key(
@@ -380,10 +382,11 @@ class Evaluator:
             child_samples, child_records = self._child_results(child, unit, parent_records, batch_size, method)
             nonfinite = {"parent": nonfinite_by_task(parent_records), "child": nonfinite_by_task(child_records)}
             unit_tasks[unit] = sorted(child_samples)
+            vocab = _vocab_by_task(child_records)
             for task in sorted(child_samples):
                 if task not in parent_samples:
                     raise FlipcheckError(f"{unit}: parent has no samples for subtask {task!r}; clear the cache")
-                rows = build_rows(task, parent_samples[task], child_samples[task], vocab=_vocab_by_doc(child_records, task),
+                rows = build_rows(task, parent_samples[task], child_samples[task], vocab=vocab.get(task, {}),
                                   filter_name=self.settings.filter)
                 set_headline(rows, self.settings.metric, task)
                 bad = {who: counts.get(task, 0) for who, counts in nonfinite.items()}
@@ -395,7 +398,7 @@ class Evaluator:
                 rows_by_task[task] = rows
                 all_rows.extend({"child": child.name, **_row_dict(r)} for r in rows)
         summaries = self._named(summaries, rows_by_task, unit_tasks)
-        agg = aggregate(summaries, rows_by_task)
+        agg = aggregate(summaries, rows_by_task, n_boot=self.settings.n_boot, seed=self.settings.seed)
         entry = child_entry(
             child.name, summaries, micro=agg.get("micro"), macro=agg.get("macro"), source=child.source,
             fingerprint=child.fingerprint, method=child.info.get("method"), settings=child.info.get("settings"),
@@ -405,6 +408,14 @@ class Evaluator:
         if entry["micro"] is not None:  # the pooled figures carry the counts too (the gate judges micro)
             entry["micro"]["nonfinite"] = _sum_nonfinite(s for n, s in summaries.items() if n != "micro")
         return entry, all_rows
+
+    def score_parent(self) -> None:
+        """Score the parent on every task now (loading its weights only where its results are not
+        cached), then let its weights go unless every child needs them in lock-step (kl exact)."""
+        for unit in self.units:
+            self._parent_results(unit)
+        if self.settings.kl != "exact":
+            self.parent.release()
 
     def _parent_results(self, unit: str) -> tuple[dict, dict]:
         """The parent's samples and records of one unit: from the cache, or from a run of the parent

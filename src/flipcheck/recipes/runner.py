@@ -21,7 +21,6 @@ from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.cache import ResultCache
 from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.models import (
-    PROVENANCE_FILE,
     ModelSource,
     load_model,
     load_tokenizer,
@@ -89,13 +88,6 @@ def _done_child(folder: Path, made: dict[str, Any]) -> bool:
     return bool(prov) and prov.get("made_with") == made
 
 
-def _record_made_with(folder: Path, made: dict[str, Any]) -> None:
-    from flipcheck.files import write_json_atomic
-
-    prov = read_provenance(folder) or {}
-    write_json_atomic(folder / PROVENANCE_FILE, {**prov, "made_with": made})
-
-
 def with_calibration_source(recipe: Recipe, parent_folder: Path | None) -> Recipe:
     """`recipe` with its calibration source filled in when it names none: the demo's own text for
     the demo parent, else the parent's default (:func:`calibration_data.default_source`)."""
@@ -133,10 +125,10 @@ def run_recipe(
     cache = ResultCache(cache_dir if cache_dir is not None else None, enabled=use_cache)
     say(f"parent: {parent_src.spec}")
     tokenizer = load_tokenizer(parent_src, trust_remote_code=recipe.trust_remote_code)
-    parent_model = load_model(parent_src, device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
     parent_fp = parent_src.fingerprint  # from the files (memoised), never from the loaded weights
-    parent = ModelRef("parent", parent_src, model=parent_model, tokenizer=tokenizer, fingerprint=parent_fp)
+    parent = ModelRef("parent", parent_src, tokenizer=tokenizer, fingerprint=parent_fp)
     evaluator = Evaluator(parent, settings, cache)  # checks the task names before any compression
+    evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
     calibration: Calibration | None = None
     entries: list[dict] = []
     rows: list[dict] = []
@@ -166,9 +158,8 @@ def run_recipe(
             )
             res = compress_model(
                 child_model, tokenizer, steps, parent_source=parent_src.ref, out=folder, calibration=calibration,
-                strength=spec.strength, parent_fingerprint=parent_fp,
+                strength=spec.strength, parent_fingerprint=parent_fp, extra_provenance={"made_with": made},
             )
-            _record_made_with(folder, made)
             info["compression"] = [r.to_dict() for r in res.reports]
             ref = ModelRef(spec.name, str(folder), info=info)
             if not res.provenance.get("loader") and not res.provenance.get("quantized_on_load"):
