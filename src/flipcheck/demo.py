@@ -515,16 +515,9 @@ def demo_model_path(
     recipe = recipe or DemoRecipe()
     path = demo_cache_path(recipe, cache_dir)
     prov = read_provenance(path) if path.is_dir() else None
-    if not retrain and prov is not None and prov.get("recipe_key") == recipe_key(recipe):
+    # a parent cached by an older flipcheck lacks calibration_source: retrain it so it names its own text
+    current = prov is not None and prov.get("recipe_key") == recipe_key(recipe) and prov.get("calibration_source")
+    if not retrain and current:
         log.info("demo parent cached at %s", path)
         return path
     return train_demo_model(path, progress=progress, recipe=recipe)
-
-
-def _register_calibration() -> None:
-    from flipcheck.compressors.calibration_data import register_source
-
-    register_source("demo", demo_texts)  # `calibration: {source: demo}`: the facts above, as text
-
-
-_register_calibration()

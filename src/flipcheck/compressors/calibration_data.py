@@ -30,6 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -95,13 +96,12 @@ def resolve_calibration(config: CalibrationConfig | None, parent: str | os.PathL
 
 def read_texts(source: str) -> list[str]:
     """The documents of a calibration source (see the module docstring for the forms)."""
+    if source not in _NAMED:  # a named source another package provides (the demo's facts: "demo")
+        for ep in entry_points(group="flipcheck.calibration_sources"):
+            if ep.name == source:
+                _NAMED[source] = ep.load()
     if source in _NAMED:
         return list(_NAMED[source]())
-    if source == "demo":
-        raise FlipcheckError(
-            "calibration source 'demo' (the demo's made-up facts) comes with the demo parent (parent: demo); "
-            "for another parent use a local .txt/.jsonl file or folder, or hf:NAME[:CONFIG[:SPLIT]]"
-        )
     if source.startswith("hf:"):
         return _hf_texts(source)
     path = Path(os.path.expanduser(source))

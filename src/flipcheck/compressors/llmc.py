@@ -42,6 +42,7 @@ sparsity actually left); RTN keeps zeros at zero.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -67,11 +68,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 16
 # Group sizes suggested when a requested one does not divide a layer's width.
 _GROUP_CANDIDATES = (32, 64, 128, 256, 512, 1024)
-
-
-def is_llmc(name: str) -> bool:
-    """True when method `name` is carried out by llm-compressor modifiers (registered with them)."""
-    return get_method(name).modifiers is not None
 
 
 def llmc_methods() -> list[str]:
@@ -441,10 +437,15 @@ def apply_chain(
     run_oneshot(model, calibration, [m for mods in per_step for m in mods])
     elapsed = time.perf_counter() - t0
     names = [name for name, _ in steps]
+    first = measure(names[0], steps[0][1], model, calibration, used_calibration=needs_data(per_step[0]))
     reports = []
     for i, ((name, cfg), mods) in enumerate(zip(steps, per_step, strict=True)):
-        report = measure(name, cfg, model, calibration, used_calibration=needs_data(mods))
+        # the model is the same after every step of the chain: measured once, reported per step
+        used = needs_data(mods) and calibration is not None
+        report = dataclasses.replace(
+            first, method=name, config=cfg.model_dump(), calibration=calibration.describe() if used else None,
+            extra={**first.extra, "oneshot_chain": names},
+        )
         report.wall_time_s = elapsed if i == 0 else 0.0
-        report.extra["oneshot_chain"] = names
         reports.append(report)
     return reports

@@ -132,10 +132,6 @@ class Rotations:
     def hidden_size(self) -> int:
         return int(self.bases[0].shape[0])
 
-    def variance_kept(self, dims: list[int]) -> float | None:
-        """Mean over streams of the fraction of the stream's energy in its first ``dims[s]`` directions."""
-        return None if self.eigenvalues is None else _variance_kept(self.eigenvalues, dims)
-
 
 # --- math: pure functions on tensors ----------------------------------------------------------
 

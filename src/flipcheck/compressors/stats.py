@@ -69,15 +69,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def weight_sparsity(weights: list[torch.Tensor]) -> float:
-    """Fraction of exact zeros over all the given tensors."""
-    n = sum(w.numel() for w in weights)
-    if n == 0:
-        return 0.0
-    zeros = sum(int((w == 0).sum()) for w in weights)
-    return zeros / n
-
-
 def dtype_bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
 
