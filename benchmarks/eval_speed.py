@@ -271,9 +271,9 @@ def profile_parts() -> list[tuple[str, object]]:
         ("cache writes (ResultCache.put)", cache.ResultCache.put),
         ("cache reads (ResultCache.get)", cache.ResultCache.get),
         ("rows (build_rows)", samples.build_rows),
-        ("per-doc vocabulary KL (_vocab_by_doc)", runner._vocab_by_doc),
+        ("per-doc vocabulary KL (_vocab_by_task)", runner._vocab_by_task),
         ("per-task metrics (summarize_task)", samples.summarize_task),
-        ("  bootstrap CI (bootstrap_delta_ci)", metrics.bootstrap_delta_ci),
+        ("  bootstrap CI (stratified_bootstrap_delta_ci)", metrics.stratified_bootstrap_delta_ci),
         ("micro/macro figures (aggregate)", samples.aggregate),
     ]
 

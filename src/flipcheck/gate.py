@@ -78,8 +78,7 @@ def _signed_pct(x: float) -> str:
 def _nonfinite(summary: Mapping[str, Any]) -> bool:
     """Whether any KL of the summary, or any scored position of parent or child, was NaN/inf."""
     counts = [(summary.get(k) or {}).get("nonfinite") for k in ("kl_options", "kl_vocab")]
-    nf = summary.get("nonfinite")
-    counts += list(nf.values()) if isinstance(nf, Mapping) else [nf, summary.get("nonfinite_positions")]
+    counts += list((summary.get("nonfinite") or {}).values())
     return any(isinstance(n, int | float) and n > 0 for n in counts)
 
 

@@ -64,17 +64,7 @@ def bootstrap_delta_ci(
     `n_boot` resamples, and the interval is the (1−level)/2 and (1+level)/2 percentiles of Δacc*.
     Deterministic for a seed; vectorised in blocks so memory stays bounded for large tasks.
     """
-    p, c = _pair(correct_p, correct_c, "correct")
-    if n_boot < 1:
-        raise FlipcheckError(f"n_boot must be at least 1 (got {n_boot})")
-    if not 0.0 < level < 1.0:
-        raise FlipcheckError(f"level must lie in (0, 1) (got {level})")
-    if p.size == 0:
-        return None
-    means = _boot_means(c.astype(np.float64) - p.astype(np.float64), n_boot, np.random.default_rng(seed))
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    return stratified_bootstrap_delta_ci([(correct_p, correct_c)], [1.0], n_boot=n_boot, seed=seed, level=level)
 
 
 def _boot_means(d: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -103,6 +93,8 @@ def stratified_bootstrap_delta_ci(
         raise FlipcheckError(f"{len(strata)} strata but {len(weights)} weights")
     if n_boot < 1:
         raise FlipcheckError(f"n_boot must be at least 1 (got {n_boot})")
+    if not 0.0 < level < 1.0:
+        raise FlipcheckError(f"level must lie in (0, 1) (got {level})")
     rng = np.random.default_rng(seed)
     total = np.zeros(n_boot, dtype=np.float64)
     used = False
