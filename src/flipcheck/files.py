@@ -43,9 +43,10 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 def jsonable(x: Any, *, nonfinite: str = "null") -> Any:
     """Plain JSON values: numpy -> Python, tuples -> lists, objects with ``to_dict`` -> dicts.
 
-    NaN/inf become None with ``nonfinite="null"`` (reports: JSON has no NaN) or the strings
-    "nan", "inf", "-inf" with ``nonfinite="text"`` (caches that read them back with
-    :func:`restore_floats`). Anything else unknown becomes its ``str``.
+    NaN/inf become None with ``nonfinite="null"`` (reports: JSON has no NaN) or a marked value
+    ``{"__float__": "nan" | "inf" | "-inf"}`` with ``nonfinite="text"`` (caches that read them back
+    with :func:`restore_floats`; a generated text "nan" stays text). Anything else unknown becomes
+    its ``str``.
     """
     if hasattr(x, "to_dict") and callable(x.to_dict):
         x = x.to_dict()
@@ -58,20 +59,23 @@ def jsonable(x: Any, *, nonfinite: str = "null") -> Any:
     if hasattr(x, "tolist") and callable(x.tolist):
         return jsonable(x.tolist(), nonfinite=nonfinite)
     if isinstance(x, float) and not math.isfinite(x):
-        return None if nonfinite == "null" else repr(x)
+        return None if nonfinite == "null" else {_FLOAT: repr(x)}
     if x is None or isinstance(x, str | int | float | bool):
         return x
     return str(x)
 
 
+_FLOAT = "__float__"
+
+
 def restore_floats(x: Any) -> Any:
-    """Undo ``jsonable(..., nonfinite="text")``: the strings "nan", "inf", "-inf" become floats."""
+    """Undo ``jsonable(..., nonfinite="text")``: each ``{"__float__": "nan"}`` becomes the float again."""
     if isinstance(x, dict):
+        if len(x) == 1 and _FLOAT in x:
+            return float(x[_FLOAT])
         return {k: restore_floats(v) for k, v in x.items()}
     if isinstance(x, list):
         return [restore_floats(v) for v in x]
-    if x in ("-inf", "inf", "nan"):
-        return float(x)
     return x
 
 

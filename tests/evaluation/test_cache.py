@@ -154,3 +154,15 @@ def test_an_edited_tokenizer_or_length_limit_changes_the_keys(family, task_dir, 
     (parent / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "max_length": 32}))
     p3, _ = keys()
     assert p3 != p2  # the model's config files (max length, generation settings)
+
+
+def test_non_finite_floats_come_back_as_floats_and_text_stays_text(tmp_path):
+    """A -inf loglikelihood is restored as a float; a model that generated the text "nan" keeps its text."""
+    cache = ResultCache(tmp_path)
+    samples = {"t": [{"doc_id": 0, "resps": [[[float("-inf"), False]]], "filtered_resps": ["nan"], "target": "inf"}]}
+    records = {("t", 0, 0): Rec(ll=float("-inf"))}
+    cache.put("k" * 32, samples, records)
+    got_samples, got_records = cache.get("k" * 32, Rec)
+    s = got_samples["t"][0]
+    assert s["resps"][0][0][0] == float("-inf") and s["filtered_resps"] == ["nan"] and s["target"] == "inf"
+    assert got_records[("t", 0, 0)].ll == float("-inf")

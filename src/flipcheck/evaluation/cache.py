@@ -29,12 +29,8 @@ from flipcheck.files import cache_root, jsonable, restore_floats
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: one safetensors file per entry (1: a folder per entry)
+CACHE_FORMAT = 3  # 3: non-finite floats marked as such; 2: one safetensors file per entry; 1: a folder
 ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids")
-
-
-def default_cache_dir() -> Path:
-    return cache_root()
 
 
 def folder_content_hash(paths: list[str] | tuple[str, ...]) -> str:
@@ -64,15 +60,12 @@ class ResultCache:
     """
 
     def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = Path(root) if root is not None else cache_root()
         self.enabled = enabled
         self._mem: dict[str, tuple[dict, dict]] = {}  # with the disk cache off, entries live for the process
 
     def path(self, key: str) -> Path:
         return self.root / "results" / key[:2] / f"{key}.safetensors"
-
-    def has(self, key: str) -> bool:
-        return self.enabled and self.path(key).is_file()
 
     def get(self, key: str, record_cls: type) -> tuple[dict, dict] | None:
         """(samples by task name, records by instance key) or None."""
