@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.kl import TAIL_SEED, kl_exact, kl_topk_tail_tensors, kl_topk_tensors, sample_tail
 from flipcheck.evaluation.packing import Row, attention_allow, plan_rows
 
@@ -318,15 +319,15 @@ def _reference_rows(layout: _Layout, ref_topk, dev: torch.device) -> tuple[torch
         for j, u in enumerate(us):
             if rows[u] is None:
                 rows[u] = tuple(a[j] for a in arrays)
-    kk = min(len(r[0]) for r in rows)
-    out = [
-        torch.tensor(np.stack([r[0][:kk] for r in rows]), device=dev),
-        torch.tensor(np.stack([r[1][:kk] for r in rows]).astype(np.int64), device=dev),
-    ]
-    if all(len(r) == 4 for r in rows):
-        ss = min(len(r[3]) for r in rows)
-        out.append(torch.tensor(np.stack([r[2][:ss] for r in rows]), device=dev))
-        out.append(torch.tensor(np.stack([r[3][:ss] for r in rows]).astype(np.int64), device=dev))
+    # one parent entry has one K and one S; cutting a row would bias the tail estimate (its samples
+    # were drawn outside the full top-K), so differing widths are an error, never trimmed
+    if len({tuple(len(a) for a in r) for r in rows}) != 1:
+        raise FlipcheckError("the cached parent's top-K / tail rows differ in width; clear the cache entry")
+    out = [torch.tensor(np.stack([r[0] for r in rows]), device=dev),
+           torch.tensor(np.stack([r[1] for r in rows]).astype(np.int64), device=dev)]
+    if len(rows[0]) == 4:
+        out.append(torch.tensor(np.stack([r[2] for r in rows]), device=dev))
+        out.append(torch.tensor(np.stack([r[3] for r in rows]).astype(np.int64), device=dev))
     return tuple(out)
 
 
@@ -417,14 +418,14 @@ def _fill_side(side, logits, s, e, k, p_pos, p_tok, in_chunk, gen=None) -> torch
 
 
 def _side_of(arrs, u: np.ndarray, p0: int, n: int, targets: np.ndarray) -> Side:
-    tail = {"tail_logp": arrs["tail_logp"][u].astype(np.float32), "tail_ids": arrs["tail_ids"][u].astype(np.int32)} \
-        if "tail_ids" in arrs else {}
+    # the arrays already have their dtypes (float32, int32, bool: see _empty_side); fancy indexing copies
+    tail = {"tail_logp": arrs["tail_logp"][u], "tail_ids": arrs["tail_ids"][u]} if "tail_ids" in arrs else {}
     return Side(
-        token_logp=arrs["token_logp"][p0 : p0 + n].astype(np.float32),
+        token_logp=arrs["token_logp"][p0 : p0 + n].copy(),
         argmax=arrs["argmax"][u],
-        topk_logp=arrs["topk_logp"][u].astype(np.float32),
-        topk_ids=arrs["topk_ids"][u].astype(np.int32),
-        nonfinite=arrs["nonfinite"][u].astype(bool),
+        topk_logp=arrs["topk_logp"][u],
+        topk_ids=arrs["topk_ids"][u],
+        nonfinite=arrs["nonfinite"][u],
         targets=targets,
         **tail,
     )

@@ -3,7 +3,9 @@
     KL(P || C) = sum_v p_v (log p_v - log q_v)        (P = reference/parent, C = this model)
 
 either exactly from both full distributions (:func:`kl_exact`), or from the reference's stored
-top-K log-probabilities plus one tail bucket (:func:`kl_from_topk`), a lower bound.
+top-K log-probabilities plus S tokens sampled from the rest of its distribution
+(:func:`kl_topk_tail_tensors`, the default against a cached parent: an estimate never below the
+top-K + tail-bucket lower bound of :func:`kl_topk_tensors` / :func:`kl_from_topk`).
 """
 
 from __future__ import annotations
@@ -37,24 +39,33 @@ def kl_exact(logp_ref_full: torch.Tensor, logp_child_full: torch.Tensor) -> torc
     return kl.clamp_min(0.0)
 
 
-def kl_topk_tensors(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Torch core of :func:`kl_from_topk`: float64 on the (n, K) parts, float32 out."""
-    k = ref_lp.shape[-1]
-    ids = ref_ids.long()
+def _topk_head(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_{k in topK(P)} p_k (log p_k - log q_k), p_tail = 1 - sum_k p_k), float64 per row."""
     lp = ref_lp.to(torch.float64)
-    lq = logq.gather(-1, ids).to(torch.float64)
+    lq = logq.gather(-1, ref_ids.long()).to(torch.float64)
     p = lp.exp()
-    zero = torch.zeros((), dtype=torch.float64, device=lp.device)
-    head = torch.where(p > 0, p * (lp - lq), zero).sum(-1)
-    if k >= logq.shape[-1]:  # the head is the whole vocabulary: exact
-        return head.clamp_min(0.0).float()
+    head = torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=torch.float64, device=lp.device)).sum(-1)
     # p_tail = 1 - sum_k p_k, from the stored log-probs without cancellation
     p_tail = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0.0)
+    return head, p_tail
+
+
+def kl_topk_tensors(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Torch core of :func:`kl_from_topk`: float64 on the (n, K) parts, float32 out."""
+    return _bound(*_topk_head(ref_lp, ref_ids, logq), ref_ids, logq).float()
+
+
+def _bound(head: torch.Tensor, p_tail: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """The top-K + tail-bucket lower bound from the head and p_tail (float64, clamped at 0)."""
+    ids = ref_ids.long()
+    zero = torch.zeros((), dtype=torch.float64, device=head.device)
+    if ids.shape[-1] >= logq.shape[-1]:  # the head is the whole vocabulary: exact
+        return head.clamp_min(0.0)
     # q_tail: the child's mass outside the parent's top-K, summed directly (accurate when tiny)
     log_q_tail = logq.float().scatter(-1, ids, float("-inf")).logsumexp(-1).to(torch.float64)
     log_q_tail = log_q_tail.clamp_min(math.log(1e-300))
     tail = torch.where(p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-300)) - log_q_tail), zero)
-    return (head + tail).clamp_min(0.0).float()
+    return (head + tail).clamp_min(0.0)
 
 
 def kl_from_topk(ref_topk_logp, ref_topk_ids, logp_child_full) -> np.ndarray:
@@ -151,15 +162,11 @@ def kl_topk_tail_tensors(
     since the true KL is never below the top-K + tail-bucket bound (:func:`kl_topk_tensors`), the
     larger of the two is returned (never further from the exact KL than the estimate).
     """
-    bound = kl_topk_tensors(ref_lp, ref_ids, logq).to(torch.float64)
+    head, p_tail = _topk_head(ref_lp, ref_ids, logq)  # gathered once for the bound and the estimate
+    bound = _bound(head, p_tail, ref_ids, logq)
     if tail_ids.shape[-1] == 0 or ref_lp.shape[-1] >= logq.shape[-1]:
         return bound.float()
-    lp = ref_lp.to(torch.float64)
-    lq = logq.gather(-1, ref_ids.long()).to(torch.float64)
-    p = lp.exp()
-    zero = torch.zeros((), dtype=torch.float64, device=lp.device)
-    head = torch.where(p > 0, p * (lp - lq), zero).sum(-1)
-    p_tail = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0.0)
+    zero = torch.zeros((), dtype=torch.float64, device=head.device)
     ratio = tail_lp.to(torch.float64) - logq.gather(-1, tail_ids.long()).to(torch.float64)
     est = head + torch.where(p_tail > 0, p_tail * ratio.mean(-1), zero)
     return torch.maximum(est, bound).clamp_min(0.0).float()

@@ -18,6 +18,7 @@ recorded results, so lm-eval computes a model's metrics without running it again
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
 
 log = logging.getLogger(__name__)
+
+_ENCODE_MEMO = 4096  # encodings kept for repeats (a document's options follow one another)
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM's default when neither the config nor the tokenizer sets one
 
@@ -58,8 +61,8 @@ class FlipLM(TemplateLM):
     ``reference`` is None (score only; records carry top-K so they can be cached as a parent), a model
     (lock-step: both models run on the same packed input, exact KL over the whole vocabulary at each
     scored position; ``reference_records`` gets the reference's answers, made on THIS model's inputs:
-    its tokenizer and max length), or a dict of the parent's :class:`Record` (the top-K + tail bound
-    of the KL from its stored top-K, :func:`~flipcheck.evaluation.kl.kl_from_topk`). lm-eval always
+    its tokenizer and max length), or a dict of the parent's :class:`Record` (the KL from its stored
+    top-K and sampled tail, :func:`~flipcheck.evaluation.kl.kl_topk_tail_tensors`). lm-eval always
     receives THIS model's answers. A parent's own results (the ones cached) come from a FlipLM of the
     parent alone, so they never depend on a child.
     """
@@ -109,7 +112,6 @@ class FlipLM(TemplateLM):
         self.records: dict[InstanceKey, Record] = {}
         self.reference_records: dict[InstanceKey, Record] = {}
         self._runner = ModelRunner(self.model)
-        self._device = self._runner.device
         self.topk = min(topk, self._runner.vocab)
         # a run without a reference makes records that can serve as one: sample their tails
         self.tail_samples = tail_samples if reference is None and self.topk < self._runner.vocab else 0
@@ -190,11 +192,13 @@ class FlipLM(TemplateLM):
         none when the string already starts with the prefix token's text."""
         from lm_eval.models.utils import has_bos_prefix
 
-        # lm-eval encodes each context once per option, and context+option again: memoise (bounded)
-        memo = self.__dict__.setdefault("_encode_memo", {})
+        # lm-eval encodes a document's context once per option, right after one another: a small LRU
+        # memo catches every repeat (context+option strings never repeat and are evicted at once)
+        memo = self.__dict__.setdefault("_encode_memo", OrderedDict())
         key = (string, add_special_tokens, left_truncate_len)
         hit = memo.get(key)
         if hit is not None:
+            memo.move_to_end(key)
             return list(hit)
         if "_prefix_text" not in self.__dict__:
             self._prefix_text = None if self.prefix_token_id is None else self.tokenizer.decode(self.prefix_token_id)
@@ -208,8 +212,9 @@ class FlipLM(TemplateLM):
         enc = self.tokenizer.encode(string, **kw)
         if left_truncate_len:
             enc = enc[-left_truncate_len:]
-        if len(memo) < 200_000:
-            memo[key] = tuple(enc)
+        memo[key] = tuple(enc)
+        if len(memo) > _ENCODE_MEMO:
+            memo.popitem(last=False)
         return enc
 
     def _encode_context(self, string: str) -> list[int]:

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
 InstanceKey = tuple[str, int, int]  # (instance.task_name, instance.doc_id, instance.idx)
 
-KINDS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
 @dataclass(eq=False)
