@@ -65,6 +65,7 @@ def _run(fn):
         raise typer.Exit(130) from None
 
 
+DEMO_TASKS = "flipcheck_demo_facts,flipcheck_demo_letters"
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")]
 Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available)")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
@@ -73,13 +74,17 @@ Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate 
 Filter = Annotated[str | None, typer.Option("--filter", help="lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)")]
 KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail) or exact (parent in lock-step, 2 passes per child)")]
 PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a group its own row and verdict (default: a group is one row, as named)")]
+Texts = Annotated[list[str] | None, typer.Option("--text", help="text corpus scored token by token (KL both ways, top-1, Δp, perplexity): a .txt/.jsonl file or hf:NAME[:CONFIG[:SPLIT]] (split test by default); repeat for several")]
+Ctx = Annotated[int, typer.Option("--ctx", help="tokens per corpus window (text corpora and perplexity tasks such as wikitext)")]
+Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored per window: all, or half (llama.cpp's: the second half of each window)")]
+NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
 
 
 @app.command("eval")
 def eval_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
     children: Annotated[list[str], typer.Argument(help="one or more child models (hub ids or folders)")],
-    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo_facts,flipcheck_demo_letters",
+    tasks: Annotated[str | None, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names; perplexity tasks (wikitext) are scored as text corpora (default: the demo tasks, none with --text)")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for report.json, samples.jsonl, report.md, report.html")] = None,
     include_path: Annotated[list[str] | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="few-shot examples (task default if unset)")] = None,
@@ -91,14 +96,17 @@ def eval_cmd(
     trust_remote_code: TrustRemote = False,
     cache_dir: Annotated[Path | None, typer.Option(help="parent cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="do not read or write cached results")] = False,
-    noise_floor: Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself at another batch size")] = False,
+    noise_floor: NoiseFloor = False,
     metric: Metric = None,
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: KlMethod = "topk",
+    text: Texts = None,
+    ctx: Ctx = 512,
+    scoring: Scoring = "all",
     verbose: Verbose = False,
 ) -> None:
-    """Score PARENT and CHILD on the same lm-eval instances; report accuracy, flips and KL."""
+    """Score PARENT and CHILD on the same lm-eval instances and text corpora; report accuracy, flips and KL."""
     _setup_logging(verbose)
     from flipcheck.evaluation.runner import evaluate
     from flipcheck.evaluation.samples import check_metric
@@ -106,11 +114,12 @@ def eval_cmd(
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
+        chosen = tasks if tasks is not None else ("" if text else DEMO_TASKS)
         report = evaluate(
-            None if parent == "-" else parent, children, tasks=tasks, out=out, include_path=include_path,
+            None if parent == "-" else parent, children, tasks=chosen, out=out, include_path=include_path,
             num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl,
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
         )
         _show(report, out)
 
@@ -123,8 +132,15 @@ def _verdict(line: str) -> None:
 
 def _show(report: dict, out: Path | None) -> None:
     from flipcheck.evaluation.report import render_table
+    from flipcheck.evaluation.report.corpus import corpus_table
 
-    console.print(render_table(report, width=console.width))
+    if any(report_entry.get("tasks") for report_entry in report.get("children") or []) or not any(
+        c.get("corpus") for c in report.get("children") or []
+    ):
+        console.print(render_table(report, width=console.width))
+    texts = corpus_table(report)
+    if texts is not None:
+        console.print(texts)
     if out is not None:
         console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
 
@@ -231,13 +247,17 @@ def gate_cmd(
     min_acc_delta: Annotated[str | None, typer.Option(help="smallest allowed accuracy change, e.g. -1%")] = None,
     min_acc: Annotated[str | None, typer.Option(help="smallest allowed child accuracy, e.g. 60%")] = None,
     metric: Annotated[str | None, typer.Option("--metric", help="judge acc or acc_norm where a task has it (default: the report's headline)")] = None,
+    max_kl_text: Annotated[str | None, typer.Option(help="largest allowed mean KL(P‖C) per token on each text corpus, e.g. 0.02")] = None,
+    max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each text corpus, e.g. 1.05")] = None,
+    over_floor: Annotated[bool, typer.Option("--over-floor", help="judge flips and KL as the excess over the report's noise floor")] = False,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
 
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
-                      metric=metric, echo=_verdict)
+                      metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
+                      echo=_verdict)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)
@@ -301,7 +321,7 @@ def sweep_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id, folder, or 'demo'")],
     method: Annotated[str, typer.Option("--method", "-m", help="method to sweep")],
     grid: Annotated[list[str], typer.Option("--grid", "-g", help="key=v1,v2,... (repeat for a product grid)")],
-    tasks: Annotated[str, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names")] = "flipcheck_demo_facts,flipcheck_demo_letters",
+    tasks: Annotated[str | None, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names (default: the demo tasks, none with --text)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default runs/sweep-METHOD)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="fixed key=value settings for every point")] = None,
     include_path: Annotated[str | None, typer.Option("--include-path")] = None,
@@ -318,6 +338,10 @@ def sweep_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: KlMethod = "topk",
+    text: Texts = None,
+    ctx: Ctx = 512,
+    scoring: Scoring = "all",
+    noise_floor: NoiseFloor = False,
     verbose: Verbose = False,
 ) -> None:
     """Evaluate one method at several strengths against one parent (evaluated once)."""
@@ -330,11 +354,12 @@ def sweep_cmd(
         check_metric(metric)
         folder = out or Path("runs") / f"sweep-{method}"
         report = sweep(
-            parent, method, parse_grid(grid), tasks=tasks, out=folder, settings=parse_set_options(set_),
+            parent, method, parse_grid(grid), tasks=tasks if tasks is not None else ([] if text else DEMO_TASKS), out=folder, settings=parse_set_options(set_),
             calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
             include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl,
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
+            noise_floor=noise_floor,
         )
         _show(report, folder)
 

@@ -13,6 +13,15 @@ tasks. A figure exactly at its budget passes. The figures checked:
 - Δacc = acc_C − acc_P must be >= min-acc-delta;
 - acc_C must be >= min-acc.
 
+Text corpora (``--text``, perplexity tasks such as wikitext) get one verdict per child and corpus:
+
+- KL text: the mean KL(P ‖ C) over every scored token must be <= max-kl-text;
+- PPL ratio: PPL_C / PPL_P must be <= max-ppl-ratio (a plain ratio, e.g. 1.05).
+
+With ``over_floor``, flips and every KL budget judge the excess over the noise floor (the
+largest figure of its rows for the same task or corpus, ``--noise-floor``): a child passes
+``--max-flips 1%`` when it flips at most one point more answers than numerics alone flip.
+
 A figure the report does not have (no KL for that task) reads "n/a" and does not fail the verdict.
 Non-finite outputs never pass: where the parent or the child had NaN/inf logits at a scored position,
 or any KL was not finite, the KL counts as infinite and fails every KL budget.
@@ -109,8 +118,10 @@ def _where(name: str, task: str, several: bool, summary: Mapping[str, Any], metr
     return f"{label} [{', '.join(extra)}]"
 
 
-def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None]) -> tuple[list[str], list[str]]:
+def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None],
+           floor: Mapping[str, float | None] | None = None) -> tuple[list[str], list[str]]:
     parts, failures = [], []
+    floor = floor or {}
 
     def upper(key: str, label: str, value: Any, budget: float | None, fmt: Callable[[float], str]) -> None:
         if budget is None:
@@ -118,8 +129,11 @@ def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None]) -> t
         if value is None:
             parts.append(f"{label} n/a")
             return
-        ok = value <= budget + TOLERANCE
-        parts.append(f"{label} {fmt(value)} {'<=' if ok else '>'} {fmt(budget)}")
+        base = floor.get(key)
+        judged = value - base if base is not None and math.isfinite(value) else value
+        ok = judged <= budget + TOLERANCE
+        shown = f"{fmt(value)} − floor {fmt(base)}" if base is not None else fmt(value)
+        parts.append(f"{label} {shown} {'<=' if ok else '>'} {fmt(budget)}")
         if not ok:
             failures.append(key)
 
@@ -149,11 +163,16 @@ def check(
     min_acc_delta: float | str | None = None,
     min_acc: float | str | None = None,
     metric: str | None = None,
+    max_kl_text: float | str | None = None,
+    max_ppl_ratio: float | str | None = None,
+    over_floor: bool = False,
 ) -> list[Verdict]:
-    """One verdict per child and named task or group (plus micro when a child has several).
+    """One verdict per child and named task or group (plus micro when a child has several), and one
+    per child and text corpus when a corpus budget is given.
 
     `metric` ("acc" or "acc_norm") judges each task's figures under that metric where the task has
-    it; default: the report's headline metric of each task.
+    it; default: the report's headline metric of each task. `over_floor` judges flips and KL as the
+    excess over the report's noise floor.
     """
     from flipcheck.evaluation.samples import check_metric
 
@@ -164,27 +183,110 @@ def check(
         "min_acc_delta": None if min_acc_delta is None else parse_budget(min_acc_delta, "--min-acc-delta"),
         "min_acc": None if min_acc is None else parse_budget(min_acc, "--min-acc"),
     }
-    if all(v is None for v in budgets.values()):
-        raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta or --min-acc")
-    if budgets["max_kl"] is not None and budgets["max_kl"] < 0:
-        raise FlipcheckError(f"--max-kl {max_kl!r}: KL is never negative; give a budget >= 0")
+    text_budgets = {
+        "max_kl_text": None if max_kl_text is None else parse_budget(max_kl_text, "--max-kl-text"),
+        "max_ppl_ratio": None if max_ppl_ratio is None else parse_budget(max_ppl_ratio, "--max-ppl-ratio"),
+    }
+    if all(v is None for v in (*budgets.values(), *text_budgets.values())):
+        raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta, --min-acc, "
+                             "--max-kl-text or --max-ppl-ratio")
+    for key, opt in (("max_kl", "--max-kl"), ("max_kl_text", "--max-kl-text")):
+        v = {**budgets, **text_budgets}[key]
+        if v is not None and v < 0:
+            raise FlipcheckError(f"{opt} {v!r}: KL is never negative; give a budget >= 0")
+    if text_budgets["max_ppl_ratio"] is not None and (str(max_ppl_ratio).strip().endswith("%") or text_budgets["max_ppl_ratio"] <= 0):
+        raise FlipcheckError(f"--max-ppl-ratio {max_ppl_ratio!r}: a ratio of perplexities, e.g. 1.05 (> 0)")
     children = report.get("children") or []
     if not children:
         raise FlipcheckError("gate: the report has no children to check")
+    from flipcheck.evaluation.report.text import floor_entries
+
+    if over_floor and not floor_entries(report):
+        raise FlipcheckError("--over-floor: the report has no noise floor; make it with --noise-floor")
+    if any(v is not None for v in text_budgets.values()) and not any(c.get("corpus") for c in children):
+        raise FlipcheckError("--max-kl-text / --max-ppl-ratio: the report has no text corpora (--text or --tasks wikitext)")
     verdicts = []
     for child in children:
         name = str(child.get("name"))
         tasks = list((child.get("tasks") or {}).items())
         if len(tasks) > 1 and child.get("micro"):
             tasks.append(("all tasks (micro)", child["micro"]))
-        for task, summary in tasks:
+        for task, summary in tasks if any(v is not None for v in budgets.values()) else ():
             figures, used = _figures(summary, metric)
-            parts, failures = _judge(figures, budgets)
+            floor = _task_floor(report, task, metric) if over_floor else None
+            parts, failures = _judge(figures, budgets, floor)
             where = _where(name, task, len(children) > 1, summary, used)
             passed = not failures
             text = f"{'PASS' if passed else 'FAIL'} {where}: " + ", ".join(parts)
             verdicts.append(Verdict(child=name, task=task, passed=passed, text=text, failures=failures, metric=used))
+        for corpus, fig in (child.get("corpus") or {}).items() if any(v is not None for v in text_budgets.values()) else ():
+            parts, failures = _judge_text(fig, text_budgets, _text_floor(report, corpus) if over_floor else None)
+            where = f"{name} / {corpus} [text]" if len(children) > 1 else f"{corpus} [text]"
+            passed = not failures
+            text = f"{'PASS' if passed else 'FAIL'} {where}: " + ", ".join(parts)
+            verdicts.append(Verdict(child=name, task=corpus, passed=passed, text=text, failures=failures, metric="text"))
     return verdicts
+
+
+def _task_floor(report: Mapping[str, Any], task: str, metric: str | None) -> dict[str, float | None]:
+    """The noise floor's largest flips and KL for `task` (micro: over all its questions)."""
+    from flipcheck.evaluation.report.text import floor_entries
+
+    flips, kls = [], []
+    for e in floor_entries(report):
+        s = e.get("micro") if task == "all tasks (micro)" else (e.get("tasks") or {}).get(task)
+        if not s:
+            continue
+        figures, _ = _figures(s, metric)
+        if figures.get("flips") is not None:
+            flips.append(float(figures["flips"]))
+        kl, _ = _kl(figures)
+        if kl is not None:
+            kls.append(kl)
+    return {"flips": max(flips) if flips else None, "kl": max(kls) if kls else None}
+
+
+def _text_kl(fig: Mapping[str, Any]) -> float | None:
+    if any((fig.get("nonfinite") or {}).values()):
+        return math.inf
+    return ((fig.get("kl") or {}).get("mean"))
+
+
+def _text_floor(report: Mapping[str, Any], corpus: str) -> dict[str, float | None]:
+    from flipcheck.evaluation.report.text import floor_entries
+
+    kls = [_text_kl(fig) for e in floor_entries(report) for n, fig in (e.get("corpus") or {}).items() if n == corpus]
+    kls = [k for k in kls if k is not None]
+    return {"kl_text": max(kls) if kls else None}
+
+
+def _judge_text(fig: Mapping[str, Any], budgets: Mapping[str, float | None],
+                floor: Mapping[str, float | None] | None) -> tuple[list[str], list[str]]:
+    parts, failures = [], []
+    kl = _text_kl(fig)
+    if budgets["max_kl_text"] is not None:
+        base = (floor or {}).get("kl_text")
+        if kl is None:
+            parts.append("KL text n/a")
+        else:
+            judged = kl - base if base is not None and math.isfinite(kl) else kl
+            ok = judged <= budgets["max_kl_text"] + TOLERANCE
+            shown = f"{kl:.4g} − floor {base:.4g}" if base is not None else f"{kl:.4g}"
+            parts.append(f"KL text{' (NaN/inf)' if kl == math.inf else ''} {shown} {'<=' if ok else '>'} {budgets['max_kl_text']:.4g}")
+            if not ok:
+                failures.append("kl_text")
+    if budgets["max_ppl_ratio"] is not None:
+        pp, pc = fig.get("ppl_parent"), fig.get("ppl_child")
+        bad = any((fig.get("nonfinite") or {}).values())
+        ratio = math.inf if bad else (None if pp is None or pc is None else pc / pp)
+        if ratio is None:
+            parts.append("PPL ratio n/a")
+        else:
+            ok = ratio <= budgets["max_ppl_ratio"] + TOLERANCE
+            parts.append(f"PPL ratio {ratio:.4f} {'<=' if ok else '>'} {budgets['max_ppl_ratio']:.4g}")
+            if not ok:
+                failures.append("ppl_ratio")
+    return parts, failures
 
 
 def run_gate(
@@ -195,13 +297,17 @@ def run_gate(
     min_acc_delta: float | str | None = None,
     min_acc: float | str | None = None,
     metric: str | None = None,
+    max_kl_text: float | str | None = None,
+    max_ppl_ratio: float | str | None = None,
+    over_floor: bool = False,
     echo: Callable[[str], Any] | None = None,
 ) -> bool:
     """Load a report (path or dict), check it, pass each verdict line to `echo`; True if all pass."""
     from flipcheck.evaluation.report import load_report
 
     data = report if isinstance(report, Mapping) else load_report(report)
-    verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric)
+    verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric,
+                     max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor)
     if echo is not None:
         for v in verdicts:
             echo(v.text)

@@ -231,15 +231,16 @@ def test_nan_child_fails_every_kl_budget_and_keeps_its_count_from_the_cache(
     assert task["kl_vocab"]["top1_agree"] is None  # agreement excludes the positions KL excludes
 
 
-def test_perplexity_tasks_are_refused_before_any_model_runs(folders, tmp_path):
+def test_a_group_mixing_perplexity_and_question_tasks_is_refused_before_any_model_runs(folders, task_dir, tmp_path):
     from flipcheck.tiny import write_lm_eval_task
 
     write_lm_eval_task(
         tmp_path / "ppl", "tiny_ppl", [{"text": "the cat sat on the mat"}] * 3,
         'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n',
     )
-    settings = EvalSettings(tasks=["tiny_ppl"], include_path=str(tmp_path / "ppl"))
+    (tmp_path / "ppl" / "mixed.yaml").write_text("group: tiny_mixed\ntask:\n  - tiny_ppl\n  - tiny_letters\n")
+    settings = EvalSettings(tasks=["tiny_mixed"], include_path=[str(tmp_path / "ppl"), str(task_dir)])
     parent = ModelRef("parent", str(folders / "parent"))
-    with pytest.raises(FlipcheckError, match="tiny_ppl.*perplexity task.*corpus distance is not supported yet"):
+    with pytest.raises(FlipcheckError, match="tiny_mixed.*mixes perplexity tasks.*tiny_ppl"):
         Evaluator(parent, settings, ResultCache(tmp_path / "cache"))
     assert parent.model is None

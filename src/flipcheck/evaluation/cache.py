@@ -30,7 +30,7 @@ from flipcheck.files import cache_root, jsonable, restore_floats
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # 3: non-finite floats marked as such; 2: one safetensors file per entry; 1: a folder
-ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids")
+ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids", "kl_rev")
 
 
 def folder_content_hash(paths: list[str] | tuple[str, ...]) -> str:
@@ -93,11 +93,40 @@ class ResultCache:
         if not self.enabled:
             self._mem[key] = (samples, records)
             return
-        from safetensors.numpy import save_file
-
         rows, arrays = _records_to(records)
         arrays[_SAMPLES] = np.frombuffer(json.dumps(jsonable(samples, nonfinite="text")).encode(), dtype=np.uint8)
         arrays[_RECORDS] = np.frombuffer(json.dumps({"records": rows}).encode(), dtype=np.uint8)
+        self._write(key, arrays, info)
+
+    def get_arrays(self, key: str) -> dict[str, np.ndarray] | None:
+        """A dict of plain arrays stored with :meth:`put_arrays` (corpus entries), or None."""
+        if not self.enabled:
+            return self._mem.get(key)  # type: ignore[return-value]
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                if (f.metadata() or {}).get("format") != str(CACHE_FORMAT):
+                    return None
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        except Exception as err:  # a damaged or foreign file is a miss, never an error
+            log.warning("ignoring unreadable cache entry %s: %s", path, type(err).__name__)
+            return None
+
+    def put_arrays(self, key: str, arrays: dict[str, np.ndarray], info: dict | None = None) -> None:
+        """Store plain arrays under `key`, atomically (bool arrays come back as bool)."""
+        if not self.enabled:
+            self._mem[key] = arrays  # type: ignore[assignment]
+            return
+        self._write(key, {k: np.ascontiguousarray(v) for k, v in arrays.items()}, info)
+
+    def _write(self, key: str, arrays: dict[str, np.ndarray], info: dict | None) -> None:
+        """One safetensors file written to a temporary name and moved into place (atomic)."""
+        from safetensors.numpy import save_file
+
         meta = {"format": str(CACHE_FORMAT), "info": json.dumps(jsonable(info or {}, nonfinite="text"))}
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.kl import TAIL_SEED, kl_exact, kl_topk_tail_tensors, kl_topk_tensors, sample_tail
+from flipcheck.evaluation.kl import (
+    TAIL_SEED,
+    kl_exact,
+    kl_reverse_topk_tail_tensors,
+    kl_topk_tail_tensors,
+    kl_topk_tensors,
+    sample_tail,
+)
 from flipcheck.evaluation.packing import Row, attention_allow, plan_rows
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,7 @@ class Scored:
     ref: Side | None = None
     kl: np.ndarray | None = None
     agree: np.ndarray | None = None
+    kl_rev: np.ndarray | None = None  # KL(this model || reference) at the same positions
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -345,6 +353,7 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
     theirs = _empty_side(n_pos, n_pairs, k, dev) if ref is not None else None
     with_kl = ref is not None or ref_rows is not None
     kl = torch.full((n_pos,), float("nan"), device=dev) if with_kl else None
+    kl_rev = torch.full((n_pos,), float("nan"), device=dev) if with_kl else None
     agree = torch.zeros(n_pos, dtype=torch.bool, device=dev) if with_kl else None
     chunk = max(1, CHUNK_ELEMENTS // max(1, runner.vocab))
     for s in range(0, n_pos, chunk):
@@ -354,27 +363,32 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
         if ref is not None:
             logp = _fill_side(theirs, ref.logits_of(ref_sel, s, e).to(dev), s, e, k, p_pos, p_tok, in_chunk)
             kl[s:e] = kl_exact(logp, logq)
+            kl_rev[s:e] = kl_exact(logq, logp)
             agree[s:e] = theirs["argmax"][s:e] == own["argmax"][s:e]
             bad = own["nonfinite"][s:e] | theirs["nonfinite"][s:e]
         elif ref_rows is not None:
             ref_lp, ref_ids = ref_rows[0][s:e], ref_rows[1][s:e]
             if len(ref_rows) == 4:
                 kl[s:e] = kl_topk_tail_tensors(ref_lp, ref_ids, ref_rows[2][s:e], ref_rows[3][s:e], logq)
+                kl_rev[s:e] = kl_reverse_topk_tail_tensors(ref_lp, ref_ids, ref_rows[2][s:e], ref_rows[3][s:e], logq)
             else:
                 kl[s:e] = kl_topk_tensors(ref_lp, ref_ids, logq)
+                kl_rev[s:e] = kl_reverse_topk_tail_tensors(ref_lp, ref_ids, ref_lp[:, :0], ref_ids[:, :0], logq)
             agree[s:e] = ref_ids[:, 0] == own["argmax"][s:e]
             bad = own["nonfinite"][s:e] | ~torch.isfinite(ref_lp[:, 0])
         if kl is not None:  # positions where either model is non-finite: no KL, no agreement
             kl[s:e] = kl[s:e].masked_fill(bad, float("nan"))
+            kl_rev[s:e] = kl_rev[s:e].masked_fill(bad, float("nan"))
             agree[s:e] = agree[s:e] & ~bad
-    return _collect(layout, items, own, theirs, kl, agree)
+    return _collect(layout, items, own, theirs, kl, agree, kl_rev)
 
 
-def _collect(layout: _Layout, items, own, theirs, kl, agree) -> list[tuple[int, Scored]]:
+def _collect(layout: _Layout, items, own, theirs, kl, agree, kl_rev=None) -> list[tuple[int, Scored]]:
     own_np = {name: t.cpu().numpy() for name, t in own.items()}
     ref_np = {name: t.cpu().numpy() for name, t in theirs.items()} if theirs is not None else None
     kl_np = kl.cpu().numpy() if kl is not None else None
     agree_np = agree.cpu().numpy() if agree is not None else None
+    rev_np = kl_rev.cpu().numpy() if kl_rev is not None else None
     out = []
     for item, p0, n, us in layout.spans:
         u = np.asarray(us, dtype=np.int64)
@@ -385,6 +399,8 @@ def _collect(layout: _Layout, items, own, theirs, kl, agree) -> list[tuple[int, 
         if kl_np is not None:
             res.kl = kl_np[u].astype(np.float32)
             res.agree = agree_np[u].astype(bool)
+        if rev_np is not None:
+            res.kl_rev = rev_np[u].astype(np.float32)
         out.append((item, res))
     return out
 

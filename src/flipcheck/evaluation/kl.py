@@ -4,8 +4,8 @@
 
 either exactly from both full distributions (:func:`kl_exact`), or from the reference's stored
 top-K log-probabilities plus S tokens sampled from the rest of its distribution
-(:func:`kl_topk_tail_tensors`, the default against a cached parent: an estimate never below the
-top-K + tail-bucket lower bound of :func:`kl_topk_tensors` / :func:`kl_from_topk`).
+(:func:`kl_topk_tail_tensors`, the default against a cached parent: an unbiased estimate of the
+mean; the top-K + tail-bucket lower bound alone is :func:`kl_topk_tensors` / :func:`kl_from_topk`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def kl_method(name: str, k: int, tail_samples: int = DEFAULT_TAIL_SAMPLES) -> di
         return {"name": "topk_bound", "k": int(k), "label": f"top-K + tail lower bound, K={int(k)}"}
     return {
         "name": "topk_sampled_tail", "k": int(k), "tail_samples": int(tail_samples),
-        "label": f"top-K + sampled tail, K={int(k)}, S={int(tail_samples)} (estimate, never below the top-K bound)",
+        "label": f"top-K + sampled tail, K={int(k)}, S={int(tail_samples)} (unbiased estimate of the mean)",
     }
 
 
@@ -158,9 +158,11 @@ def kl_topk_tail_tensors(
         KL ~= sum_{k in topK(P)} p_k (log p_k - log q_k) + p_tail * mean_s (log p_{v_s} - log q_{v_s}),
         v_s ~ P restricted to the tokens outside its top-K, renormalised
 
-    The tail term is an unbiased Monte-Carlo estimate of sum_{v outside top-K} p_v log(p_v / q_v);
-    since the true KL is never below the top-K + tail-bucket bound (:func:`kl_topk_tensors`), the
-    larger of the two is returned (never further from the exact KL than the estimate).
+    The tail term is an unbiased Monte-Carlo estimate of sum_{v outside top-K} p_v log(p_v / q_v), so
+    the mean over tokens is unbiased. A single token's estimate is not clamped to the top-K +
+    tail-bucket bound (:func:`kl_topk_tensors`), nor to 0: clamping each token upward biased the mean
+    up by 7-9 % on flat distributions (the test model, 384 tokens, K=16-128; measured against the
+    exact KL), where an unclamped mean came within 0.2-2 %.
     """
     head, p_tail = _topk_head(ref_lp, ref_ids, logq)  # gathered once for the bound and the estimate
     bound = _bound(head, p_tail, ref_ids, logq)
@@ -169,4 +171,39 @@ def kl_topk_tail_tensors(
     zero = torch.zeros((), dtype=torch.float64, device=head.device)
     ratio = tail_lp.to(torch.float64) - logq.gather(-1, tail_ids.long()).to(torch.float64)
     est = head + torch.where(p_tail > 0, p_tail * ratio.mean(-1), zero)
-    return torch.maximum(est, bound).clamp_min(0.0).float()
+    return est.float()
+
+
+def kl_reverse_topk_tail_tensors(
+    ref_lp: torch.Tensor, ref_ids: torch.Tensor, tail_lp: torch.Tensor, tail_ids: torch.Tensor, logq: torch.Tensor
+) -> torch.Tensor:
+    """KL(C || P), the reverse direction, from the same stored parent rows as :func:`kl_topk_tail_tensors`
+    (float32 out):
+
+        KL(C||P) ~= sum_{k in topK(P)} q_k (log q_k - log p_k) + p_tail * mean_s r_s log r_s,
+        r_s = q_{v_s} / p_{v_s},   v_s ~ P restricted to the tokens outside its top-K, renormalised
+
+    The tail term is an importance-sampled (unbiased) estimate of sum_{v outside top-K} q_v log(q_v / p_v);
+    its variance grows where the child puts mass on tokens the parent finds unlikely. As for the
+    forward direction, a token's estimate is not clamped (the mean stays unbiased). Without tail
+    samples the result is the lower bound that lumps each tail into one bucket,
+    ``head + q_tail log(q_tail / p_tail)`` (log-sum inequality); it is exact when K is the vocabulary.
+    """
+    ids = ref_ids.long()
+    lp = ref_lp.to(torch.float64)
+    lq_k = logq.gather(-1, ids).to(torch.float64)
+    q_k = lq_k.exp()
+    zero = torch.zeros((), dtype=torch.float64, device=lp.device)
+    head = torch.where(q_k > 0, q_k * (lq_k - lp), zero).sum(-1)
+    if ids.shape[-1] >= logq.shape[-1]:
+        return head.clamp_min(0.0).float()
+    p_tail = (-torch.expm1(torch.logsumexp(lp, -1))).clamp_min(0.0)
+    log_q_tail = logq.float().scatter(-1, ids, float("-inf")).logsumexp(-1).to(torch.float64)
+    q_tail = log_q_tail.exp()
+    log_p_tail = torch.log(p_tail.clamp_min(1e-300))
+    bound = head + torch.where(q_tail > 0, q_tail * (log_q_tail - log_p_tail), zero)
+    if tail_ids.shape[-1] == 0:
+        return bound.clamp_min(0.0).float()
+    log_r = logq.gather(-1, tail_ids.long()).to(torch.float64) - tail_lp.to(torch.float64)
+    est = head + torch.where(p_tail > 0, p_tail * (log_r.exp() * log_r).mean(-1), zero)
+    return est.float()

@@ -374,6 +374,7 @@ class FlipLM(TemplateLM):
                 "loglikelihood", inst, res.own, ll=res.own.ll, is_greedy=res.own.is_greedy,
                 kl=None if res.kl is None else res.kl[first],
                 top1_agree=None if res.agree is None else res.agree[first],
+                kl_rev=None if res.kl_rev is None else res.kl_rev[first],
                 nonfinite=int(res.own.nonfinite[first].sum()),
             )
             if res.ref is not None:
@@ -450,9 +451,10 @@ class FlipLM(TemplateLM):
         self._warn_nonfinite(inst.task_name, own, "model")
         kl = np.concatenate([p.kl for p in parts]) if parts and parts[0].kl is not None else None
         agree = np.concatenate([p.agree for p in parts]) if parts and parts[0].agree is not None else None
+        rev = np.concatenate([p.kl_rev for p in parts]) if parts and parts[0].kl_rev is not None else None
         self.records[instance_key(inst)] = self._make_record(
             "loglikelihood_rolling", inst, own, ll=ll, is_greedy=own.is_greedy if parts else True,
-            kl=kl, top1_agree=agree,
+            kl=kl, top1_agree=agree, kl_rev=rev,
         )
         if self._ref_runner is not None:
             ref = concat_sides([p.ref for p in parts], self.topk)
@@ -575,9 +577,9 @@ class FlipLM(TemplateLM):
         if own is None:
             rec.token_ids = np.asarray(gen.own_toks[i], dtype=np.int32)
         if pair is not None:
-            rec.kl, rec.top1_agree = pair.kl, pair.agree
+            rec.kl, rec.top1_agree, rec.kl_rev = pair.kl, pair.agree, pair.kl_rev
         elif self._ref_runner is not None or self._ref_records is not None:
-            rec.kl, rec.top1_agree = np.zeros(0, np.float32), np.zeros(0, bool)
+            rec.kl, rec.top1_agree, rec.kl_rev = np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
         self.records[key] = rec
         if self._ref_runner is not None:
             ref_side = pair.ref if pair is not None else None

@@ -46,6 +46,7 @@ class Record:
     nonfinite: int = 0  # distinct scored positions where this model's logits held NaN/inf
     tail_logp: np.ndarray | None = None  # (n_tokens, S) float32: log-probs of S tokens sampled outside the top-K
     tail_ids: np.ndarray | None = None  # (n_tokens, S) int32 (records made without a reference)
+    kl_rev: np.ndarray | None = None  # (m,) float32: KL(this model || reference), the positions of `kl`
 
 
 def instance_key(instance: Instance) -> InstanceKey:

@@ -31,7 +31,8 @@ import torch
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
-from flipcheck.evaluation.kl import DEFAULT_TOPK, kl_method
+from flipcheck.evaluation.corpus import DEFAULT_CTX
+from flipcheck.evaluation.kl import DEFAULT_TAIL_SAMPLES, DEFAULT_TOPK, kl_method
 from flipcheck.evaluation.report.schema import child_entry, new_report
 from flipcheck.evaluation.tasks import (
     _include_paths,
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # Version of what a child's cached records mean (2: each distinct scored position counted once, NaN/inf
 # counts per record); part of every child key, so entries of an older engine are never reused.
-ENGINE_VERSION = 2
+ENGINE_VERSION = 3  # 3: records carry the reverse KL, KL(child || parent)
 
 
 @dataclass
@@ -78,11 +79,16 @@ class EvalSettings:
     filter: str | None = None  # lm-eval filter of generative tasks (default: the task's first)
     per_subtask: bool = False  # every leaf task its own row (default: groups as one row, as named)
     kl: str = "topk"  # vocabulary KL of every child: "topk" (bound from the parent's top-K) or "exact" (lock-step)
+    texts: list[str] = field(default_factory=list)  # --text corpora: files or hf:NAME[:CONFIG[:SPLIT]]
+    ctx: int = DEFAULT_CTX  # tokens per corpus window
+    scoring: str = "all"  # corpus positions scored per window: all, or half (llama.cpp's second half)
 
     def __post_init__(self) -> None:
+        from flipcheck.evaluation.corpus import check_scoring
         from flipcheck.evaluation.samples import check_metric
 
         check_metric(self.metric)
+        check_scoring(self.scoring, self.ctx)
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise FlipcheckError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit <= 0:
@@ -126,6 +132,9 @@ class EvalSettings:
             "filter": self.filter,
             "per_subtask": self.per_subtask,
             "kl": self.kl,
+            **({"texts": list(self.texts)} if self.texts else {}),
+            "ctx": self.ctx,
+            "scoring": self.scoring,
         }
 
 
@@ -133,7 +142,8 @@ class EvalSettings:
 # live (their content is keyed), batch size (numerics only: the noise floor measures it), bootstrap.
 _NOT_IN_KEY = {"tasks", "include_path", "batch_size", "trust_remote_code", "n_boot", "device", "dtype",
                "metric", "filter", "per_subtask",  # these three choose among the samples every run keeps
-               "kl"}  # how a child's KL is computed: in the child's key only (the parent's results are the same)
+               "kl",  # how a child's KL is computed: in the child's key only (the parent's results are the same)
+               "texts", "ctx", "scoring"}  # corpus settings: in the corpus entries' keys only
 
 
 def _task_config_hash(unit: str, include_path) -> str | None:
@@ -305,8 +315,8 @@ def _lm_eval_samples(lm, unit: str, settings: EvalSettings) -> tuple[dict[str, l
     return res["samples"], kinds
 
 
-def _vocab_by_task(records: dict) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Per task and document, the vocabulary KL and top-1 agreement of its scored positions (one pass)."""
+def _vocab_by_task(records: dict) -> dict[str, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]]:
+    """Per task and document, the vocabulary KL, top-1 agreement and reverse KL of its scored positions."""
     per_doc: dict[tuple[str, int], list] = defaultdict(list)
     for (task, doc, _idx), rec in sorted(records.items()):
         if rec.kl is not None:
@@ -315,7 +325,9 @@ def _vocab_by_task(records: dict) -> dict[str, dict[int, tuple[np.ndarray, np.nd
     for (task, doc), recs in per_doc.items():
         kl = np.concatenate([np.asarray(r.kl, dtype=np.float64) for r in recs])
         agree = np.concatenate([np.asarray(r.top1_agree, dtype=bool) for r in recs])
-        out[task][doc] = (kl, agree)
+        rev = (np.concatenate([np.asarray(r.kl_rev, dtype=np.float64) for r in recs])
+               if all(r.kl_rev is not None for r in recs) else None)
+        out[task][doc] = (kl, agree, rev)
     return out
 
 
@@ -326,12 +338,21 @@ class Evaluator:
         self.parent = parent
         self.settings = settings
         self.cache = cache or cache_mod.ResultCache()
-        self.units = resolve_tasks(settings.tasks, settings.include_path)
+        from flipcheck.evaluation.corpus import text_corpus
+
+        self.units = resolve_tasks(settings.tasks, settings.include_path) if settings.tasks or not settings.texts else []
         settings.tasks = self.units
         self._key_fields = settings.key_fields()
         self.trees = {u: task_tree(u, settings.include_path) for u in self.units}  # groups, to report as named
+        rolling = _rolling_units(self.trees, settings.include_path)  # perplexity tasks: distance on their text
+        self.units = [u for u in self.units if u not in rolling]
+        self.trees = {u: t for u, t in self.trees.items() if u not in rolling}
         check_filter(list(self.trees.values()), settings.filter)
-        _refuse_rolling(self.trees, settings.include_path)
+        self.corpora: dict[str, Any] = dict.fromkeys(rolling)  # name -> Corpus, task documents loaded when first needed
+        for spec in settings.texts:  # a missing file or an unknown dataset fails before any model loads
+            c = text_corpus(spec)
+            self.corpora[c.name] = c
+        self._windows: dict[str, list] = {}
         self._unit_keys: dict[str, dict[str, Any]] = {}
         self.parent_passes = 0  # model passes of the parent made by this evaluator (for tests/benchmarks)
 
@@ -354,6 +375,82 @@ class Evaluator:
             parent_identity=self.parent.identity_key(), **self._unit_fields(unit), **self._key_fields,
             kl=method or self.settings.kl, engine=ENGINE_VERSION,
         )
+
+    def _corpus(self, name: str):
+        from flipcheck.evaluation.corpus import task_corpus
+
+        if self.corpora[name] is None:
+            self.corpora[name] = task_corpus(name, self.settings.include_path)
+        return self.corpora[name]
+
+    def _corpus_fields(self, name: str) -> dict[str, Any]:
+        from flipcheck.evaluation.corpus import CORPUS_VERSION
+
+        s = self.settings
+        return {"corpus": name, "content": self._corpus(name).content_hash(), "ctx": s.ctx, "scoring": s.scoring,
+                "tail": DEFAULT_TAIL_SAMPLES, "corpus_version": CORPUS_VERSION}  # limit, top-K: in _key_fields
+
+    def _corpus_windows(self, name: str) -> list:
+        from flipcheck.evaluation.corpus import windows
+
+        if name not in self._windows:
+            self.parent.ensure_identity(self.settings)
+            self._windows[name] = windows(self.parent.tokenizer, self._corpus(name), self.settings.ctx, self.settings.limit)
+        return self._windows[name]
+
+    def _corpus_parent(self, name: str) -> dict[str, np.ndarray]:
+        """The parent's side of one corpus (cached): exact NLL and argmax, top-K and tail samples."""
+        from flipcheck.evaluation.corpus import score_parent
+
+        self.parent.ensure_identity(self.settings)
+        key = cache_mod.entry_key(role="parent-corpus", model=self.parent.fingerprint, **self.parent.identity_key(),
+                                  **self._key_fields, **self._corpus_fields(name))
+        hit = self.cache.get_arrays(key)
+        if hit is not None:
+            return hit
+        self.parent.ensure_loaded(self.settings)
+        arrays = score_parent(self.parent.model, self._corpus_windows(name), scoring=self.settings.scoring,
+                              topk=self.settings.topk, batch_size=self.settings.batch_size)
+        self.parent_passes += 1
+        self.cache.put_arrays(key, arrays, {"corpus": name, "parent": self.parent.source})
+        return arrays
+
+    def _corpus_child(self, child: ModelRef, name: str, method: str, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Per scored token of one child on one corpus (cached per KL method)."""
+        from flipcheck.evaluation.corpus import score_child
+
+        key = cache_mod.entry_key(role="child-corpus", model=child.fingerprint, **child.identity_key(),
+                                  parent=self.parent.fingerprint, parent_identity=self.parent.identity_key(),
+                                  **self._key_fields, **self._corpus_fields(name), kl=method)
+        hit = self.cache.get_arrays(key)
+        if hit is not None:
+            log.info("%s / %s: finished in an earlier run (cache)", child.name, name)
+            return hit
+        wins = self._corpus_windows(name)
+        child.ensure_loaded(self.settings)
+        if method == "exact":
+            self.parent.ensure_loaded(self.settings)
+            self.parent_passes += 1
+            tokens = score_child(child.model, wins, scoring=self.settings.scoring, parent_model=self.parent.model,
+                                 batch_size=batch_size or self.settings.batch_size)
+        else:
+            tokens = score_child(child.model, wins, scoring=self.settings.scoring, parent=self._corpus_parent(name),
+                                 batch_size=batch_size or self.settings.batch_size)
+        self.cache.put_arrays(key, tokens, {"corpus": name, "child": child.source, "kl": method})
+        return tokens
+
+    def corpus_figures(self, child: ModelRef, method: str, batch_size: int | None = None) -> dict[str, dict]:
+        """Per corpus, the figures of one child (see :func:`flipcheck.evaluation.corpus.summarize`)."""
+        from flipcheck.evaluation.corpus import summarize
+
+        out = {}
+        for name in self.corpora:
+            fig = summarize(self._corpus_child(child, name, method, batch_size), n_boot=self.settings.n_boot, seed=self.settings.seed)
+            if fig["nonfinite"]["child"] or fig["nonfinite"]["parent"]:
+                log.warning("%s / %s: scored tokens with NaN/inf logits: parent %d, child %d", child.name, name,
+                            fig["nonfinite"]["parent"], fig["nonfinite"]["child"])
+            out[name] = {"source": self._corpus(name).source, **fig}
+        return out
 
     # -- one child ----------------------------------------------------------------------------
     def evaluate_child(
@@ -398,7 +495,7 @@ class Evaluator:
                 rows_by_task[task] = rows
                 all_rows.extend({"child": child.name, **_row_dict(r)} for r in rows)
         summaries = self._named(summaries, rows_by_task, unit_tasks)
-        agg = aggregate(summaries, rows_by_task, n_boot=self.settings.n_boot, seed=self.settings.seed)
+        agg = aggregate(summaries, rows_by_task, n_boot=self.settings.n_boot, seed=self.settings.seed) if summaries else {}
         entry = child_entry(
             child.name, summaries, micro=agg.get("micro"), macro=agg.get("macro"), source=child.source,
             fingerprint=child.fingerprint, method=child.info.get("method"), settings=child.info.get("settings"),
@@ -407,6 +504,8 @@ class Evaluator:
         )
         if entry["micro"] is not None:  # the pooled figures carry the counts too (the gate judges micro)
             entry["micro"]["nonfinite"] = _sum_nonfinite(s for n, s in summaries.items() if n != "micro")
+        if self.corpora:
+            entry["corpus"] = self.corpus_figures(child, method, batch_size)
         return entry, all_rows
 
     def score_parent(self) -> None:
@@ -414,6 +513,9 @@ class Evaluator:
         cached), then let its weights go unless every child needs them in lock-step (kl exact)."""
         for unit in self.units:
             self._parent_results(unit)
+        for name in self.corpora:
+            if self.settings.kl != "exact":  # lock-step children need no stored parent side
+                self._corpus_parent(name)
         if self.settings.kl != "exact":
             self.parent.release()
 
@@ -471,23 +573,64 @@ class Evaluator:
             self.trees, unit_tasks, summaries, rows_by_task, n_boot=self.settings.n_boot, seed=self.settings.seed
         )
 
-    def noise_floor(self) -> dict:
-        """The parent against itself re-run with another batch size: what numerics alone change.
+    def noise_floor(self) -> list[dict]:
+        """The parent against itself under changes that are not compression, one entry per change:
 
-        Always scored against the parent's stored top-K (the top-K + tail bound, recorded in the
-        entry's ``kl_method``): lock-step would run both sides on the same batches and measure nothing.
+        - another batch size (padding and packing change the kernels' reduction order);
+        - its weights rounded to bfloat16 (float16 for a bfloat16 parent) and computed as before;
+        - the other attention implementation (eager instead of sdpa, or sdpa instead of eager).
+
+        Each is scored like a child against the parent's stored top-K and tail (``kl_method`` of
+        the entries): lock-step would run both sides on the same batches and measure nothing.
         """
         self.parent.ensure_loaded(self.settings)
         bs = 1 if self.settings.batch_size > 1 else 2
-        ref = ModelRef(
-            name=f"noise floor (parent, batch size {bs})", source=None, model=self.parent.model,
-            tokenizer=self.parent.tokenizer, fingerprint=f"{self.parent.fingerprint}:batch{bs}",
-            info={"method": "noise_floor", "settings": {"batch_size": bs}},
-        )
-        entry, _ = self.evaluate_child(ref, batch_size=bs, kl="topk")
-        return entry
+        entries = []
+        for label, key, info, make, batch in self._floor_variants(bs):
+            model = make()
+            if model is None:
+                continue
+            ref = ModelRef(
+                name=f"noise floor: {label}", source=None, model=model, tokenizer=self.parent.tokenizer,
+                fingerprint=f"{self.parent.fingerprint}:{key}", info={"method": "noise_floor", "settings": info},
+            )
+            entry, _ = self.evaluate_child(ref, batch_size=batch, kl="topk")
+            entries.append(entry)
+            ref.model = None
+            del model
+        return entries
 
-    def report(self, children_entries: list[dict], noise_floor: dict | None = None) -> dict:
+    def _floor_variants(self, bs: int):
+        import copy
+
+        parent = self.parent.model
+        yield f"batch size {bs}", f"batch{bs}", {"batch_size": bs}, lambda: parent, bs
+        rounded = torch.float16 if _weights_dtype(parent) == torch.bfloat16 else torch.bfloat16
+        name = str(rounded).replace("torch.", "")
+
+        def rounded_copy():
+            m = copy.deepcopy(parent)
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.is_floating_point():
+                        p.copy_(p.to(rounded).to(p.dtype))
+            return m
+
+        yield f"{name}-rounded weights", f"round-{name}", {"weights": name}, rounded_copy, None
+        impl = getattr(parent.config, "_attn_implementation", None)
+        other = {"sdpa": "eager", "eager": "sdpa"}.get(str(impl))
+
+        def other_attention():
+            if other is None:
+                log.info("noise floor: attention %r has no eager/sdpa counterpart; row skipped", impl)
+                return None
+            m = copy.deepcopy(parent)
+            m.set_attn_implementation(other)
+            return m
+
+        yield f"{other} attention", f"attn-{other}", {"attention": other, "instead_of": impl}, other_attention, None
+
+    def report(self, children_entries: list[dict], noise_floor: list[dict] | None = None) -> dict:
         method = kl_method(self.settings.kl, self.settings.topk)
         for e in children_entries:  # one kind of vocabulary KL per report
             if e.get("kl_method", method) != method:
@@ -532,19 +675,30 @@ def named_summaries(
     return out
 
 
-def _refuse_rolling(trees: dict[str, Any], include_path) -> None:
-    """Refuse perplexity tasks (lm-eval's ``loglikelihood_rolling``) before any model runs: they have no
-    answers to flip, and distance on plain text is not supported yet."""
+def _rolling_units(trees: dict[str, Any], include_path) -> list[str]:
+    """The named tasks that are perplexity tasks (lm-eval's ``loglikelihood_rolling``): they have no
+    answers to flip, so their documents are scored as a corpus. A group mixing them with question
+    tasks is refused before any model runs."""
+    rolling = []
     for unit, tree in trees.items():
         index = task_manager(include_path, [unit]).task_index
+        kinds = {}
         for leaf in tree.leaves():
             cfg = getattr(index.get(leaf.name), "cfg", None) or {}
-            if isinstance(cfg, dict) and cfg.get("output_type") == "loglikelihood_rolling":
-                where = "" if leaf.name == unit else f" (in {unit})"
-                raise FlipcheckError(
-                    f"task {leaf.name!r}{where} is a perplexity task (loglikelihood_rolling): corpus distance is "
-                    "not supported yet; use multiple-choice or generative tasks"
-                )
+            kinds[leaf.name] = isinstance(cfg, dict) and cfg.get("output_type") == "loglikelihood_rolling"
+        if all(kinds.values()) and kinds:
+            rolling.append(unit)
+        elif any(kinds.values()):
+            bad = sorted(n for n, r in kinds.items() if r)
+            raise FlipcheckError(
+                f"group {unit!r} mixes perplexity tasks ({', '.join(bad)}) with question tasks; name them separately "
+                "(perplexity tasks are scored as text corpora)"
+            )
+    return rolling
+
+
+def _weights_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _sum_nonfinite(summaries) -> dict[str, int]:
@@ -610,6 +764,9 @@ def evaluate(
     filter: str | None = None,
     per_subtask: bool = False,
     kl: str = "topk",
+    texts: list[str] | None = None,
+    ctx: int = DEFAULT_CTX,
+    scoring: str = "all",
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -629,7 +786,7 @@ def evaluate(
         tasks=tasks if isinstance(tasks, list) else [t for t in tasks.split(",") if t.strip()],
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
-        per_subtask=per_subtask, kl=kl,
+        per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
     )
     ev = Evaluator(ModelRef("parent", parent_src), settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
     entries, rows = [], []

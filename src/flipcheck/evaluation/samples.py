@@ -74,6 +74,8 @@ class SampleRow:
     filter: str | None = None  # the lm-eval filter the answers came through (generative: strict-match, ...)
     margin_norm_P: float | None = None  # P's top margin over the length-normalised option scores
     headline: str | None = None  # "acc_norm" when the headline figures use the length-normalised answers
+    kl_options_rev: float | None = None  # KL(p_C ‖ p_P) over the options, the reverse direction
+    kl_vocab_rev: float | None = None  # mean KL(C ‖ P) over the vocabulary at this question's scored tokens
 
     def view(self) -> tuple[bool, bool, Any, Any, float | None]:
         """(correct_P, correct_C, pred_P, pred_C, margin_P) under the row's headline metric."""
@@ -95,8 +97,8 @@ class SampleRow:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def token_arrays(self) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """The per-token vocabulary KL and top-1 agreement behind kl_vocab (not serialised)."""
+    def token_arrays(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+        """The per-token vocabulary KL, top-1 agreement and reverse KL behind kl_vocab (not serialised)."""
         return getattr(self, "_tokens", None)
 
 
@@ -454,10 +456,11 @@ def build_rows(
     for doc_id in sorted(p_docs):
         p, c = p_docs[doc_id], c_docs[doc_id]
         _check_pair(task, doc_id, p, c)
-        kl = margin = None
+        kl = kl_rev = margin = None
         if p.kind == "multiple_choice":
             mismatches += _settle_choice(task, p, c)
             kl = float(M.kl_options([p.ll], [c.ll])[0])
+            kl_rev = float(M.kl_options([c.ll], [p.ll])[0])
             m = float(M.top_margin([p.ll])[0])
             margin = None if math.isnan(m) else m
         row = SampleRow(
@@ -466,7 +469,7 @@ def build_rows(
             top1_agree=None, margin_P=margin, output_P=p.output, output_C=c.output, kind=p.kind,
             ll_P=p.ll, ll_C=c.ll, choices=p.choices, pred_norm_P=p.pred_norm, pred_norm_C=c.pred_norm,
             correct_norm_P=p.correct_norm, correct_norm_C=c.correct_norm, question=p.question,
-            metric=p.correct_metric, filter=filter_name, margin_norm_P=p.margin_norm,
+            metric=p.correct_metric, filter=filter_name, margin_norm_P=p.margin_norm, kl_options_rev=kl_rev,
         )
         if vocab is not None and doc_id in vocab:
             attach_vocab(row, *vocab[doc_id])
@@ -478,11 +481,14 @@ def build_rows(
         )
     return rows
 
-def attach_vocab(row: SampleRow, kl_tokens: Any, top1_tokens: Any | None = None) -> SampleRow:
-    """Set a row's vocabulary KL and top-1 agreement from its per-token arrays (kept for pooling)."""
+def attach_vocab(row: SampleRow, kl_tokens: Any, top1_tokens: Any | None = None, kl_rev_tokens: Any | None = None) -> SampleRow:
+    """Set a row's vocabulary KL (both directions) and top-1 agreement from its per-token arrays (kept for pooling)."""
     kl = np.asarray(kl_tokens, dtype=np.float64).reshape(-1)
     top1 = None if top1_tokens is None else np.asarray(top1_tokens, dtype=np.float64).reshape(-1)
-    object.__setattr__(row, "_tokens", (kl, top1))  # not a dataclass field: asdict/to_dict stay small
+    rev = None if kl_rev_tokens is None else np.asarray(kl_rev_tokens, dtype=np.float64).reshape(-1)
+    object.__setattr__(row, "_tokens", (kl, top1, rev))  # not a dataclass field: asdict/to_dict stay small
+    rev_fin = rev[np.isfinite(rev)] if rev is not None else None
+    row.kl_vocab_rev = float(rev_fin.mean()) if rev_fin is not None and rev_fin.size else None
     fin = kl[np.isfinite(kl)]
     row.kl_vocab = float(fin.mean()) if fin.size else None
     top1_fin = top1[np.isfinite(kl)] if top1 is not None and top1.shape == kl.shape else top1
@@ -512,6 +518,20 @@ def _accuracy_block(cp: np.ndarray, cc: np.ndarray, pp: list, pc: list, n_boot: 
         "answer_changes": M.answer_changes(pp, pc),
         "mcnemar_p": M.mcnemar_exact(b, c),
     }
+
+
+def _vocab_rev_block(rows: list[SampleRow]) -> dict[str, Any] | None:
+    """KL(C ‖ P) over the vocabulary at the scored tokens: mean, median, p99 (as :func:`_vocab_block`)."""
+    measured = [r for r in rows if r.kl_vocab_rev is not None or r.n_tokens]
+    arrays = [r.token_arrays() for r in measured]
+    if measured and all(a is not None and a[2] is not None for a in arrays):
+        return M.vocab_kl_summary(np.concatenate([a[2] for a in arrays]))
+    done = [r for r in measured if r.kl_vocab_rev is not None]
+    if not done:
+        return None
+    w = np.array([r.n_tokens or 1 for r in done], dtype=np.float64)
+    kl = np.array([r.kl_vocab_rev for r in done], dtype=np.float64)
+    return {"tokens": int(w.sum()), "nonfinite": None, "mean": float((kl * w).sum() / w.sum()), "median": None, "p99": None}
 
 
 def _vocab_block(rows: list[SampleRow]) -> dict[str, Any] | None:
@@ -643,6 +663,8 @@ def summarize_task(
     vb = _vocab_block(rs)
     out["kl_vocab"] = vb
     out["top1_agree"] = vb.get("top1_agree") if vb else None
+    out["kl_options_rev"] = M.summary_stats([r.kl_options_rev for r in rs])
+    out["kl_vocab_rev"] = _vocab_rev_block(rs)
     gen = [r for r in rs if r.kind == "generate_until"]
     out["identical_output"] = float(np.mean([r.output_P == r.output_C for r in gen])) if gen else None
     out["correct_metric"] = ", ".join(sorted({r.metric for r in rs if r.metric})) or None
@@ -736,7 +758,7 @@ def aggregate(
     macro: dict[str, Any] = {"task": "macro", "tasks": len(ss)}
     for k in MACRO_KEYS:
         macro[k] = _mean([s.get(k) for s in ss])
-    for k in ("kl_options", "kl_vocab"):
+    for k in ("kl_options", "kl_vocab", "kl_options_rev", "kl_vocab_rev"):
         m = _mean([(s.get(k) or {}).get("mean") for s in ss])
         macro[k] = None if m is None else {"mean": m}
     return {"micro": micro, "macro": jsonable(macro)}

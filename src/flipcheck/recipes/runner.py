@@ -120,7 +120,8 @@ def run_recipe(
         tasks=list(ev_spec.tasks), include_path=ev_spec.include_path, num_fewshot=ev_spec.num_fewshot,
         limit=_limit(ev_spec.limit), seed=ev_spec.seed, batch_size=ev_spec.batch_size, device=recipe.device,
         dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code, metric=ev_spec.metric, filter=ev_spec.filter,
-        per_subtask=ev_spec.per_subtask, kl=ev_spec.kl,
+        per_subtask=ev_spec.per_subtask, kl=ev_spec.kl, texts=list(ev_spec.texts), ctx=ev_spec.ctx,
+        scoring=ev_spec.scoring,
     )
     cache = ResultCache(cache_dir if cache_dir is not None else None, enabled=use_cache)
     say(f"parent: {parent_src.spec}")
@@ -228,6 +229,10 @@ def sweep(
     filter: str | None = None,
     per_subtask: bool = False,
     kl: str = "topk",
+    texts: list[str] | None = None,
+    ctx: int = 512,
+    scoring: str = "all",
+    noise_floor: bool = False,
 ) -> dict:
     """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -239,7 +244,8 @@ def sweep(
             sweeps=[SweepSpec(method=method, grid=grid, settings=settings or {})],
             evaluation=EvaluationSpec(
                 tasks=task_list, include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                metric=metric, filter=filter, per_subtask=per_subtask, kl=kl,
+                metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
+                scoring=scoring, noise_floor=noise_floor,
             ),
             device=device,
             dtype=dtype,

@@ -113,7 +113,7 @@ class SweepSpec(_Strict):
 class EvaluationSpec(_Strict):
     """Which lm-eval tasks, and how they are scored."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["flipcheck_demo_facts", "flipcheck_demo_letters"], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: ["flipcheck_demo_facts", "flipcheck_demo_letters"])
     include_path: str | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
@@ -124,6 +124,15 @@ class EvaluationSpec(_Strict):
     filter: str | None = None  # lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)
     per_subtask: bool = False  # every task of a group its own row and verdict (default: the group as named)
     kl: Literal["topk", "exact"] = "topk"  # vocabulary KL: vs the cached parent's top-K + sampled tail, or exact (lock-step)
+    texts: list[str] = Field(default_factory=list)  # text corpora scored token by token: files or hf:NAME[:CONFIG[:SPLIT]]
+    ctx: int = Field(512, ge=4)  # tokens per corpus window
+    scoring: Literal["all", "half"] = "all"  # corpus positions scored per window (half: llama.cpp's convention)
+
+    @model_validator(mode="after")
+    def _tasks_or_texts(self) -> EvaluationSpec:
+        if not self.tasks and not self.texts:
+            raise ValueError("give at least one task (tasks) or text corpus (texts)")
+        return self
 
 
 class GateSpec(_Strict):
@@ -133,19 +142,22 @@ class GateSpec(_Strict):
     max_kl: str | float | None = None
     min_acc_delta: str | float | None = None
     min_acc: str | float | None = None
+    max_kl_text: str | float | None = None  # mean KL(P||C) over every scored token of each text corpus
+    max_ppl_ratio: str | float | None = None  # PPL_C / PPL_P on each text corpus, e.g. 1.05
+    over_floor: bool = False  # flips and KL budgets judge the excess over the noise floor
 
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
         from flipcheck.gate import parse_budget
 
-        for name in ("max_flips", "max_kl", "min_acc_delta", "min_acc"):
+        for name in ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio"):
             v = getattr(self, name)
             if v is not None:
                 parse_budget(str(v), name)
         return self
 
-    def budgets(self) -> dict[str, str | None]:
-        return {k: (None if v is None else str(v)) for k, v in self.model_dump().items()}
+    def budgets(self) -> dict[str, str | bool | None]:
+        return {k: (v if isinstance(v, bool) else None if v is None else str(v)) for k, v in self.model_dump().items()}
 
 
 class Recipe(_Strict):

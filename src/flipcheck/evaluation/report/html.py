@@ -9,6 +9,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from flipcheck.evaluation.report.corpus import corpus_html
 from flipcheck.evaluation.report.plots import _CAPTIONS, FLOOR_COLOUR, PLOTS, child_colours
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
 from flipcheck.evaluation.report.text import (
@@ -21,6 +22,7 @@ from flipcheck.evaluation.report.text import (
     group_note,
     group_rows,
     headline,
+    is_floor,
     kl_method_label,
     labelled_entries,
     labelled_summaries,
@@ -48,7 +50,7 @@ def css() -> str:
 def _card(label: str, entry: Mapping[str, Any], colour: str, scale: float) -> str:
     e = html.escape
     s = overall_summary(entry) or {}
-    floor = label == "noise floor"
+    floor = is_floor(label)
     delta, flips = s.get("delta_acc"), s.get("flips")
     big = [f"<div><b>{e(pts_text(delta).replace(' pts', ''))}</b><span>accuracy, points</span></div>",
            f"<div><b>{e(pct(flips))}</b><span>of answers flipped</span></div>"]
@@ -94,7 +96,7 @@ def _summary_table(report: Mapping[str, Any], colours: Mapping[str, str]) -> lis
         summaries = labelled_summaries(entry, detail=True)
         if not summaries:
             continue
-        out.append('<tbody class="floor">' if label == "noise floor" else "<tbody>")
+        out.append('<tbody class="floor">' if is_floor(label) else "<tbody>")
         for j, (task, s) in enumerate(summaries):
             cells = []
             if j == 0:
@@ -183,6 +185,7 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         parts.append(f'<p class="note">{e(EXPLAIN)}</p>')
     else:
         parts.append("<p>No children in this report.</p>")
+    parts += corpus_html(report)
     drawn = []
     for title, fn, wide in PLOTS:
         try:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from flipcheck.evaluation.report.corpus import corpus_markdown
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
 from flipcheck.evaluation.report.text import (
     EXPLAIN,
@@ -78,6 +79,7 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
             cells = [label, task, str(s.get("n", "-")), *table_cells(s)]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out += _subtasks_markdown(report)
+    out += corpus_markdown(report)
     flipped = flipped_rows(rows)
     out += ["", f"## Flipped questions ({len(flipped)}" + (f", first {MAX_FLIPPED}" if len(flipped) > MAX_FLIPPED else "") + ")",
             ""]

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flipcheck.evaluation.metrics import pearson
-from flipcheck.evaluation.report.text import labelled_entries, mean_of, overall_summary
+from flipcheck.evaluation.report.text import floor_max, is_floor, labelled_entries, mean_of, overall_summary
 
 # matplotlib's tab10 order without its grey, which marks the noise floor everywhere
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -27,7 +27,9 @@ _DPI = 110
 def child_colours(report: Mapping[str, Any]) -> dict[str, str]:
     """One colour per child label, shared by the page and every plot; grey for the noise floor."""
     out = {str(c.get("name")): PALETTE[i % len(PALETTE)] for i, c in enumerate(report.get("children") or [])}
-    out["noise floor"] = FLOOR_COLOUR
+    for label, _ in labelled_entries(report):
+        if is_floor(label):
+            out[label] = FLOOR_COLOUR
     return out
 
 
@@ -76,7 +78,7 @@ def plot_acc_vs_flips(report: Mapping[str, Any]) -> str | None:
     the higher a point sits above the wedge, the more answers changed that accuracy does not show.
     """
     colours = child_colours(report)
-    pts = [(lab, overall_summary(e), lab == "noise floor") for lab, e in labelled_entries(report)]
+    pts = [(lab, overall_summary(e), is_floor(lab)) for lab, e in labelled_entries(report)]
     pts = [(lab, s, floor) for lab, s, floor in pts if s and s.get("delta_acc") is not None and s.get("flips") is not None]
     if not pts:
         return None
@@ -145,9 +147,9 @@ def plot_sweeps(report: Mapping[str, Any]) -> str | None:
             ax1.plot(xs, dy, marker="o", color=colour, label=key)
         ax2.plot(xs, [100 * (p[2].get("flips") or 0.0) for p in pts], marker="o", color=colour, label=key)
         ax2.plot(xs, [abs(d) for d in dy], ls=":", color=colour, lw=1, label=f"{key}: |Δacc|")
-    floor = overall_summary(report.get("noise_floor") or {})
-    if floor and floor.get("flips") is not None:
-        ax2.axhline(100 * floor["flips"], color=FLOOR_COLOUR, lw=1, ls="--", label="noise floor")
+    floor = floor_max(report, "flips")
+    if floor is not None:
+        ax2.axhline(100 * floor, color=FLOOR_COLOUR, lw=1, ls="--", label="noise floor (largest row)")
     names = {key.rsplit("(", 1)[-1].rstrip(")") for key in groups}
     xlabel = next(iter(names)) if len(names) == 1 else "strength"
     for ax in (ax1, ax2):
@@ -229,7 +231,7 @@ def plot_margin_deciles(report: Mapping[str, Any]) -> str | None:
         xs = [d["bin"] + 1 for d in dec if d.get("flip_rate") is not None]
         ys = [100 * d["flip_rate"] for d in dec if d.get("flip_rate") is not None]
         if xs:
-            floor = label == "noise floor"
+            floor = is_floor(label)
             ax.plot(xs, ys, marker="x" if floor else "o", ms=4, label=legend_label(label),
                     color=colours.get(label, FLOOR_COLOUR), ls="--" if floor else "-", lw=1.4)
             drawn = True

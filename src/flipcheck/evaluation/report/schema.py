@@ -9,7 +9,13 @@ report.json (``"schema": "flipcheck.report", "version": 1``)::
      "children": [{"name", "source", "fingerprint", "method", "settings",
                    "strength": {"sigma": 0.05} | null, "compression": [step reports],
                    "tasks": {task: summary}, "micro": summary, "macro": {...}}],
-     "noise_floor": {same shape as a child} | null}
+     "noise_floor": [{same shape as a child}, ...] | null}
+
+Version 2 (issue: both KL directions, corpora, a calibrated floor): ``noise_floor`` is a list of
+rows (another batch size, bf16-rounded weights, the other attention implementation; version 1 held
+one entry), a child may carry ``"corpus": {name: figures}`` (distance on text, see
+:func:`flipcheck.evaluation.corpus.summarize`) and summaries carry ``kl_options_rev`` /
+``kl_vocab_rev`` (KL(C || P)). Version-1 reports are read as they are.
 
 Task summaries are those of :func:`flipcheck.evaluation.samples.summarize_task` (a named group
 holds its subtasks' summaries under ``"subtasks"``). samples.jsonl holds one per-question row per
@@ -31,7 +37,7 @@ from flipcheck.errors import FlipcheckError
 SCHEMA = "flipcheck.report"
 
 
-VERSION = 1
+VERSION = 2
 
 
 REPORT_FILE = "report.json"
@@ -47,7 +53,7 @@ def new_report(
     parent: Mapping[str, Any],
     settings: Mapping[str, Any],
     children: list[dict[str, Any]],
-    noise_floor: dict[str, Any] | None = None,
+    noise_floor: list[dict[str, Any]] | None = None,
     *,
     kl_method: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:

@@ -40,11 +40,36 @@ def mean_of(block: Any) -> Any:
 
 
 def labelled_entries(report: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, entry) for every child and the noise floor."""
+    """(label, entry) for every child and every noise-floor row (labels starting "noise floor")."""
     out = [(str(c.get("name")), c) for c in report.get("children") or []]
-    if report.get("noise_floor"):
-        out.append(("noise floor", report["noise_floor"]))
+    for e in floor_entries(report):
+        name = str(e.get("name") or "")
+        out.append((name if is_floor(name) else "noise floor", e))
     return out
+
+
+def floor_entries(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The noise-floor rows: a list since report version 2 (version 1 had one entry or null)."""
+    floor = report.get("noise_floor")
+    if not floor:
+        return []
+    return [floor] if isinstance(floor, Mapping) else [e for e in floor if e]
+
+
+def is_floor(label: str) -> bool:
+    return label.startswith("noise floor")
+
+
+def floor_max(report: Mapping[str, Any], key: str, task: str | None = None) -> float | None:
+    """The largest figure `key` over the noise-floor rows (of `task`, else over all questions)."""
+    values = []
+    for e in floor_entries(report):
+        s = (e.get("tasks") or {}).get(task) if task is not None else overall_summary(e)
+        v = (s or {}).get(key)
+        v = mean_of(v) if isinstance(v, Mapping) else v
+        if v is not None:
+            values.append(float(v))
+    return max(values) if values else None
 
 
 def labelled_summaries(entry: Mapping[str, Any], *, detail: bool = False) -> list[tuple[str, dict[str, Any]]]:
@@ -120,7 +145,7 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
     for h in heads:
         table.add_column(h, justify="right", no_wrap=True)
     for label, entry in labelled_entries(report):
-        dim = label == "noise floor"
+        dim = is_floor(label)
         table.add_row(f"[bold]{label}[/]", style="dim" if dim else None)
         for task, s in labelled_summaries(entry):
             if compact:
@@ -189,9 +214,9 @@ def summary_line(report: Mapping[str, Any]) -> str | None:
     else:
         text = (f"{n} children: accuracy moved by at most {100 * max(deltas):.1f} points, while "
                 f"{100 * min(flips):.1f}–{pct(max(flips))} of answers flipped")
-    floor = overall_summary(report.get("noise_floor") or {})
-    if floor and floor.get("flips") is not None:
-        text += f" (noise floor: {pct(floor['flips'])})"
+    floor = floor_max(report, "flips")
+    if floor is not None:
+        text += f" (noise floor: {'up to ' if len(floor_entries(report)) > 1 else ''}{pct(floor)})"
     return text + "."
 
 

@@ -1,0 +1,356 @@
+"""Distance on plain text: a parent and a child scored token by token over a corpus.
+
+The corpus (an lm-eval perplexity task such as ``wikitext``, a local file, or ``hf:NAME``) is
+joined into one token stream (documents separated by a blank line) and cut into consecutive,
+non-overlapping windows of ``ctx`` tokens; a tokenizer with a BOS token starts every window with
+it (then ``ctx - 1`` corpus tokens follow). Each window is one forward pass, and the positions it
+scores depend on the convention:
+
+- ``all`` (default): every position predicts its next token, so with a BOS token every corpus
+  token is scored exactly once (the first tokens of a window with little context);
+- ``half`` (llama.cpp's ``llama-perplexity``): only the second half of each window is scored, so
+  every scored token has at least ``ctx / 2`` tokens of context.
+
+At every scored position, with P the parent's and C the child's next-token distribution:
+KL(P||C) and KL(C||P) over the whole vocabulary, whether the two top-1 tokens agree, the change
+of the probability of the actual next token (``dp = C(next) - P(next)``) and both models'
+negative log-likelihoods (perplexity). The parent's side is computed once and cached (its exact
+per-token values, plus the top-K log-probs and tail samples that the KL of a later child needs),
+or the parent runs in lock-step with the child (``--kl exact``: both KLs exact).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.kl import (
+    DEFAULT_TAIL_SAMPLES,
+    TAIL_SEED,
+    kl_exact,
+    kl_reverse_topk_tail_tensors,
+    kl_topk_tail_tensors,
+    sample_tail,
+)
+
+log = logging.getLogger(__name__)
+
+SCORING = ("all", "half")  # which positions of a window are scored (module docstring)
+DEFAULT_CTX = 512
+SEPARATOR = "\n\n"
+CORPUS_VERSION = 1  # what a cached corpus entry holds; part of its key
+_LOGIT_BYTES = 1 << 29  # float32 logits of one forward batch: windows * ctx * vocab * 4 <= this
+
+PARENT_FIELDS = ("nll", "argmax", "nonfinite", "window", "topk_logp", "topk_ids", "tail_logp", "tail_ids")
+TOKEN_FIELDS = ("kl", "kl_rev", "agree", "dp", "nll_p", "nll_c", "window", "nonfinite_p", "nonfinite_c")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named text corpus: its documents and where they came from."""
+
+    name: str
+    source: str
+    texts: tuple[str, ...]
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for t in self.texts:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()[:16]
+
+
+def check_scoring(scoring: str, ctx: int) -> None:
+    if scoring not in SCORING:
+        raise FlipcheckError(f"--scoring {scoring!r}: allowed are {', '.join(SCORING)}")
+    if ctx < 4:
+        raise FlipcheckError(f"--ctx {ctx}: a window needs at least 4 tokens")
+
+
+def text_corpus(spec: str) -> Corpus:
+    """``--text``: a .txt file (one stream), a .jsonl file of {"text": ...} rows, or hf:NAME[:CONFIG[:SPLIT]]
+    (split ``test`` by default; the "text" column, rows joined by a blank line)."""
+    from flipcheck.compressors import calibration_data as cd
+
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":", 2)
+        full = spec if len(parts) == 3 else spec + (":" if len(parts) == 1 else "") + ":test"
+        try:
+            texts = cd._hf_texts(full)
+        except FlipcheckError as err:
+            raise FlipcheckError(f"--text {spec!r}: {str(err).split(': ', 1)[-1]}") from err
+        return Corpus(spec, spec, tuple(texts))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FlipcheckError(f"--text {spec!r}: no such file; pass a .txt or .jsonl file or hf:NAME[:CONFIG[:SPLIT]]")
+    if path.suffix == ".jsonl":
+        texts = cd._jsonl_texts(path)
+    elif path.suffix in (".txt", ".md", ".raw", ""):
+        texts = [path.read_text(encoding="utf-8")]
+    else:
+        raise FlipcheckError(f"--text {spec!r}: unsupported file type {path.suffix!r}; allowed: .txt, .jsonl, hf:NAME")
+    if not any(t.strip() for t in texts):
+        raise FlipcheckError(f"--text {spec!r}: the file holds no text")
+    return Corpus(path.name, str(path.resolve()), tuple(texts))
+
+
+def task_corpus(task: str, include_path, limit: int | float | None = None) -> Corpus:
+    """The documents of an lm-eval perplexity task (``loglikelihood_rolling``, e.g. ``wikitext``): its
+    evaluation split, each document as the task presents it (``doc_to_target``)."""
+    from lm_eval.tasks import get_task_dict
+
+    from flipcheck.evaluation.tasks import task_manager
+
+    try:
+        tasks = get_task_dict([task], task_manager(include_path, [task]))
+    except Exception as err:  # datasets raises many types for "not reachable / not cached"
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise FlipcheckError(
+            f"task {task!r}: could not load its documents ({msg}); offline, its dataset must be in the "
+            "Hugging Face datasets cache, or pass the text with --text FILE"
+        ) from err
+    leaves = _leaf_tasks(tasks)
+    if len(leaves) != 1:
+        raise FlipcheckError(f"task {task!r}: a perplexity group of {len(leaves)} tasks; name one of its tasks")
+    obj = leaves[0]
+    docs = list(obj.eval_docs)
+    texts = [obj.doc_to_target(d) for d in docs]
+    return Corpus(task, f"lm-eval:{task}", tuple(str(t) for t in texts if str(t).strip()))
+
+
+def _leaf_tasks(d: Any) -> list:
+    out = []
+    for v in (d.values() if isinstance(d, dict) else [d]):
+        out.extend(_leaf_tasks(v) if isinstance(v, dict) else [v])
+    return out
+
+
+def windows(tokenizer, corpus: Corpus, ctx: int, limit: int | float | None = None) -> list[np.ndarray]:
+    """Consecutive windows of at most `ctx` token ids (BOS first where the tokenizer has one); the last
+    may be shorter. `limit`: at most that many windows (a count, or a fraction of them if < 1)."""
+    ids: list[int] = []
+    sep = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    for i, enc in enumerate(tokenizer(list(corpus.texts), add_special_tokens=False)["input_ids"]):
+        if i:
+            ids.extend(sep)
+        ids.extend(enc)
+    bos = tokenizer.bos_token_id
+    step = ctx - 1 if bos is not None else ctx
+    out = []
+    for s in range(0, len(ids), step):
+        chunk = ids[s : s + step]
+        w = ([bos] if bos is not None else []) + chunk
+        if len(w) >= 2:
+            out.append(np.asarray(w, dtype=np.int64))
+    if not out:
+        raise FlipcheckError(f"corpus {corpus.name!r} has fewer than 2 tokens")
+    if limit is not None:
+        n = int(limit) if limit >= 1 else max(1, int(math.ceil(limit * len(out))))
+        out = out[:n]
+    return out
+
+
+def scored_range(length: int, scoring: str) -> tuple[int, int]:
+    """[start, stop) of the logit positions scored in a window of `length` tokens (position i predicts
+    token i + 1)."""
+    if scoring == "half":
+        return max(0, length // 2 - 1), length - 1
+    return 0, length - 1
+
+
+def _batches(wins: list[np.ndarray], vocab: int, batch_size: int):
+    """Windows of equal length grouped into batches whose float32 logits stay under _LOGIT_BYTES."""
+    order: dict[int, list[int]] = {}
+    for i, w in enumerate(wins):
+        order.setdefault(len(w), []).append(i)
+    for length, idx in order.items():
+        per = max(1, min(batch_size, _LOGIT_BYTES // max(1, length * vocab * 4)))
+        for s in range(0, len(idx), per):
+            part = idx[s : s + per]
+            yield part, torch.from_numpy(np.stack([wins[i] for i in part]))
+
+
+def _device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
+
+
+def _log_probs(model, ids: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs (n, V) float32, next tokens (n,), non-finite mask (n,)) at the scored positions of a
+    batch of equal-length windows, rows in window order."""
+    s, e = scored_range(ids.shape[1], scoring)
+    logits = model(input_ids=ids.to(_device(model))).logits[:, s:e]
+    targets = ids[:, s + 1 : e + 1].to(logits.device).reshape(-1)
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    bad = ~torch.isfinite(logits).all(-1)
+    return torch.log_softmax(logits, -1), targets, bad
+
+
+def _n_scored(w: np.ndarray, scoring: str) -> int:
+    s, e = scored_range(len(w), scoring)
+    return e - s
+
+
+@torch.inference_mode()
+def score_parent(model, wins: list[np.ndarray], *, scoring: str, topk: int, tail: int = DEFAULT_TAIL_SAMPLES,
+                 batch_size: int = 4) -> dict[str, np.ndarray]:
+    """The parent's side of every scored token: NLL, argmax, and its top-K log-probs plus `tail`
+    tokens sampled outside them (what a later child's KL is estimated from)."""
+    vocab = int(model.config.vocab_size) if getattr(model.config, "vocab_size", None) else 0
+    k = min(topk, vocab) if vocab else topk
+    gen = torch.Generator(device=_device(model)).manual_seed(TAIL_SEED)
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for idx, ids in _batches(wins, vocab or 32000, batch_size):
+        lp, targets, bad = _log_probs(model, ids, scoring)
+        lp_safe = torch.where(bad[:, None], torch.zeros((), device=lp.device), lp)
+        top_lp, top_ids = lp_safe.topk(k, -1)
+        t_ids = sample_tail(lp_safe, top_ids, tail, gen) if tail and k < lp.shape[-1] else top_ids[:, :0]
+        arr = {
+            "nll": (-lp_safe.gather(-1, targets[:, None])[:, 0]).cpu().numpy(),
+            "argmax": lp_safe.argmax(-1).to(torch.int32).cpu().numpy(),
+            "nonfinite": bad.cpu().numpy(),
+            "topk_logp": top_lp.cpu().numpy(), "topk_ids": top_ids.to(torch.int32).cpu().numpy(),
+            "tail_logp": lp_safe.gather(-1, t_ids).cpu().numpy(), "tail_ids": t_ids.to(torch.int32).cpu().numpy(),
+        }
+        _split(arr, idx, [_n_scored(wins[i], scoring) for i in idx], parts)
+    return _join(parts, len(wins))
+
+
+def _split(arr: dict[str, np.ndarray], idx: list[int], counts: list[int], parts: dict) -> None:
+    off = 0
+    for i, n in zip(idx, counts, strict=True):
+        parts[i] = {k: v[off : off + n] for k, v in arr.items()}
+        parts[i]["window"] = np.full(n, i, dtype=np.int32)
+        off += n
+
+
+def _join(parts: dict[int, dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
+    keys = parts[0].keys()
+    return {k: np.ascontiguousarray(np.concatenate([parts[i][k] for i in range(n)])) for k in keys}
+
+
+@torch.inference_mode()
+def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str, np.ndarray] | None = None,
+                parent_model=None, batch_size: int = 4) -> dict[str, np.ndarray]:
+    """Per scored token of the child against the parent: KL both ways, top-1 agreement, dp and both NLLs.
+
+    With `parent_model` (lock-step) both KLs are exact; with the cached `parent` side they are
+    estimated from its top-K and tail samples (:func:`flipcheck.evaluation.kl.kl_topk_tail_tensors`
+    and :func:`~flipcheck.evaluation.kl.kl_reverse_topk_tail_tensors`).
+    """
+    if (parent is None) == (parent_model is None):
+        raise FlipcheckError("score_child needs exactly one of a cached parent side or a parent model")
+    vocab = int(getattr(model.config, "vocab_size", 0) or 32000)
+    counts = [_n_scored(w, scoring) for w in wins]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for idx, ids in _batches(wins, vocab, batch_size):
+        lq, targets, bad_c = _log_probs(model, ids, scoring)
+        dev = lq.device
+        if parent_model is not None:
+            lp, _, bad_p = _log_probs(parent_model, ids, scoring)
+            lp = lp.to(dev)
+            bad_p = bad_p.to(dev)
+            kl = kl_exact(lp, lq)
+            kl_rev = kl_exact(lq, lp)
+            nll_p = -lp.gather(-1, targets[:, None])[:, 0]
+            arg_p = lp.argmax(-1)
+        else:
+            sel = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in idx])
+
+            def t(name, sel=sel, dev=dev):
+                return torch.from_numpy(parent[name][sel]).to(dev)
+
+            top_lp, top_ids, tail_lp, tail_ids = t("topk_logp"), t("topk_ids"), t("tail_logp"), t("tail_ids")
+            kl = kl_topk_tail_tensors(top_lp, top_ids, tail_lp, tail_ids, lq)
+            kl_rev = kl_reverse_topk_tail_tensors(top_lp, top_ids, tail_lp, tail_ids, lq)
+            nll_p, arg_p, bad_p = t("nll"), t("argmax").long(), t("nonfinite")
+        nll_c = -lq.gather(-1, targets[:, None])[:, 0]
+        arr = {
+            "kl": kl.float().cpu().numpy(), "kl_rev": kl_rev.float().cpu().numpy(),
+            "agree": (lq.argmax(-1) == arg_p).cpu().numpy(),
+            "dp": (torch.exp(-nll_c.double()) - torch.exp(-nll_p.double())).float().cpu().numpy(),
+            "nll_p": nll_p.float().cpu().numpy(), "nll_c": nll_c.float().cpu().numpy(),
+            "nonfinite_p": bad_p.cpu().numpy(), "nonfinite_c": bad_c.cpu().numpy(),
+        }
+        _split(arr, idx, [counts[i] for i in idx], parts)
+    return _join(parts, len(wins))
+
+
+# --------------------------------------------------------------------------- figures
+
+KL_BINS = np.concatenate([[0.0], np.logspace(-6, 2, 33)])  # KL histogram edges (nats), log-spaced
+DP_BINS = np.linspace(-1.0, 1.0, 41)
+
+
+def _dist(x: np.ndarray, mean_ci: tuple[float, float] | None) -> dict[str, Any]:
+    return {
+        "mean": float(np.mean(x)), "ci": list(mean_ci) if mean_ci else None,
+        "median": float(np.median(x)), "p90": float(np.quantile(x, 0.90)), "p99": float(np.quantile(x, 0.99)),
+        "max": float(np.max(x)),
+    }
+
+
+def _cluster_ci(values: np.ndarray, window: np.ndarray, n_boot: int, seed: int) -> tuple[float, float] | None:
+    """95 % interval of the token mean, resampling whole windows (tokens of a window are not independent)."""
+    if len(values) == 0 or n_boot <= 0:
+        return None
+    _, inv = np.unique(window, return_inverse=True)
+    sums = np.bincount(inv, weights=values.astype(np.float64))
+    counts = np.bincount(inv).astype(np.float64)
+    if len(sums) < 2:
+        m = float(sums.sum() / counts.sum())
+        return m, m
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def summarize(tokens: dict[str, np.ndarray], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The corpus figures of one child (README, "Distance on text"); positions where either model's
+    logits hold NaN/inf are counted and left out of every figure."""
+    bad_p, bad_c = tokens["nonfinite_p"].astype(bool), tokens["nonfinite_c"].astype(bool)
+    ok = ~(bad_p | bad_c)
+    n_windows = int(len(np.unique(tokens["window"])))
+    out: dict[str, Any] = {
+        "tokens": int(ok.sum()), "windows": n_windows,
+        "nonfinite": {"parent": int(bad_p.sum()), "child": int(bad_c.sum())},
+    }
+    if not ok.any():
+        return {**out, "kl": None, "kl_rev": None, "top1_agree": None, "dp_rms": None, "dp_p99": None,
+                "ppl_parent": None, "ppl_child": None, "ln_ppl_ratio": None}
+    w = tokens["window"][ok]
+    kl, kl_rev = tokens["kl"][ok].astype(np.float64), tokens["kl_rev"][ok].astype(np.float64)
+    agree = tokens["agree"][ok].astype(np.float64)
+    dp = tokens["dp"][ok].astype(np.float64)
+    nll_p, nll_c = tokens["nll_p"][ok].astype(np.float64), tokens["nll_c"][ok].astype(np.float64)
+    ratio = nll_c - nll_p
+    out.update({
+        "kl": _dist(kl, _cluster_ci(kl, w, n_boot, seed)),
+        "kl_rev": _dist(kl_rev, _cluster_ci(kl_rev, w, n_boot, seed + 1)),
+        "top1_agree": {"mean": float(agree.mean()), "ci": _as_list(_cluster_ci(agree, w, n_boot, seed + 2))},
+        "dp_rms": float(np.sqrt(np.mean(dp * dp))),
+        "dp_p99": float(np.quantile(np.abs(dp), 0.99)),
+        "dp_mean": float(dp.mean()),
+        "ppl_parent": float(np.exp(nll_p.mean())),
+        "ppl_child": float(np.exp(nll_c.mean())),
+        "ln_ppl_ratio": {"mean": float(ratio.mean()), "ci": _as_list(_cluster_ci(ratio, w, n_boot, seed + 3))},
+        "kl_hist": {"edges": KL_BINS.tolist(), "counts": np.histogram(np.clip(kl, 0, KL_BINS[-1]), KL_BINS)[0].tolist()},
+        "dp_hist": {"edges": DP_BINS.tolist(), "counts": np.histogram(dp, DP_BINS)[0].tolist()},
+    })
+    return out
+
+
+def _as_list(ci):
+    return list(ci) if ci else None
