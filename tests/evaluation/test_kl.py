@@ -11,7 +11,7 @@ from flipcheck.evaluation.packing import position_keys
 
 def test_kl_method_names_and_labels():
     assert kl_method("topk", 1024, 0) == {"name": "topk_bound", "k": 1024, "label": "top-K + tail lower bound, K=1024"}
-    assert kl_method("topk", 256, 128)["label"] == "top-K + sampled tail, K=256, S=128 (estimate, never below the top-K bound)"
+    assert kl_method("topk", 256, 128)["label"] == "top-K + sampled tail, K=256, S=128 (unbiased estimate of the mean)"
     assert kl_method("exact", 64) == {"name": "exact", "label": "exact (parent in lock-step)"}
     with pytest.raises(FlipcheckError, match="kl='approx': allowed are topk, exact"):
         kl_method("approx", 64)

@@ -565,7 +565,7 @@ def test_each_scored_position_is_counted_once(child, tiny_model, tiny_tokenizer)
 def test_sampled_tail_brings_the_cached_kl_to_the_exact_kl(child, tiny_model, tiny_tokenizer):
     """The random-init parent is nearly uniform: its top-64 of 384 tokens holds ~23 % of the mass, so the
     tail-bucket bound is far below the exact KL; S tokens sampled from the tail (stored with the parent's
-    records) estimate the rest, never below the bound."""
+    records) estimate the rest: unbiased on average, so a single token may fall below the bound."""
     reqs = ll_instances(3)
 
     def run(model, **kw):
@@ -578,8 +578,9 @@ def test_sampled_tail_brings_the_cached_kl_to_the_exact_kl(child, tiny_model, ti
     assert next(iter(sampled.values())).tail_ids.shape[1] == 256
     bound = np.concatenate([r.kl for r in run(child, reference=run(tiny_model, topk=64, tail_samples=0)).values()])
     est = np.concatenate([r.kl for r in run(child, reference=sampled).values()])
-    assert np.all(bound <= est + 1e-6)
+    assert np.any(est < bound)  # per token, an unclamped estimate (clamping biased the mean up)
     gap_bound = (exact.mean() - bound.mean()) / exact.mean()
     gap_est = abs(est.mean() - exact.mean()) / exact.mean()
-    # measured: the bound misses ~75 %, the estimate ~7 % (on a trained model: 3.7 % vs 0.1 %)
-    assert gap_bound > 0.5 and gap_est < 0.15
+    # measured on these few positions: the bound misses 80 %, the unbiased estimate 14 % (its noise on a
+    # flat distribution; over ~900 corpus tokens it comes within 0.2-2 %, see test_corpus)
+    assert gap_bound > 0.5 and gap_est < 0.25

@@ -265,7 +265,7 @@ def test_dumped_dom_has_the_figures_the_plots_and_the_flipped_questions(browser,
     entries = [*report["children"], report["noise_floor"]]
     assert len(table) == sum(len(c["tasks"]) + 1 for c in entries)
     for c in entries:
-        label = "noise floor" if c is report["noise_floor"] else c["name"]
+        label = c["name"]  # a floor row is labelled by its name, which starts with "noise floor"
         for task, s in [*c["tasks"].items(), ("micro (all questions)", c["micro"])]:
             row = next(r for r in table if r["child"] == label and r["task"] == task_label(task, s))
             assert row["n"] == str(s["n"])

@@ -187,7 +187,7 @@ def test_one_kl_method_for_every_child_whatever_the_order(folders, task_dir, tmp
     # the first child's KL is the bound too: the order of the children does not matter
     assert first_a["tasks"]["tiny_letters"]["kl_vocab"] == second_a["tasks"]["tiny_letters"]["kl_vocab"]
     method = {"name": "topk_sampled_tail", "k": 64, "tail_samples": 256,
-              "label": "top-K + sampled tail, K=64, S=256 (estimate, never below the top-K bound)"}
+              "label": "top-K + sampled tail, K=64, S=256 (unbiased estimate of the mean)"}
     report = ev1.report([first_a, second_a])
     assert report["kl_method"] == method and all(c["kl_method"] == method for c in report["children"])
     # each position counted once: a letter question's options share all their scored positions
