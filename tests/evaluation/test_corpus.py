@@ -97,13 +97,28 @@ def test_corpus_figures_match_an_independent_numpy_computation(setup, tiny_token
     assert "Distance on text" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_half_scoring_scores_the_second_half_of_each_window(tiny_tokenizer):
-    from flipcheck.evaluation.corpus import Corpus
+def test_windows_follow_llama_cpp_chunks(tiny_tokenizer):
+    from flipcheck.evaluation.corpus import Corpus, adds_bos
 
-    wins = windows(tiny_tokenizer, Corpus("x", "x", ("the cat sat on the mat " * 40,)), 16)
-    assert all(len(w) == 16 for w in wins[:-1]) and wins[0][0] == tiny_tokenizer.bos_token_id
-    assert scored_range(16, "all") == (0, 15)
-    assert scored_range(16, "half") == (7, 15)  # targets 8..15: the second half of the window
+    text = "the cat sat on the mat " * 40
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    wins = windows(tiny_tokenizer, Corpus("x", "x", (text,)), 16)
+    assert not adds_bos(tiny_tokenizer)  # no BOS: windows are plain consecutive chunks
+    assert len(wins) == len(ids) // 16 and all(list(w) == ids[16 * i : 16 * i + 16] for i, w in enumerate(wins))
+    assert scored_range(16, "all") == (0, 15)  # logits 0..14 predict tokens 1..15
+    assert scored_range(16, "half") == (8, 15)  # tokens 9..15, as llama-perplexity scores a chunk
+
+    class WithBos:  # a tokenizer that adds BOS: each window's first token becomes BOS
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True):
+            enc = tiny_tokenizer(text, add_special_tokens=False)
+            if add_special_tokens:
+                enc["input_ids"] = [1, *enc["input_ids"]] if isinstance(text, str) else [[1, *e] for e in enc["input_ids"]]
+            return enc
+
+    bos_wins = windows(WithBos(), Corpus("x", "x", (text,)), 16)
+    assert all(w[0] == 1 and list(w[1:]) == ids[16 * i + 1 : 16 * i + 16] for i, w in enumerate(bos_wins))
 
 
 def test_perplexity_task_is_a_corpus_and_the_cached_parent_serves_every_child(setup, tmp_path):

@@ -2,14 +2,16 @@
 
 The corpus (an lm-eval perplexity task such as ``wikitext``, a local file, or ``hf:NAME``) is
 joined into one token stream (documents separated by a blank line) and cut into consecutive,
-non-overlapping windows of ``ctx`` tokens; a tokenizer with a BOS token starts every window with
-it (then ``ctx - 1`` corpus tokens follow). Each window is one forward pass, and the positions it
-scores depend on the convention:
+non-overlapping windows of ``ctx`` tokens, as llama.cpp's ``llama-perplexity`` cuts its chunks: a
+tokenizer that adds a BOS token has each window's first token replaced by BOS, and a remainder
+shorter than ``ctx`` is left out (a corpus shorter than one window is one shorter window). Each
+window is one forward pass; its first token is context only, and the positions it scores depend
+on the convention:
 
-- ``all`` (default): every position predicts its next token, so with a BOS token every corpus
-  token is scored exactly once (the first tokens of a window with little context);
-- ``half`` (llama.cpp's ``llama-perplexity``): only the second half of each window is scored, so
-  every scored token has at least ``ctx / 2`` tokens of context.
+- ``all`` (default): every later token of the window is predicted and scored (the first ones with
+  little context);
+- ``half`` (llama.cpp's): only tokens after the middle of the window, ``ctx/2 + 1 .. ctx - 1``, so
+  every scored token has at least ``ctx / 2`` tokens of context (``ctx/2 - 1`` per window).
 
 At every scored position, with P the parent's and C the child's next-token distribution:
 KL(P||C) and KL(C||P) over the whole vocabulary, whether the two top-1 tokens agree, the change
@@ -134,25 +136,28 @@ def _leaf_tasks(d: Any) -> list:
     return out
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of a text by default (Llama 2 does, SmolLM2 not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def windows(tokenizer, corpus: Corpus, ctx: int, limit: int | float | None = None) -> list[np.ndarray]:
-    """Consecutive windows of at most `ctx` token ids (BOS first where the tokenizer has one); the last
-    may be shorter. `limit`: at most that many windows (a count, or a fraction of them if < 1)."""
+    """Consecutive windows of `ctx` token ids (the first replaced by BOS where the tokenizer adds one;
+    see the module docstring). `limit`: at most that many windows (a count, or a fraction if < 1)."""
     ids: list[int] = []
     sep = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
     for i, enc in enumerate(tokenizer(list(corpus.texts), add_special_tokens=False)["input_ids"]):
         if i:
             ids.extend(sep)
         ids.extend(enc)
-    bos = tokenizer.bos_token_id
-    step = ctx - 1 if bos is not None else ctx
-    out = []
-    for s in range(0, len(ids), step):
-        chunk = ids[s : s + step]
-        w = ([bos] if bos is not None else []) + chunk
-        if len(w) >= 2:
-            out.append(np.asarray(w, dtype=np.int64))
-    if not out:
+    if len(ids) < 2:
         raise FlipcheckError(f"corpus {corpus.name!r} has fewer than 2 tokens")
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    out = [np.asarray(ids[s : s + ctx], dtype=np.int64) for s in range(0, max(1, len(ids) - ctx + 1), ctx)]
+    if bos is not None:
+        for w in out:
+            w[0] = bos
     if limit is not None:
         n = int(limit) if limit >= 1 else max(1, int(math.ceil(limit * len(out))))
         out = out[:n]
@@ -163,7 +168,7 @@ def scored_range(length: int, scoring: str) -> tuple[int, int]:
     """[start, stop) of the logit positions scored in a window of `length` tokens (position i predicts
     token i + 1)."""
     if scoring == "half":
-        return max(0, length // 2 - 1), length - 1
+        return length // 2, length - 1
     return 0, length - 1
 
 
