@@ -60,8 +60,7 @@ def main() -> None:
     def plain() -> None:
         with torch.inference_mode():
             for _, ids in _batches(wins, vocab, args.batch):
-                parent(input_ids=ids).logits
-                child(input_ids=ids).logits
+                _ = parent(input_ids=ids).logits, child(input_ids=ids).logits
 
     def flipcheck() -> None:
         score_child(child, wins, scoring="all", parent_model=parent, batch_size=args.batch)
