@@ -11,7 +11,10 @@ tasks. A figure exactly at its budget passes. The figures checked:
   preferred because every report has it (``flipcheck compare`` has no vocabulary KL) and it is the
   distance on the decision the benchmark scores. Must be <= max-kl;
 - Δacc = acc_C − acc_P must be >= min-acc-delta;
-- acc_C must be >= min-acc.
+- acc_C must be >= min-acc;
+- the judged score change Δscore = mean(child − parent) on the 1-10 scale (``flipcheck judge`` or a
+  recipe's ``judge:`` section; the pairwise net win rate where only pairwise verdicts exist) must be
+  >= min-judge-delta, one verdict per judged child.
 
 A figure the report does not have (no KL for that task) reads "n/a" and does not fail the verdict.
 Non-finite outputs never pass: where the parent or the child had NaN/inf logits at a scored position,
@@ -149,6 +152,7 @@ def check(
     min_acc_delta: float | str | None = None,
     min_acc: float | str | None = None,
     metric: str | None = None,
+    min_judge_delta: float | str | None = None,
 ) -> list[Verdict]:
     """One verdict per child and named task or group (plus micro when a child has several).
 
@@ -164,15 +168,18 @@ def check(
         "min_acc_delta": None if min_acc_delta is None else parse_budget(min_acc_delta, "--min-acc-delta"),
         "min_acc": None if min_acc is None else parse_budget(min_acc, "--min-acc"),
     }
-    if all(v is None for v in budgets.values()):
-        raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta or --min-acc")
+    judge_budget = None if min_judge_delta is None else _judge_budget(min_judge_delta)
+    if all(v is None for v in budgets.values()) and judge_budget is None:
+        raise FlipcheckError(
+            "gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta, --min-acc or --min-judge-delta")
     if budgets["max_kl"] is not None and budgets["max_kl"] < 0:
         raise FlipcheckError(f"--max-kl {max_kl!r}: KL is never negative; give a budget >= 0")
     children = report.get("children") or []
     if not children:
         raise FlipcheckError("gate: the report has no children to check")
     verdicts = []
-    for child in children:
+    task_budgets = any(v is not None for v in budgets.values())  # --min-judge-delta alone judges no task
+    for child in children if task_budgets else []:
         name = str(child.get("name"))
         tasks = list((child.get("tasks") or {}).items())
         if len(tasks) > 1 and child.get("micro"):
@@ -184,7 +191,35 @@ def check(
             passed = not failures
             text = f"{'PASS' if passed else 'FAIL'} {where}: " + ", ".join(parts)
             verdicts.append(Verdict(child=name, task=task, passed=passed, text=text, failures=failures, metric=used))
+    if judge_budget is not None:
+        verdicts += _judge_verdicts(children, judge_budget)
     return verdicts
+
+
+def _judge_budget(text: float | str) -> float:
+    if isinstance(text, str) and text.strip().endswith("%"):
+        raise FlipcheckError(f"--min-judge-delta {text!r}: a change in judged score points (1-10 scale), e.g. -0.5; not a percentage")
+    return parse_budget(text, "--min-judge-delta")
+
+
+def _judge_verdicts(children: list[Mapping[str, Any]], budget: float) -> list[Verdict]:
+    """One verdict per judged child: its Δscore (else pairwise net win rate) against the budget."""
+    from flipcheck.judge.stats import judge_delta
+
+    judged = [c for c in children if c.get("judge")]
+    if not judged:
+        raise FlipcheckError("--min-judge-delta: no child in this report was judged (run flipcheck judge, or a recipe with a judge: section)")
+    out = []
+    for c in judged:
+        name, d = str(c.get("name")), judge_delta(c["judge"])
+        what = "Δscore" if (c["judge"].get("single") or {}).get("delta") is not None else "net win rate"
+        if d is None:
+            out.append(Verdict(child=name, task="judge", passed=True, text=f"PASS {name} [judge]: {what} n/a"))
+            continue
+        ok = d >= budget - TOLERANCE
+        text = f"{'PASS' if ok else 'FAIL'} {name} [judge]: {what} {d:+.2f} {'>=' if ok else '<'} {budget:+.2f}"
+        out.append(Verdict(child=name, task="judge", passed=ok, text=text, failures=[] if ok else ["judge_delta"]))
+    return out
 
 
 def run_gate(
@@ -196,12 +231,14 @@ def run_gate(
     min_acc: float | str | None = None,
     metric: str | None = None,
     echo: Callable[[str], Any] | None = None,
+    min_judge_delta: float | str | None = None,
 ) -> bool:
     """Load a report (path or dict), check it, pass each verdict line to `echo`; True if all pass."""
     from flipcheck.evaluation.report import load_report
 
     data = report if isinstance(report, Mapping) else load_report(report)
-    verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric)
+    verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric,
+                     min_judge_delta=min_judge_delta)
     if echo is not None:
         for v in verdicts:
             echo(v.text)
