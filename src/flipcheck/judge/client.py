@@ -129,12 +129,15 @@ class JudgeClient:
             return ""
         return resp.choices[0].message.content or ""
 
-    def _with_retries(self, prompt: str, max_tokens: int, retries: int) -> str:
+    def _with_retries(self, prompt: str, max_tokens: int, retries: int, *, connection: bool = True) -> str:
+        import openai
+
         for attempt in range(retries + 1):
             try:
                 return self._complete(prompt, max_tokens)
             except Exception as err:
-                if not _retryable(err) or attempt == retries:
+                refused = isinstance(err, openai.APIConnectionError) and not connection
+                if refused or not _retryable(err) or attempt == retries:
                     raise
                 wait = _retry_after(err)
                 if wait is None:
@@ -151,7 +154,8 @@ class JudgeClient:
 
         s = self.settings
         try:
-            self._with_retries("Reply with the word ok.", 1, min(2, s.retries))
+            # a busy server (429/5xx) is waited for; a refused connection fails at once
+            self._with_retries("Reply with the word ok.", 1, min(2, s.retries), connection=False)
         except openai.AuthenticationError as err:
             raise FlipcheckError(
                 f"judge {s.url}: the endpoint refused the API key ({_one_line(err)}); set ${s.api_key_env}"

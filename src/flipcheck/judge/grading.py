@@ -133,7 +133,7 @@ def _json_object(text: str) -> dict | None:
 
 _PAIR_PATTERNS = (
     re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.I),  # [[A]] / [[B]] / [[C]] / [[tie]]
-    re.compile(r"(?:verdict|winner|better)\s*(?:is)?\s*[:=]?\s*\**\s*[\"']?(?:assistant\s+)?(A|B|C|tie)\b[\"']?", re.I),
+    re.compile(r"(?:verdict|winner|better(?: one| answer| assistant| response)?)\s*(?:is)?\s*[:=]?\s*\**\s*[\"']?(?:assistant\s+)?((?-i:[ABC])|tie)\b[\"']?", re.I),
     re.compile(r"^\s*\**\s*(?:assistant\s+)?(A|B|C|tie)\s*\**\s*\.?\s*$", re.I),  # the whole reply
 )
 
