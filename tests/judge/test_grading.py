@@ -31,6 +31,7 @@ from flipcheck.judge.grading import (
     ("10", 10.0),
     ("  **4**. ", 4.0),
     ("Rating: 10/10", 10.0),
+    ("Rating: [6]", 6.0),
 ])
 def test_score_shapes(reply, score):
     assert parse_score(reply) == score
@@ -55,6 +56,8 @@ def test_no_score(reply):
     ("The better one is A.", "A"),
     ("B", "B"),
     (" c ", "tie"),
+    ("[C]", "tie"),
+    ("I pick [B] here.", "B"),
     ("Hmm [[A]] ... no, on reflection [[B]]", "B"),  # the last one counts
 ])
 def test_pair_shapes(reply, verdict):

@@ -82,7 +82,7 @@ def pair_prompt(turns: Sequence[str], answers_a: Sequence[str], answers_b: Seque
 _NUM = r"(\d+(?:\.\d+)?)"
 _SCORE_PATTERNS = (
     re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]"),  # Rating: [[7]]  /  [[7/10]]
-    re.compile(r"[\"']?(?:score|rating|grade)[\"']?\s*:\s*[\"']?" + _NUM, re.I),  # {"score": 7}, Score: 7, rating: "7"
+    re.compile(r"[\"']?(?:score|rating|grade)[\"']?\s*:\s*[\"'\[]?\s*" + _NUM, re.I),  # Score: 7, rating: "7", Rating: [7]
     re.compile(r"(?:score|rating|grade)\s*(?:is|of|=)?\s*\**\s*" + _NUM, re.I),  # rating of 7, score is **7**
     re.compile(_NUM + r"\s*(?:/|out of)\s*10\b", re.I),  # 7/10, 7 out of 10
     re.compile(r"^\s*\**\s*" + _NUM + r"\s*\**\s*\.?\s*$"),  # the whole reply is a number
@@ -133,6 +133,7 @@ def _json_object(text: str) -> dict | None:
 
 _PAIR_PATTERNS = (
     re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.I),  # [[A]] / [[B]] / [[C]] / [[tie]]
+    re.compile(r"\[\s*([ABC])\s*\]"),  # [A] (small judges drop a bracket)
     re.compile(r"(?:verdict|winner|better(?: one| answer| assistant| response)?)\s*(?:is)?\s*[:=]?\s*\**\s*[\"']?(?:assistant\s+)?((?-i:[ABC])|tie)\b[\"']?", re.I),
     re.compile(r"^\s*\**\s*(?:assistant\s+)?(A|B|C|tie)\s*\**\s*\.?\s*$", re.I),  # the whole reply
 )
@@ -142,8 +143,8 @@ def parse_pair(reply: str | None) -> str | None:
     """'A', 'B' or 'tie' from a pairwise reply, or None when there is no verdict.
 
     ``[[A]]``, ``[[B]]``, ``[[C]]`` (a tie) and ``[[tie]]`` first (the last one in the reply
-    counts); then ``{"winner": "A"}``, ``Verdict: B``, ``winner is A``; then a reply that is
-    only "A", "B", "C" or "tie".
+    counts); then ``[A]``; then ``{"winner": "A"}``, ``Verdict: B``, ``winner is A``; then a
+    reply that is only "A", "B", "C" or "tie".
     """
     if not reply:
         return None
