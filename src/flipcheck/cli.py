@@ -125,6 +125,10 @@ def _show(report: dict, out: Path | None) -> None:
     from flipcheck.evaluation.report import render_table
 
     console.print(render_table(report, width=console.width))
+    from flipcheck.judge.report import terminal_lines
+
+    for line in terminal_lines(report):
+        _verdict(line)
     if out is not None:
         console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
 
@@ -367,7 +371,7 @@ def judge_cmd(
     _setup_logging(verbose)
     from flipcheck.judge.client import JudgeSettings
     from flipcheck.judge.generate import GenerationSettings
-    from flipcheck.judge.report import child_line, correlation_line
+    from flipcheck.judge.report import terminal_lines
     from flipcheck.judge.run import check_mode, judge_models
 
     def go():
@@ -380,14 +384,8 @@ def judge_cmd(
         report = judge_models(parent, children, prompts=prompts, settings=settings, gen=gen, mode=mode, out=out,
                               limit=limit, cache_dir=cache_dir, use_cache=not no_cache,
                               progress=lambda m: console.print(f"[dim]{m}[/]"))
-        for c in report["children"]:
-            _verdict(f"{c['name']}: {child_line(c['judge'])}")
-        line = correlation_line(report)
-        if line:
+        for line in terminal_lines(report):
             _verdict(line)
-        run = report.get("judge_run") or {}
-        _verdict(f"judge: {run.get('requests', 0)} requests, {run.get('answered', 0)} new verdicts"
-                 + (f", {run['seconds_per_verdict']} s per verdict" if run.get("seconds_per_verdict") else ""))
         if out is not None:
             console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, judge.jsonl)")
 

@@ -65,6 +65,22 @@ def correlation_line(report: Mapping[str, Any]) -> str:
     return text + (f" — {c['note']}" if c.get("note") else "") + "."
 
 
+def terminal_lines(report: Mapping[str, Any]) -> list[str]:
+    """What the terminal shows after a judged run: a line per child, the correlation, the judge's traffic."""
+    children = judged(report)
+    if not children:
+        return []
+    out = [f"{c.get('name')}: {child_line(c['judge'])}" for c in children]
+    line = correlation_line(report)
+    if line:
+        out.append(line)
+    run = report.get("judge_run") or {}
+    if run:
+        out.append(f"judge: {run.get('requests', 0)} requests, {run.get('answered', 0)} new verdicts"
+                   + (f", {run['seconds_per_verdict']} s per verdict" if run.get("seconds_per_verdict") else ""))
+    return out
+
+
 def _settings(report: Mapping[str, Any]) -> str:
     j = judged(report)[0]["judge"]
     judge = j.get("judge") or {}

@@ -92,7 +92,7 @@ class JudgeSession:
             raise FlipcheckError("judge: the parent has not answered yet (answer_parent first)")
         child = self.answer(name, source, model=model, tokenizer=tokenizer)
         records, items = self._plan(self.parent, child)
-        n_cached_before = self.client.requests
+        requests_before = self.client.requests
         self._say(f"{name}: judging ({len(items)} verdicts, {self.settings.concurrency} at a time)")
         t0 = time.perf_counter()
         verdicts = self.client.ask_many(items)
@@ -103,7 +103,7 @@ class JudgeSession:
             "prompts": {"source": self.prompts.source, "hash": self.prompts.content_hash, "n": len(self.prompts.prompts)},
             "max_new_tokens": self.gen.max_new_tokens,
             "verdicts": {"asked": len({k for k, _, _ in items}), "from_cache": sum(v.cached for v in verdicts.values()),
-                         "requests": self.client.requests - n_cached_before},
+                         "requests": self.client.requests - requests_before},
         }
         if self.mode in ("single", "both"):
             section["single"] = single_summary(records)
