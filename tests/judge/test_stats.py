@@ -66,3 +66,22 @@ def test_correlation_across_children():
     alone = {"children": [{"name": "x", "judge": {"single": {"delta": -1.0}}, "tasks": {}, "micro": None}]}
     c = correlation(alone)
     assert c["r_flips"] is None and "no flips or KL" in c["note"]
+
+
+def test_gate_min_judge_delta():
+    from flipcheck.errors import FlipcheckError
+    from flipcheck.gate import check
+
+    rep = {"children": [
+        {"name": "a", "tasks": {"t": {"flips": 0.01}}, "judge": {"single": {"delta": -0.2}}},
+        {"name": "b", "tasks": {"t": {"flips": 0.3}}, "judge": {"single": {"delta": -0.9}}},
+        {"name": "c", "tasks": {"t": {"flips": 0.0}}, "judge": {"pairwise": {"win": 0, "loss": 2, "tie": 2, "n": 4}}},
+    ]}
+    v = check(rep, min_judge_delta="-0.5")
+    assert [(x.child, x.passed) for x in v] == [("a", True), ("b", False), ("c", True)]  # c: net win rate -0.5
+    assert v[1].text == "FAIL b [judge]: Δscore -0.90 < -0.50" and v[1].failures == ["judge_delta"]
+    assert "net win rate -0.50 >= -0.50" in v[2].text
+    both = check(rep, max_flips="5%", min_judge_delta=-0.5)
+    assert len(both) == 6 and [x.passed for x in both[:3]] == [True, False, True]
+    with pytest.raises(FlipcheckError, match="no child in this report was judged"):
+        check({"children": [{"name": "x", "tasks": {}}]}, min_judge_delta=0)
