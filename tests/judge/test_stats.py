@@ -85,3 +85,28 @@ def test_gate_min_judge_delta():
     assert len(both) == 6 and [x.passed for x in both[:3]] == [True, False, True]
     with pytest.raises(FlipcheckError, match="no child in this report was judged"):
         check({"children": [{"name": "x", "tasks": {}}]}, min_judge_delta=0)
+
+
+def test_report_sections_show_the_worst_prompts_side_by_side():
+    from flipcheck.evaluation.report import report_html, report_markdown
+    from flipcheck.judge.report import judge_markdown, terminal_lines
+
+    worst = {"id": "m1", "category": "math", "turns": ["What is 2+2?", "And 3+3?"], "parent_answers": ["4", "6"],
+             "child_answers": ["5 | five", "<b>7</b>"], "parent_scores": [9, 8], "child_scores": [3, 2], "pair": "loss",
+             "delta": -6.0}
+    judge = {"judge": {"model": "j", "url": "http://x/v1"}, "grader_version": "v", "mode": "both",
+             "prompts": {"n": 1, "source": "demo"}, "max_new_tokens": 8,
+             "single": {**single_summary([{"id": "m1", "category": "math", "parent_scores": [9, 8],
+                                           "child_scores": [3, 2]}])},
+             "pairwise": {"win": 0, "tie": 0, "loss": 1, "inconsistent": 0, "unparsed": 0, "failed": 0, "n": 1,
+                          "win_rate": 0.0},
+             "worst": [worst]}
+    rep = {"schema": "flipcheck.report", "version": 1, "parent": {}, "settings": {},
+           "children": [{"name": "kid", "tasks": {}, "micro": None, "judge": judge}]}
+    md = "\n".join(judge_markdown(rep))
+    assert "| kid | 8.50 | 2.50 | −6.00 |" in md and "prompts the child lost most" in md
+    assert "| 1 | What is 2+2? | 4 (9) | 5 \\| five (3) |" in md
+    page = report_html(rep, [])
+    assert "&lt;b&gt;7&lt;/b&gt;" in page and "<b>7</b>" not in page  # answers are escaped
+    assert "## Judged answers" in report_markdown(rep, [])
+    assert terminal_lines(rep)[0].startswith("kid: score 8.50 → 2.50 (Δ −6.00")

@@ -100,6 +100,7 @@ def generate_answers(
             done[p.id] = answer_conversation(model, tok, list(p.turns), gen.max_new_tokens)
             if use_cache:
                 write_json_atomic(path, {**meta, "answers": done})
+            log.info("%s: %d/%d prompts answered", ms.spec, len(prompts.prompts) - len(todo) + i + 1, len(prompts.prompts))
             if progress is not None:
                 progress(len(prompts.prompts) - len(todo) + i + 1, len(prompts.prompts))
     return {p.id: done[p.id] for p in prompts.prompts}

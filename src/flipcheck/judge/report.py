@@ -61,8 +61,9 @@ def correlation_line(report: Mapping[str, Any]) -> str:
         bits.append(f"{c['measure']} vs flips: Pearson r = {c['r_flips']:.2f} ({c['n_flips']} children)")
     if c.get("r_kl") is not None:
         bits.append(f"{c['measure']} vs KL: r = {c['r_kl']:.2f} ({c['n_kl']} children)")
-    text = "; ".join(bits) if bits else "no correlation"
-    return text + (f" — {c['note']}" if c.get("note") else "") + "."
+    if not bits:
+        return (c.get("note") or "no correlation") + "."
+    return "; ".join(bits) + (f" ({c['note']})" if c.get("note") else "") + "."
 
 
 def terminal_lines(report: Mapping[str, Any]) -> list[str]:
