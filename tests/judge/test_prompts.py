@@ -30,8 +30,10 @@ def test_mt_bench_shape_and_our_shape(tmp_path):
         {"question_id": 101, "category": "math", "turns": ["q1", "q2"], "reference": ["r1", "r2"]},
         {"turns": "one turn", "reference": "r"},
         {"prompt": "a single prompt column", "id": "x"},
+        {"prompt": ["h4 turn 1", "h4 turn 2"], "prompt_id": 7, "category": "c", "reference": []},  # H4's mt_bench_prompts
     ])
-    a, b, c = load_prompts(str(p)).prompts
+    a, b, c, d = load_prompts(str(p)).prompts
+    assert (d.id, d.turns, d.reference) == ("7", ("h4 turn 1", "h4 turn 2"), None)
     assert (a.id, a.category, a.turns, a.reference) == ("101", "math", ("q1", "q2"), ("r1", "r2"))
     assert (b.id, b.turns, b.reference) == ("2", ("one turn",), ("r",))
     assert (c.id, c.turns, c.reference, c.category) == ("x", ("a single prompt column",), None, None)

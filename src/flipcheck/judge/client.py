@@ -202,10 +202,15 @@ class JudgeClient:
         """Ask every (key, prompt, meta) once (duplicates once), `concurrency` at a time."""
         unique = {k: (p, m) for k, p, m in items}
         out: dict[str, Verdict] = {}
-        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.settings.concurrency)
+        try:
             futures = {k: pool.submit(self.ask, k, p, m) for k, (p, m) in unique.items()}
             for i, (k, f) in enumerate(futures.items(), 1):
                 out[k] = f.result()
                 if progress is not None:
                     progress(i, len(futures))
+        except BaseException:  # Ctrl-C: drop the queued calls; answered ones are already cached
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return out

@@ -7,8 +7,10 @@ Accepted, one JSON object per line:
 - MT-Bench's published ``question.jsonl``: ``{"question_id": 81, "category": "writing", "turns":
   [...], "reference": [...]}``, so ``--prompts path/to/mt_bench/question.jsonl`` works as is.
 
-``hf:NAME[:CONFIG[:SPLIT]]`` reads a Hugging Face dataset with the same columns (``turns`` a list
-or a string; ``prompt`` / ``question`` / ``instruction`` are read as a single turn). ``demo`` is
+``hf:NAME[:CONFIG[:SPLIT]]`` (split default ``train``) reads a Hugging Face dataset with the same
+columns: ``turns`` (or ``prompt`` / ``question`` / ``instruction``) a list of turns or one string,
+``id`` / ``question_id`` / ``prompt_id``; ``hf:lighteval/mt-bench`` is MT-Bench's question.jsonl,
+``hf:HuggingFaceH4/mt_bench_prompts`` the same questions with ``prompt`` for ``turns``. ``demo`` is
 the small set shipped with flipcheck (data/judge_prompts.jsonl, the project's own text).
 """
 
@@ -107,14 +109,12 @@ def _read_hf(spec: str) -> list[dict]:
 
 def _prompt(r: dict, index: int, origin: str) -> Prompt:
     where = f"{origin}: prompt {index + 1}"
-    turns = r.get("turns")
-    if turns is None:
-        turns = next((r[k] for k in ("prompt", "question", "instruction") if isinstance(r.get(k), str)), None)
+    turns = next((r[k] for k in ("turns", "prompt", "question", "instruction") if r.get(k) is not None), None)
     if isinstance(turns, str):
         turns = [turns]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise FlipcheckError(f"{where}: \"turns\" must be a non-empty list of user turns (strings)")
-    pid = r.get("id", r.get("question_id", index + 1))
+    pid = next((r[k] for k in ("id", "question_id", "prompt_id") if r.get(k) is not None), index + 1)
     ref = r.get("reference")
     if isinstance(ref, str):
         ref = [ref]
