@@ -187,3 +187,17 @@ def test_preflight_fails_before_any_generation(judge_server, chat_parent_dir, ch
     assert res.exit_code == 2 and "expected an http(s) URL" in text
     res, text = invoke("judge", chat_parent_dir, chat_children[0], "--judge-url", dead, "--judge-model", "m", "--mode", "x")
     assert res.exit_code == 2 and "allowed are single, pairwise, both" in text
+
+
+def test_pairwise_only_mode(judge_server, chat_parent_dir, chat_children, prompts_file, tmp_path):
+    url, model = judge_server
+    out = tmp_path / "run"
+    res, text = invoke("judge", chat_parent_dir, chat_children[1], "--prompts", prompts_file, "--judge-url", url,
+                       "--judge-model", model, "--max-new-tokens", "4", "--mode", "pairwise", "--limit", "2",
+                       "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, text
+    j = json.loads((out / "report.json").read_text())["children"][0]["judge"]
+    assert "single" not in j and j["mode"] == "pairwise" and j["prompts"]["n"] == 2
+    assert (j["pairwise"]["n"], j["pairwise"]["tie"]) == (2, 2)
+    res, text = invoke("gate", out, "--min-judge-delta", "0")
+    assert res.exit_code == 0 and "net win rate +0.00 >= +0.00" in " ".join(text.split()), text
