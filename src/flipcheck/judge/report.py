@@ -210,8 +210,8 @@ def plot_judge(report: Mapping[str, Any]) -> str | None:
     colours = child_colours(report)
     fig = _figure(11.6, 3.8)
     axes = fig.subplots(1, 2)
-    for ax, key, label, r in ((axes[0], "flips", "flips (% of questions)", c.get("r_flips")),
-                              (axes[1], "kl", "mean KL(parent ‖ child)", c.get("r_kl"))):
+    for ax, key, name, label, r in ((axes[0], "flips", "flips", "flips (% of questions)", c.get("r_flips")),
+                                    (axes[1], "kl", "KL", "mean KL(parent ‖ child)", c.get("r_kl"))):
         _style(ax)
         mine = [p for p in pts if p.get(key) is not None]
         for p in mine:
@@ -221,5 +221,5 @@ def plot_judge(report: Mapping[str, Any]) -> str | None:
         ax.axhline(0.0, color="#999999", lw=0.8)
         ax.set_xlabel(label)
         ax.set_ylabel(f"{c.get('measure', 'Δscore')}, child − parent")
-        ax.set_title(f"vs {key}" + (f" (Pearson r = {r:.2f}, {len(mine)} children)" if r is not None else ""), fontsize=11)
+        ax.set_title(f"vs {name}" + (f" (Pearson r = {r:.2f}, {len(mine)} children)" if r is not None else ""), fontsize=11)
     return _png(fig)
