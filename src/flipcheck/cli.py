@@ -141,6 +141,10 @@ def _show(report: dict, out: Path | None) -> None:
     texts = corpus_table(report)
     if texts is not None:
         console.print(texts)
+    from flipcheck.judge.report import terminal_lines
+
+    for line in terminal_lines(report):
+        _verdict(line)
     if out is not None:
         console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
 
@@ -250,6 +254,7 @@ def gate_cmd(
     max_kl_text: Annotated[str | None, typer.Option(help="largest allowed mean KL(P‖C) per token on each text corpus, e.g. 0.02")] = None,
     max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each text corpus, e.g. 1.05")] = None,
     over_floor: Annotated[bool, typer.Option("--over-floor", help="judge flips and KL as the excess over the report's noise floor")] = False,
+    min_judge_delta: Annotated[str | None, typer.Option(help="smallest allowed judged score change (1-10 scale), e.g. -0.5")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
@@ -257,7 +262,7 @@ def gate_cmd(
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
                       metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                      echo=_verdict)
+                      min_judge_delta=min_judge_delta, echo=_verdict)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)
@@ -362,6 +367,52 @@ def sweep_cmd(
             noise_floor=noise_floor,
         )
         _show(report, folder)
+
+    _run(go)
+
+
+@app.command("judge")
+def judge_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id or folder (a chat model)")],
+    children: Annotated[list[str], typer.Argument(help="one or more child models (hub ids or folders)")],
+    judge_url: Annotated[str, typer.Option("--judge-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")],
+    judge_model: Annotated[str, typer.Option("--judge-model", help="the judge model the endpoint serves")],
+    prompts: Annotated[str, typer.Option(help="JSONL file (flipcheck's or MT-Bench's question.jsonl), hf:NAME[:CONFIG[:SPLIT]], or demo")] = "demo",
+    judge_api_key_env: Annotated[str, typer.Option("--judge-api-key-env", help="environment variable holding the API key (a local server needs none)")] = "OPENAI_API_KEY",
+    mode: Annotated[str, typer.Option(help="single (1-10 per answer), pairwise (parent vs child, both orders) or both")] = "both",
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per answer turn of parent and children (greedy)")] = 256,
+    judge_max_tokens: Annotated[int, typer.Option("--judge-max-tokens", help="tokens per judge reply")] = 512,
+    concurrency: Annotated[int, typer.Option(help="judge requests in flight at once")] = 4,
+    limit: Annotated[int | None, typer.Option(help="judge only the first N prompts")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for report.json, report.md, report.html, judge.jsonl")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    trust_remote_code: TrustRemote = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="answer and verdict cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="do not read or write cached answers and verdicts")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Parent and children answer free-form prompts; an LLM judge grades them (1-10) and compares them pairwise."""
+    _setup_logging(verbose)
+    from flipcheck.judge.client import JudgeSettings
+    from flipcheck.judge.generate import GenerationSettings
+    from flipcheck.judge.report import terminal_lines
+    from flipcheck.judge.run import check_mode, judge_models
+
+    def go():
+        check_mode(mode)
+        if limit is not None and limit < 1:
+            raise FlipcheckError(f"--limit {limit}: must be at least 1")
+        settings = JudgeSettings(url=judge_url, model=judge_model, api_key_env=judge_api_key_env,
+                                 max_tokens=judge_max_tokens, concurrency=concurrency)
+        gen = GenerationSettings(max_new_tokens=max_new_tokens, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        report = judge_models(parent, children, prompts=prompts, settings=settings, gen=gen, mode=mode, out=out,
+                              limit=limit, cache_dir=cache_dir, use_cache=not no_cache,
+                              progress=lambda m: console.print(f"[dim]{m}[/]"))
+        for line in terminal_lines(report):
+            _verdict(line)
+        if out is not None:
+            console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, judge.jsonl)")
 
     _run(go)
 

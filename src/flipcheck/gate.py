@@ -11,7 +11,10 @@ tasks. A figure exactly at its budget passes. The figures checked:
   preferred because every report has it (``flipcheck compare`` has no vocabulary KL) and it is the
   distance on the decision the benchmark scores. Must be <= max-kl;
 - Δacc = acc_C − acc_P must be >= min-acc-delta;
-- acc_C must be >= min-acc.
+- acc_C must be >= min-acc;
+- the judged score change Δscore = mean(child − parent) on the 1-10 scale (``flipcheck judge`` or a
+  recipe's ``judge:`` section; the pairwise net win rate where only pairwise verdicts exist) must be
+  >= min-judge-delta, one verdict per judged child.
 
 Text corpora (``--text``, perplexity tasks such as wikitext) get one verdict per child and corpus:
 
@@ -166,6 +169,7 @@ def check(
     max_kl_text: float | str | None = None,
     max_ppl_ratio: float | str | None = None,
     over_floor: bool = False,
+    min_judge_delta: float | str | None = None,
 ) -> list[Verdict]:
     """One verdict per child and named task or group (plus micro when a child has several), and one
     per child and text corpus when a corpus budget is given.
@@ -187,9 +191,10 @@ def check(
         "max_kl_text": None if max_kl_text is None else parse_budget(max_kl_text, "--max-kl-text"),
         "max_ppl_ratio": None if max_ppl_ratio is None else parse_budget(max_ppl_ratio, "--max-ppl-ratio"),
     }
-    if all(v is None for v in (*budgets.values(), *text_budgets.values())):
+    judge_budget = None if min_judge_delta is None else _judge_budget(min_judge_delta)
+    if all(v is None for v in (*budgets.values(), *text_budgets.values())) and judge_budget is None:
         raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta, --min-acc, "
-                             "--max-kl-text or --max-ppl-ratio")
+                             "--max-kl-text, --max-ppl-ratio or --min-judge-delta")
     for key, opt in (("max_kl", "--max-kl"), ("max_kl_text", "--max-kl-text")):
         v = {**budgets, **text_budgets}[key]
         if v is not None and v < 0:
@@ -225,6 +230,8 @@ def check(
             passed = not failures
             text = f"{'PASS' if passed else 'FAIL'} {where}: " + ", ".join(parts)
             verdicts.append(Verdict(child=name, task=corpus, passed=passed, text=text, failures=failures, metric="text"))
+    if judge_budget is not None:
+        verdicts += _judge_verdicts(children, judge_budget)
     return verdicts
 
 
@@ -289,6 +296,32 @@ def _judge_text(fig: Mapping[str, Any], budgets: Mapping[str, float | None],
     return parts, failures
 
 
+def _judge_budget(text: float | str) -> float:
+    if isinstance(text, str) and text.strip().endswith("%"):
+        raise FlipcheckError(f"--min-judge-delta {text!r}: a change in judged score points (1-10 scale), e.g. -0.5; not a percentage")
+    return parse_budget(text, "--min-judge-delta")
+
+
+def _judge_verdicts(children: list[Mapping[str, Any]], budget: float) -> list[Verdict]:
+    """One verdict per judged child: its Δscore (else pairwise net win rate) against the budget."""
+    from flipcheck.judge.stats import judge_delta
+
+    judged = [c for c in children if c.get("judge")]
+    if not judged:
+        raise FlipcheckError("--min-judge-delta: no child in this report was judged (run flipcheck judge, or a recipe with a judge: section)")
+    out = []
+    for c in judged:
+        name, d = str(c.get("name")), judge_delta(c["judge"])
+        what = "Δscore" if (c["judge"].get("single") or {}).get("delta") is not None else "net win rate"
+        if d is None:
+            out.append(Verdict(child=name, task="judge", passed=True, text=f"PASS {name} [judge]: {what} n/a"))
+            continue
+        ok = d >= budget - TOLERANCE
+        text = f"{'PASS' if ok else 'FAIL'} {name} [judge]: {what} {d:+.2f} {'>=' if ok else '<'} {budget:+.2f}"
+        out.append(Verdict(child=name, task="judge", passed=ok, text=text, failures=[] if ok else ["judge_delta"]))
+    return out
+
+
 def run_gate(
     report: str | os.PathLike | Mapping[str, Any],
     *,
@@ -301,13 +334,15 @@ def run_gate(
     max_ppl_ratio: float | str | None = None,
     over_floor: bool = False,
     echo: Callable[[str], Any] | None = None,
+    min_judge_delta: float | str | None = None,
 ) -> bool:
     """Load a report (path or dict), check it, pass each verdict line to `echo`; True if all pass."""
     from flipcheck.evaluation.report import load_report
 
     data = report if isinstance(report, Mapping) else load_report(report)
     verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric,
-                     max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor)
+                     max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
+                     min_judge_delta=min_judge_delta)
     if echo is not None:
         for v in verdicts:
             echo(v.text)

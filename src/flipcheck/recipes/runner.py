@@ -129,7 +129,12 @@ def run_recipe(
     parent_fp = parent_src.fingerprint  # from the files (memoised), never from the loaded weights
     parent = ModelRef("parent", parent_src, tokenizer=tokenizer, fingerprint=parent_fp)
     evaluator = Evaluator(parent, settings, cache)  # checks the task names before any compression
+    from flipcheck.judge.run import finish_report, recipe_session
+
+    judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work
     evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
+    if judge is not None:
+        judge.answer_parent(parent_src, tokenizer=tokenizer)  # once, cached; before any child exists
     calibration: Calibration | None = None
     entries: list[dict] = []
     rows: list[dict] = []
@@ -168,6 +173,8 @@ def run_recipe(
             del child_model, res  # res.model is the child: hold no child past its evaluation
         say(f"[{i}/{len(children)}] {spec.name}: evaluating")
         entry, child_rows = evaluator.evaluate_child(ref)
+        if judge is not None:
+            entry["judge"] = judge.judge_child(spec.name, str(folder), model=ref.model, tokenizer=ref.tokenizer)
         ref.model = None
         _return_freed_memory()
         entries.append(entry)
@@ -176,6 +183,7 @@ def run_recipe(
     floor = evaluator.noise_floor() if ev_spec.noise_floor else None
     report = evaluator.report(entries, floor)
     report["recipe"] = recipe.model_dump(mode="json", exclude_none=True)
+    finish_report(judge, report, out)
     write_report(out, report, rows)
     return report
 

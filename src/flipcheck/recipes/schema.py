@@ -145,12 +145,13 @@ class GateSpec(_Strict):
     max_kl_text: str | float | None = None  # mean KL(P||C) over every scored token of each text corpus
     max_ppl_ratio: str | float | None = None  # PPL_C / PPL_P on each text corpus, e.g. 1.05
     over_floor: bool = False  # flips and KL budgets judge the excess over the noise floor
+    min_judge_delta: str | float | None = None  # smallest allowed judged score change (points of 1-10), e.g. -0.5
 
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
         from flipcheck.gate import parse_budget
 
-        for name in ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio"):
+        for name in ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio", "min_judge_delta"):
             v = getattr(self, name)
             if v is not None:
                 parse_budget(str(v), name)
@@ -158,6 +159,31 @@ class GateSpec(_Strict):
 
     def budgets(self) -> dict[str, str | bool | None]:
         return {k: (v if isinstance(v, bool) else None if v is None else str(v)) for k, v in self.model_dump().items()}
+
+
+class JudgeSpec(_Strict):
+    """Free-form answers of parent and every child graded by an LLM judge (flipcheck judge; see flipcheck.judge)."""
+
+    prompts: str = "demo"  # JSONL file (flipcheck's or MT-Bench's question.jsonl), hf:NAME[:CONFIG[:SPLIT]], or demo
+    url: str  # OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str  # the judge model the endpoint serves
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from the recipe
+    mode: Literal["single", "pairwise", "both"] = "both"
+    max_new_tokens: int = Field(256, ge=1)  # per answer turn of parent and children (greedy)
+    max_tokens: int = Field(512, ge=1)  # per judge reply
+    concurrency: int = Field(4, ge=1)
+    limit: int | None = Field(None, ge=1)  # the first N prompts
+
+    @model_validator(mode="after")
+    def _valid(self) -> JudgeSpec:
+        self.settings()  # a bad URL fails when the recipe loads
+        return self
+
+    def settings(self):
+        from flipcheck.judge.client import JudgeSettings
+
+        return JudgeSettings(url=self.url, model=self.model, api_key_env=self.api_key_env, max_tokens=self.max_tokens,
+                             concurrency=self.concurrency)
 
 
 class Recipe(_Strict):
@@ -172,6 +198,7 @@ class Recipe(_Strict):
     sweeps: list[SweepSpec] | None = None
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     gate: GateSpec | None = None
+    judge: JudgeSpec | None = None
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False

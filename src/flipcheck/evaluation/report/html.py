@@ -205,6 +205,9 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
     if figures:
         parts.append("<h2>Plots</h2>")
         parts.append('<div class="plots">' + "".join(figures) + "</div>")
+    from flipcheck.judge.report import judge_html
+
+    parts += judge_html(report)
     flipped = flipped_rows(rows)
     head = f"Flipped questions ({len(flipped)}" + (f", first {MAX_FLIPPED}" if len(flipped) > MAX_FLIPPED else "") + ")"
     parts.append(f"<h2>{e(head)}</h2>")

@@ -80,6 +80,9 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     out += _subtasks_markdown(report)
     out += corpus_markdown(report)
+    from flipcheck.judge.report import judge_markdown
+
+    out += judge_markdown(report)
     flipped = flipped_rows(rows)
     out += ["", f"## Flipped questions ({len(flipped)}" + (f", first {MAX_FLIPPED}" if len(flipped) > MAX_FLIPPED else "") + ")",
             ""]
