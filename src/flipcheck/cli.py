@@ -73,6 +73,29 @@ Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate 
 Filter = Annotated[str | None, typer.Option("--filter", help="lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)")]
 KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail) or exact (parent in lock-step, 2 passes per child)")]
 PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a group its own row and verdict (default: a group is one row, as named)")]
+Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
+RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else auto; none running: a local one)")]
+GpusPerChild = Annotated[float | None, typer.Option("--gpus-per-child", help="GPUs per Ray task (default 1 where the cluster has GPUs, else 0)")]
+CpusPerChild = Annotated[float | None, typer.Option("--cpus-per-child", help="CPUs per Ray task, also its torch threads (default 1)")]
+Shards = Annotated[int, typer.Option("--shards", help="with --executor ray: split each child's task list into this many Ray tasks")]
+
+
+def _executor(executor: str, ray_address, gpus_per_child, cpus_per_child, shards):
+    from flipcheck.executors import executor_options
+
+    return executor_options(executor, address=ray_address, gpus_per_child=gpus_per_child,
+                            cpus_per_child=cpus_per_child, shards=shards)
+
+
+def _exit_if_failed(report: dict) -> None:
+    """Exit 3 when a child failed (listed in the report with its reason)."""
+    from flipcheck.executors import EXIT_CHILD_FAILED, failed_children
+
+    failed = failed_children(report)
+    if failed:
+        err_console.print(f"{len(failed)} child(ren) failed: {', '.join(f['name'] for f in failed)} (see the report)",
+                          markup=False, highlight=False)
+        raise typer.Exit(EXIT_CHILD_FAILED)
 
 
 @app.command("eval")
@@ -96,6 +119,11 @@ def eval_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: KlMethod = "topk",
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    shards: Shards = 1,
     verbose: Verbose = False,
 ) -> None:
     """Score PARENT and CHILD on the same lm-eval instances; report accuracy, flips and KL."""
@@ -105,14 +133,16 @@ def eval_cmd(
 
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
         report = evaluate(
             None if parent == "-" else parent, children, tasks=tasks, out=out, include_path=include_path,
             num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl,
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, executor=ex,
         )
         _show(report, out)
+        _exit_if_failed(report)
 
     _run(go)
 
@@ -256,6 +286,11 @@ def run_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: Annotated[str | None, typer.Option("--kl", help="override the recipe's vocabulary KL: topk or exact")] = None,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    shards: Shards = 1,
     verbose: Verbose = False,
 ) -> None:
     """Compress, evaluate every child against the parent, write the report, apply the recipe's gate."""
@@ -265,6 +300,7 @@ def run_cmd(
     from flipcheck.recipes.schema import load_recipe
 
     def go():
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         r = load_recipe(recipe)
         update: dict = {}
         if parent:
@@ -277,13 +313,16 @@ def run_cmd(
             update["calibration"] = r.calibration.model_copy(update={"source": calibration})
         r = r.model_copy(update=update)
         folder = out or Path("runs") / r.name
-        report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
+        report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
+                            executor=ex)
         _show(report, folder)
         if r.gate is not None:
             from flipcheck.gate import run_gate
 
             ok = run_gate(folder / "report.json", **r.gate.budgets(), echo=_verdict)
+            _exit_if_failed(report)
             raise typer.Exit(0 if ok else 1)
+        _exit_if_failed(report)
 
     _run(go)
 
@@ -318,6 +357,11 @@ def sweep_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: KlMethod = "topk",
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    shards: Shards = 1,
     verbose: Verbose = False,
 ) -> None:
     """Evaluate one method at several strengths against one parent (evaluated once)."""
@@ -328,15 +372,17 @@ def sweep_cmd(
 
     def go():
         check_metric(metric)
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         folder = out or Path("runs") / f"sweep-{method}"
         report = sweep(
             parent, method, parse_grid(grid), tasks=tasks, out=folder, settings=parse_set_options(set_),
             calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
             include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl,
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, executor=ex,
         )
         _show(report, folder)
+        _exit_if_failed(report)
 
     _run(go)
 

@@ -169,9 +169,11 @@ def check(
     if budgets["max_kl"] is not None and budgets["max_kl"] < 0:
         raise FlipcheckError(f"--max-kl {max_kl!r}: KL is never negative; give a budget >= 0")
     children = report.get("children") or []
-    if not children:
+    failed = [f for f in report.get("failed") or [] if f.get("status") == "failed"]
+    if not children and not failed:
         raise FlipcheckError("gate: the report has no children to check")
-    verdicts = []
+    verdicts = [Verdict(child=str(f.get("name")), task="-", passed=False, failures=["failed"],
+                        text=f"FAIL {f.get('name')}: not evaluated, the child failed ({f.get('reason')})") for f in failed]
     for child in children:
         name = str(child.get("name"))
         tasks = list((child.get("tasks") or {}).items())
