@@ -438,6 +438,7 @@ class Evaluator:
         from flipcheck.evaluation.lm import FlipLM
         from flipcheck.evaluation.records import Record
 
+        self.parent.ensure_identity(self.settings)  # the key needs the fingerprint and tokenizer, even on a first call
         pkey = self._parent_key(unit)
         hit = self.cache.get(pkey, Record)
         if hit is not None:
