@@ -210,13 +210,13 @@ class _Collector:
 
     def done(self, c: _Child, entry: dict, rows: list[dict]) -> None:
         self.entries[c.index], self.rows[c.index] = entry, rows
+        self.write(*self.ordered())  # on disk before anything else can happen (Ctrl-C included)
         self.say(f"[{c.index}/{self.n}] {c.name}: done")
-        self.write(*self.ordered())
 
     def fail(self, c: _Child, reason: str, attempts: int) -> None:
         self.failed[c.index] = failed_entry(c.name, reason, attempts)
-        self.say(f"[{c.index}/{self.n}] {c.name}: FAILED after {attempts} attempt(s): {self.failed[c.index]['reason']}")
         self.write(*self.ordered())
+        self.say(f"[{c.index}/{self.n}] {c.name}: FAILED after {attempts} attempt(s): {self.failed[c.index]['reason']}")
 
     def ordered(self) -> tuple[list[dict], list[dict], list[dict]]:
         keys = sorted(self.entries)
