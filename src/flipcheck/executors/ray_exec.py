@@ -126,13 +126,16 @@ def _reason(err: BaseException) -> str:
 
 
 def _drive(children: list[_Child], res: Resources, say: Callable[[str], None],
-           on_done: Callable[[_Child, dict, list[dict]], None], on_failed: Callable[[_Child, str, int], None]) -> int:
-    """Run every child's tasks to completion (or failure); the parent passes the workers made."""
+           on_done: Callable[[_Child, dict, list[dict]], None],
+           on_failed: Callable[[_Child, str, int], None]) -> tuple[int, dict[str, float]]:
+    """Run every child's tasks to completion (or failure): the parent passes the workers made and
+    the seconds of each phase summed over the workers' tasks."""
     import ray
 
     remote = ray.remote(run_job)
     pending: dict[Any, tuple[_Child, str, dict, int]] = {}
     passes = 0
+    timings: dict[str, float] = {}
 
     def submit(c: _Child, kind: str, job: dict, attempt: int = 1) -> None:
         ref = remote.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=0,
@@ -177,6 +180,8 @@ def _drive(children: list[_Child], res: Resources, say: Callable[[str], None],
                     fail(c, reason, attempt)
                 continue
             passes += int(out.get("parent_passes", 0))
+            for phase, seconds in (out.get("timings") or {}).items():
+                timings[phase] = timings.get(phase, 0.0) + float(seconds)
             if kind == "child":
                 on_done(c, out["entry"], out["rows"])
             elif kind == "compress":
@@ -196,7 +201,7 @@ def _drive(children: list[_Child], res: Resources, say: Callable[[str], None],
             ray.cancel(ref, force=True)
         say(f"interrupted: cancelled {len(pending)} running Ray task(s); finished children are kept")
         raise
-    return passes
+    return passes, timings
 
 
 class _Collector:
@@ -224,9 +229,11 @@ class _Collector:
                 [self.failed[k] for k in sorted(self.failed)])
 
 
-def _info(opts: ExecutorOptions, address: str, res: Resources, passes: int) -> dict[str, Any]:
+def _info(opts: ExecutorOptions, address: str, res: Resources, passes: int,
+          timings: dict[str, float] | None = None) -> dict[str, Any]:
     return {"name": "ray", "address": address, "cpus_per_child": res.cpus, "gpus_per_child": res.gpus,
-            "shards": opts.shards, "parent_passes": passes}
+            "shards": opts.shards, "parent_passes": passes,
+            "worker_seconds": {k: round(v, 3) for k, v in (timings or {}).items()}}
 
 
 def _shard_settings(settings, units: list[str]) -> dict[str, Any]:
@@ -266,9 +273,9 @@ def run_recipe_children(run, out: Path, opts: ExecutorOptions, say: Callable[[st
     passes = ev.parent_passes
     collect = _Collector(len(children), lambda e, r, f: write_report(
         out, finish_report(ev.report(e), f, _info(opts, address, res, passes)), r), say)
-    passes += _drive(children, res, say, collect.done, collect.fail)
+    worker_passes, timings = _drive(children, res, say, collect.done, collect.fail)
     entries, rows, failed = collect.ordered()
-    return entries, rows, failed, _info(opts, address, res, passes)
+    return entries, rows, failed, _info(opts, address, res, passes + worker_passes, timings)
 
 
 def evaluate_children(ev, refs: list, out, opts: ExecutorOptions):
@@ -306,6 +313,6 @@ def evaluate_children(ev, refs: list, out, opts: ExecutorOptions):
             write_report(out, finish_report(ev.report(e), f, _info(opts, address, res, passes)), r)
 
     collect = _Collector(len(children), write, say)
-    passes += _drive(children, res, say, collect.done, collect.fail)
+    worker_passes, timings = _drive(children, res, say, collect.done, collect.fail)
     entries, rows, failed = collect.ordered()
-    return entries, rows, failed, _info(opts, address, res, passes)
+    return entries, rows, failed, _info(opts, address, res, passes + worker_passes, timings)

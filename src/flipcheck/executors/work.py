@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,33 @@ PROBE = ".flipcheck-run"  # written by the driver into --out: a worker that cann
 
 
 def run_job(kind: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job in this process (a Ray worker); returns plain values."""
+    """Run one job in this process (a Ray worker); returns plain values, with ``timings`` (seconds
+    of each phase: imports on a fresh worker, set-up with lm-eval's task indexing, reading the
+    parent from the cache, the work itself)."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    import lm_eval  # noqa: F401  (a fresh worker pays these imports once; a reused one nothing)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    timings["imports"] = time.perf_counter() - t
     _setup_worker(job)
     _check_run_folder(job)
-    if kind in ("child", "compress"):
-        return _recipe_child(job, evaluate=kind == "child")
-    if kind == "shard":
-        return _shard(job)
-    raise FlipcheckError(f"unknown job kind {kind!r}")
+    if kind not in ("child", "compress", "shard"):
+        raise FlipcheckError(f"unknown job kind {kind!r}")
+    out = _recipe_child(job, timings, evaluate=kind == "child") if kind != "shard" else _shard(job, timings)
+    out["timings"] = timings
+    return out
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
 
 
 def _setup_worker(job: dict[str, Any]) -> None:
@@ -67,27 +87,35 @@ def _check_parent_cached(evaluator, cache_dir: str | None) -> None:
         )
 
 
-def _recipe_child(job: dict[str, Any], *, evaluate: bool) -> dict[str, Any]:
+def _recipe_child(job: dict[str, Any], timings: dict[str, float], *, evaluate: bool) -> dict[str, Any]:
     from flipcheck.recipes.runner import RecipeRun
     from flipcheck.recipes.schema import ChildSpec, Recipe
 
+    clock = _Clock(timings)
     recipe = Recipe.model_validate(job["recipe"])
     spec = ChildSpec.model_validate(job["child"])
     run = RecipeRun(recipe, cache_dir=job["cache_dir"], say=lambda msg: log.info("%s", msg))
+    clock.lap("setup")
     _check_parent_cached(run.evaluator, job["cache_dir"])
+    clock.lap("parent_cache")
     done = run.child(int(job["index"]), spec, Path(job["out"]), evaluate=evaluate)
+    clock.lap("work")
     if not evaluate:
         return {"folder": str(done.source), "info": done.info, "parent_passes": run.evaluator.parent_passes}
     entry, rows = done
     return {"entry": entry, "rows": rows, "parent_passes": run.evaluator.parent_passes}
 
 
-def _shard(job: dict[str, Any]) -> dict[str, Any]:
+def _shard(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     from flipcheck.evaluation.cache import ResultCache
     from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 
+    clock = _Clock(timings)
     settings = EvalSettings(**job["settings"])
     evaluator = Evaluator(ModelRef("parent", job["parent"]), settings, ResultCache(job["cache_dir"]))
+    clock.lap("setup")
     _check_parent_cached(evaluator, job["cache_dir"])
+    clock.lap("parent_cache")
     evaluator.score_child(ModelRef(job["name"], job["child"]))
+    clock.lap("work")
     return {"units": list(settings.tasks), "parent_passes": evaluator.parent_passes}
