@@ -146,3 +146,49 @@ def test_interrupted_sweep_keeps_finished_children_and_resumes(ray_address, pare
     assert len(report["children"]) == 3 and report["failed"] == []
     assert (folder / "flipcheck.json").stat().st_mtime_ns == made  # the finished child was not compressed again
     _assert_same_answers(local_run[1], _rows(tmp_path / "run"))
+
+
+def _kill_first_running_task(prefix: str, timeout: float = 120.0) -> int | None:
+    """SIGKILL the first process whose title is ``ray::PREFIX...`` (Ray titles a worker by the task it
+    runs); returns its pid, or None when none showed up in time."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(f"ray::{prefix}"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                return int(proc.name)
+        time.sleep(0.2)
+    return None
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc").is_dir(), reason="finds the worker through /proc")
+def test_killed_worker_is_retried_and_the_child_finishes(ray_address, parent_dir, task_dir, tmp_path):
+    """The worker running a child is killed (SIGKILL) mid-task: Ray reports the crash, the child is
+    submitted once more and finishes; nothing is recorded as failed."""
+    import threading
+
+    killed: list[int | None] = []
+    said: list[str] = []
+
+    def progress(msg: str) -> None:
+        said.append(msg)
+        if msg.startswith("ray: ") and "children" in msg and not killed:  # submitted: kill the first runner
+            threading.Thread(target=lambda: killed.append(_kill_first_running_task("flipcheck-child"))).start()
+
+    report = sweep(str(parent_dir), "noise", {"sigma": [0.3]}, tasks=TASKS[:1], include_path=str(task_dir),
+                   out=tmp_path / "run", cache_dir=tmp_path / "cache", batch_size=8,
+                   executor=ExecutorOptions("ray", address=ray_address), progress=progress)
+    assert killed and killed[0] is not None
+    assert any("retrying once" in m for m in said), said
+    assert [c["name"] for c in report["children"]] == ["noise sigma=0.3"] and report["failed"] == []

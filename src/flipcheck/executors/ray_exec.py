@@ -240,16 +240,31 @@ def _shard_settings(settings, units: list[str]) -> dict[str, Any]:
     return {**dataclasses.asdict(settings), "tasks": list(units)}
 
 
-def run_recipe_children(run, out: Path, opts: ExecutorOptions, say: Callable[[str], None]):
+@dataclass
+class Session:
+    """A checked run folder and cache, a connected cluster and the resources per task."""
+
+    opts: ExecutorOptions
+    address: str
+    res: Resources
+
+
+def open_session(opts: ExecutorOptions, out: Path | None, cache, say: Callable[[str], None]) -> Session:
+    """Before any work: Ray importable, --out and the cache writable, the cluster reached, the
+    resources per task available there."""
+    import_ray()
+    check_folders(out, cache)
+    address = connect(opts, say)
+    return Session(opts, address, resources(opts))
+
+
+def run_recipe_children(run, out: Path, session: Session, say: Callable[[str], None]):
     """Every child of a :class:`~flipcheck.recipes.runner.RecipeRun` (parent already scored) as Ray
     tasks: (entries, rows, failed, executor info)."""
     from flipcheck.evaluation.report import write_report
     from flipcheck.evaluation.runner import ModelRef
 
-    import_ray()
-    check_folders(out, run.cache)
-    address = connect(opts, say)
-    res = resources(opts)
+    opts, address, res = session.opts, session.address, session.res
     ev = run.evaluator
     recipe = run.recipe.model_copy(update={"parent": run.parent_src.spec})  # "demo" resolved: workers never train it
     base = {"recipe": recipe.model_dump(mode="json"), "cache_dir": str(run.cache.root), "out": str(out)}
@@ -284,11 +299,9 @@ def evaluate_children(ev, refs: list, out, opts: ExecutorOptions):
     from flipcheck.evaluation.report import write_report
 
     say = lambda msg: log.info("%s", msg)  # noqa: E731
-    import_ray()
     out = Path(out) if out is not None else None
-    check_folders(out, ev.cache)
-    address = connect(opts, say)
-    res = resources(opts)
+    session = open_session(opts, out, ev.cache, say)
+    address, res = session.address, session.res
     say("scoring the parent (once, here)")
     ev.score_parent()
     groups = split_units(list(ev.units), opts.shards)

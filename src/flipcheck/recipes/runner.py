@@ -197,14 +197,19 @@ def run_recipe(
     run = RecipeRun(recipe, cache_dir=cache_dir, use_cache=use_cache, say=say)
     say(f"parent: {run.parent_src.spec}")
     evaluator = run.evaluator
+    session = None
+    if executor is not None and executor.name != "local":  # folders checked, cluster reached, before any work
+        from flipcheck.executors.ray_exec import open_session
+
+        session = open_session(executor, out, run.cache, say)
     evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
     entries: list[dict] = []
     rows: list[dict] = []
     failed: list[dict] = []
-    if executor is not None and executor.name != "local":
+    if session is not None:
         from flipcheck.executors.ray_exec import run_recipe_children
 
-        entries, rows, failed, info = run_recipe_children(run, out, executor, say)
+        entries, rows, failed, info = run_recipe_children(run, out, session, say)
     else:
         for i, spec in enumerate(run.children, 1):
             entry, child_rows = run.child(i, spec, out)
