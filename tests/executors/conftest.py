@@ -4,6 +4,7 @@ by its address as a user reaches an existing cluster, and stopped at the end of 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,6 +16,12 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+
+# Ray's token authentication with a token of this session, for head, workers and this process alike
+# (nothing read from or written to ~/.ray). Set at import, before any test module imports Ray: its
+# core reads the token when it loads.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _free_port() -> int:
@@ -40,7 +47,7 @@ def ray_address():
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine can take minutes to bring a head up
         while True:
             probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}'); ray.shutdown()"],
                                    env=env, capture_output=True, timeout=120)

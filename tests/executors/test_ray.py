@@ -173,22 +173,30 @@ def _kill_first_running_task(prefix: str, timeout: float = 120.0) -> int | None:
 
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/proc").is_dir(), reason="finds the worker through /proc")
-def test_killed_worker_is_retried_and_the_child_finishes(ray_address, parent_dir, task_dir, tmp_path):
-    """The worker running a child is killed (SIGKILL) mid-task: Ray reports the crash, the child is
-    submitted once more and finishes; nothing is recorded as failed."""
+def test_killed_worker_is_retried_and_sharded_sweep_point_equals_local(ray_address, parent_dir, task_dir, tmp_path,
+                                                                        local_run):
+    """A sweep point with --shards 2 (compress as one task, each task's scoring as another, merged in
+    the driver) whose compressing worker is killed (SIGKILL) mid-task: Ray reports the crash, the task
+    runs once more, the point finishes and its answers equal the local run's."""
     import threading
 
     killed: list[int | None] = []
     said: list[str] = []
+    killers: list[threading.Thread] = []
 
     def progress(msg: str) -> None:
         said.append(msg)
-        if msg.startswith("ray: ") and "children" in msg and not killed:  # submitted: kill the first runner
-            threading.Thread(target=lambda: killed.append(_kill_first_running_task("flipcheck-child"))).start()
+        if msg.startswith("ray: ") and "children" in msg and not killers:  # submitted next: kill the first runner
+            killers.append(threading.Thread(target=lambda: killed.append(_kill_first_running_task("flipcheck-compress"))))
+            killers[0].start()
 
-    report = sweep(str(parent_dir), "noise", {"sigma": [0.3]}, tasks=TASKS[:1], include_path=str(task_dir),
+    report = sweep(str(parent_dir), "noise", {"sigma": [0.2]}, tasks=TASKS, include_path=str(task_dir),
                    out=tmp_path / "run", cache_dir=tmp_path / "cache", batch_size=8,
-                   executor=ExecutorOptions("ray", address=ray_address), progress=progress)
+                   executor=ExecutorOptions("ray", address=ray_address, shards=2), progress=progress)
+    killers[0].join(timeout=10)
     assert killed and killed[0] is not None
-    assert any("retrying once" in m for m in said), said
-    assert [c["name"] for c in report["children"]] == ["noise sigma=0.3"] and report["failed"] == []
+    assert any("compress task failed" in m and "retrying once" in m for m in said), said
+    assert [c["name"] for c in report["children"]] == ["noise sigma=0.2"] and report["failed"] == []
+    assert report["executor"]["shards"] == 2
+    local = [r for r in local_run[1] if r["child"] == "noise sigma=0.2"]
+    _assert_same_answers(local, _rows(tmp_path / "run"))
