@@ -66,7 +66,7 @@ def _run(fn):
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available)")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available; auto, device_map across them, with several GPUs)")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
 Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate figure: acc or acc_norm (default: acc_norm where a task reports it)")]
