@@ -5,7 +5,7 @@ Model and tasks are built in-process (no network, no input files): a random Llam
 intermediate 1536, 6 layers, ~30M parameters with its ~6k-token vocabulary) and the two local
 lm-eval tasks of ``eval_speed.py`` (MMLU-style single-token and HellaSwag-style multi-token),
 ``--docs`` questions each. The sweep is flipcheck's Gaussian weight noise at four strengths; each
-point (compress, save, score both tasks against the cached parent) takes about a minute on the
+point (compress, save, score both tasks against the cached parent) takes a minute or more on the
 2-core machine at the default ``--docs``.
 
 Each run has its own result cache, so both score the parent. An untimed warm-up (the parent on 4
