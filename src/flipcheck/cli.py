@@ -67,7 +67,7 @@ def _run(fn):
 
 DEMO_TASKS = "flipcheck_demo_facts,flipcheck_demo_letters"
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available)")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available; auto, device_map across them, with several GPUs)")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
 Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate figure: acc or acc_norm (default: acc_norm where a task reports it)")]
@@ -78,6 +78,29 @@ Texts = Annotated[list[str] | None, typer.Option("--text", help="text corpus sco
 Ctx = Annotated[int, typer.Option("--ctx", help="tokens per corpus window (text corpora and perplexity tasks such as wikitext)")]
 Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored per window: all, or half (llama.cpp's: the second half of each window)")]
 NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
+Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
+RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else auto; none running: a local one)")]
+GpusPerChild = Annotated[float | None, typer.Option("--gpus-per-child", help="GPUs per Ray task (default 1 where the cluster has GPUs, else 0)")]
+CpusPerChild = Annotated[float | None, typer.Option("--cpus-per-child", help="CPUs per Ray task, also its torch threads (default 1)")]
+Shards = Annotated[int, typer.Option("--shards", help="with --executor ray: split each child's task list into this many Ray tasks")]
+
+
+def _executor(executor: str, ray_address, gpus_per_child, cpus_per_child, shards):
+    from flipcheck.executors import executor_options
+
+    return executor_options(executor, address=ray_address, gpus_per_child=gpus_per_child,
+                            cpus_per_child=cpus_per_child, shards=shards)
+
+
+def _exit_if_failed(report: dict) -> None:
+    """Exit 3 when a child failed (listed in the report with its reason)."""
+    from flipcheck.executors import EXIT_CHILD_FAILED, failed_children
+
+    failed = failed_children(report)
+    if failed:
+        err_console.print(f"{len(failed)} child(ren) failed: {', '.join(f['name'] for f in failed)} (see the report)",
+                          markup=False, highlight=False)
+        raise typer.Exit(EXIT_CHILD_FAILED)
 
 
 @app.command("eval")
@@ -104,6 +127,11 @@ def eval_cmd(
     text: Texts = None,
     ctx: Ctx = 512,
     scoring: Scoring = "all",
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    shards: Shards = 1,
     verbose: Verbose = False,
 ) -> None:
     """Score PARENT and CHILD on the same lm-eval instances and text corpora; report accuracy, flips and KL."""
@@ -113,15 +141,17 @@ def eval_cmd(
 
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
         chosen = tasks if tasks is not None else ("" if text else DEMO_TASKS)
         report = evaluate(
             None if parent == "-" else parent, children, tasks=chosen, out=out, include_path=include_path,
             num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
+            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring, executor=ex,
         )
         _show(report, out)
+        _exit_if_failed(report)
 
     _run(go)
 
@@ -281,6 +311,11 @@ def run_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: Annotated[str | None, typer.Option("--kl", help="override the recipe's vocabulary KL: topk or exact")] = None,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    shards: Shards = 1,
     verbose: Verbose = False,
 ) -> None:
     """Compress, evaluate every child against the parent, write the report, apply the recipe's gate."""
@@ -290,6 +325,7 @@ def run_cmd(
     from flipcheck.recipes.schema import load_recipe
 
     def go():
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         r = load_recipe(recipe)
         update: dict = {}
         if parent:
@@ -302,13 +338,16 @@ def run_cmd(
             update["calibration"] = r.calibration.model_copy(update={"source": calibration})
         r = r.model_copy(update=update)
         folder = out or Path("runs") / r.name
-        report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"))
+        report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
+                            executor=ex)
         _show(report, folder)
         if r.gate is not None:
             from flipcheck.gate import run_gate
 
             ok = run_gate(folder / "report.json", **r.gate.budgets(), echo=_verdict)
+            _exit_if_failed(report)
             raise typer.Exit(0 if ok else 1)
+        _exit_if_failed(report)
 
     _run(go)
 
@@ -347,6 +386,11 @@ def sweep_cmd(
     ctx: Ctx = 512,
     scoring: Scoring = "all",
     noise_floor: NoiseFloor = False,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    shards: Shards = 1,
     verbose: Verbose = False,
 ) -> None:
     """Evaluate one method at several strengths against one parent (evaluated once)."""
@@ -357,6 +401,7 @@ def sweep_cmd(
 
     def go():
         check_metric(metric)
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         folder = out or Path("runs") / f"sweep-{method}"
         report = sweep(
             parent, method, parse_grid(grid), tasks=tasks if tasks is not None else ([] if text else DEMO_TASKS), out=folder, settings=parse_set_options(set_),
@@ -364,9 +409,10 @@ def sweep_cmd(
             include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
             metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
-            noise_floor=noise_floor,
+            noise_floor=noise_floor, executor=ex,
         )
         _show(report, folder)
+        _exit_if_failed(report)
 
     _run(go)
 

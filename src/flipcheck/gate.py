@@ -202,7 +202,8 @@ def check(
     if text_budgets["max_ppl_ratio"] is not None and (str(max_ppl_ratio).strip().endswith("%") or text_budgets["max_ppl_ratio"] <= 0):
         raise FlipcheckError(f"--max-ppl-ratio {max_ppl_ratio!r}: a ratio of perplexities, e.g. 1.05 (> 0)")
     children = report.get("children") or []
-    if not children:
+    failed = [f for f in report.get("failed") or [] if f.get("status") == "failed"]
+    if not children and not failed:
         raise FlipcheckError("gate: the report has no children to check")
     from flipcheck.evaluation.report.text import floor_entries
 
@@ -210,7 +211,8 @@ def check(
         raise FlipcheckError("--over-floor: the report has no noise floor; make it with --noise-floor")
     if any(v is not None for v in text_budgets.values()) and not any(c.get("corpus") for c in children):
         raise FlipcheckError("--max-kl-text / --max-ppl-ratio: the report has no text corpora (--text or --tasks wikitext)")
-    verdicts = []
+    verdicts = [Verdict(child=str(f.get("name")), task="-", passed=False, failures=["failed"],
+                        text=f"FAIL {f.get('name')}: not evaluated, the child failed ({f.get('reason')})") for f in failed]
     for child in children:
         name = str(child.get("name"))
         tasks = list((child.get("tasks") or {}).items())

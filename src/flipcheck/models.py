@@ -38,8 +38,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def resolve_device(device: str | None = None) -> str:
     """'cpu', 'cuda', 'cuda:N' or 'auto' (device_map="auto" across the GPUs of one host)."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:  # several GPUs: spread the model over all of them (device_map="auto")
+        if not torch.cuda.is_available():
+            return "cpu"
+        return "auto" if torch.cuda.device_count() > 1 else "cuda"
     if device == "auto" or device == "cpu" or re.fullmatch(r"cuda(:\d+)?|mps", device):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise FlipcheckError(f"--device {device}: no CUDA device is available here; use --device cpu")
@@ -358,6 +360,26 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
     if not f.is_file():
         return None
     return json.loads(f.read_text())
+
+
+def suggest_batch_size(model: torch.nn.Module, seq_len: int, *, device: str | None = None,
+                       fraction: float = 0.5, cap: int = 256) -> int:
+    """Sequences of `seq_len` tokens per forward that fit in `fraction` of the free GPU memory.
+
+    Per sequence, a forward without gradients holds the float32 log-probabilities over the
+    vocabulary (twice: logits and log-softmax, 8 bytes per token and vocabulary entry) and one
+    layer's activations at a time (about 10 hidden + 3 intermediate values per token in the
+    model's dtype). On CPU (or without CUDA) the answer is `cap` bounded by 16, flipcheck's default.
+    """
+    dev = resolve_device(device)
+    if dev == "cpu" or dev == "mps" or not torch.cuda.is_available():
+        return min(cap, 16)
+    cfg = model.config
+    width = next(model.parameters()).element_size()
+    per_token = 8 * cfg.vocab_size + width * (10 * cfg.hidden_size + 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
+    free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) if dev == "auto" else \
+        torch.cuda.mem_get_info(torch.device(dev))[0]
+    return max(1, min(cap, int(fraction * free // (per_token * max(1, seq_len)))))
 
 
 def load_model(

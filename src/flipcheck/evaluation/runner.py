@@ -519,12 +519,28 @@ class Evaluator:
         if self.settings.kl != "exact":
             self.parent.release()
 
+    def missing_parent_units(self) -> list[str]:
+        """Units whose parent results are not in the cache (an evaluation shard or Ray worker needs
+        every one there: it reads the parent, it never scores it)."""
+        self.parent.ensure_identity(self.settings)
+        return [u for u in self.units if self.cache.get(self._parent_key(u), _record_cls()) is None]
+
+    def score_child(self, child: ModelRef) -> None:
+        """Score `child` on every unit into the cache, without summaries: an evaluation shard's work,
+        merged later by :meth:`evaluate_child` reading the same entries."""
+        self.parent.ensure_identity(self.settings)
+        child.ensure_identity(self.settings)
+        for unit in self.units:
+            _, parent_records = self._parent_results(unit)
+            self._child_results(child, unit, parent_records, None, self.settings.kl)
+
     def _parent_results(self, unit: str) -> tuple[dict, dict]:
         """The parent's samples and records of one unit: from the cache, or from a run of the parent
         alone (its own tokenizer, max length and batch size), so they never depend on a child."""
         from flipcheck.evaluation.lm import FlipLM
         from flipcheck.evaluation.records import Record
 
+        self.parent.ensure_identity(self.settings)  # the key needs the fingerprint and tokenizer, even on a first call
         pkey = self._parent_key(unit)
         hit = self.cache.get(pkey, Record)
         if hit is not None:
@@ -647,6 +663,12 @@ class Evaluator:
         )
 
 
+def _record_cls() -> type:
+    from flipcheck.evaluation.records import Record
+
+    return Record
+
+
 def named_summaries(
     trees: dict[str, Any],
     unit_tasks: dict[str, list[str]],
@@ -767,6 +789,7 @@ def evaluate(
     texts: list[str] | None = None,
     ctx: int = DEFAULT_CTX,
     scoring: str = "all",
+    executor: Any = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -789,15 +812,23 @@ def evaluate(
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
     )
     ev = Evaluator(ModelRef("parent", parent_src), settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
-    entries, rows = [], []
-    for c in child_sources:
-        ref = child_ref(c)
-        entry, r = ev.evaluate_child(ref)
-        entries.append(entry)
-        rows.extend(r)
-        ref.release()
+    entries, rows, failed = [], [], []
+    if executor is not None and executor.name != "local":  # children and evaluation shards as Ray tasks
+        from flipcheck.executors.ray_exec import evaluate_children
+
+        entries, rows, failed, info = evaluate_children(ev, [child_ref(c) for c in child_sources], out, executor)
+    else:
+        for c in child_sources:
+            ref = child_ref(c)
+            entry, r = ev.evaluate_child(ref)
+            entries.append(entry)
+            rows.extend(r)
+            ref.release()
+        info = {"name": "local", "parent_passes": ev.parent_passes}
     floor = ev.noise_floor() if noise_floor else None
-    report = ev.report(entries, floor)
+    from flipcheck.executors import finish_report
+
+    report = finish_report(ev.report(entries, floor), failed, info)
     if out is not None:
         from flipcheck.evaluation.report import write_report
 

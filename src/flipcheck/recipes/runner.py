@@ -99,46 +99,40 @@ def with_calibration_source(recipe: Recipe, parent_folder: Path | None) -> Recip
     return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"source": source})})
 
 
-def run_recipe(
-    recipe: Recipe,
-    out: str | os.PathLike,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    progress: Progress | None = None,
-) -> dict:
-    """Compress and evaluate every child of `recipe`; write the report to `out`; return it."""
-    from flipcheck.evaluation.report import write_report
+class RecipeRun:
+    """One recipe's shared state: the resolved parent, its tokenizer, the evaluator (parent scored
+    or found in the cache) and the calibration data (tokenized once, on first need).
 
-    out = Path(out)
-    say = progress or (lambda msg: log.info("%s", msg))
-    children = recipe.all_children()
-    parent_src = resolve_parent_source(recipe.parent)
-    recipe = with_calibration_source(recipe, parent_src.folder)
-    ev_spec = recipe.evaluation
-    settings = EvalSettings(
-        tasks=list(ev_spec.tasks), include_path=ev_spec.include_path, num_fewshot=ev_spec.num_fewshot,
-        limit=_limit(ev_spec.limit), seed=ev_spec.seed, batch_size=ev_spec.batch_size, device=recipe.device,
-        dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code, metric=ev_spec.metric, filter=ev_spec.filter,
-        per_subtask=ev_spec.per_subtask, kl=ev_spec.kl, texts=list(ev_spec.texts), ctx=ev_spec.ctx,
-        scoring=ev_spec.scoring,
-    )
-    cache = ResultCache(cache_dir if cache_dir is not None else None, enabled=use_cache)
-    say(f"parent: {parent_src.spec}")
-    tokenizer = load_tokenizer(parent_src, trust_remote_code=recipe.trust_remote_code)
-    parent_fp = parent_src.fingerprint  # from the files (memoised), never from the loaded weights
-    parent = ModelRef("parent", parent_src, tokenizer=tokenizer, fingerprint=parent_fp)
-    evaluator = Evaluator(parent, settings, cache)  # checks the task names before any compression
-    from flipcheck.judge.run import finish_report, recipe_session
+    The driver builds one for the whole run; a Ray worker builds its own from the same recipe dump
+    (:mod:`flipcheck.executors.work`), so a child is made and scored by the same code either way.
+    """
 
-    judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work
-    evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
-    if judge is not None:
-        judge.answer_parent(parent_src, tokenizer=tokenizer)  # once, cached; before any child exists
-    calibration: Calibration | None = None
-    entries: list[dict] = []
-    rows: list[dict] = []
-    for i, spec in enumerate(children, 1):
+    def __init__(self, recipe: Recipe, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                 say: Progress | None = None):
+        self.say = say or (lambda msg: log.info("%s", msg))
+        self.children = recipe.all_children()
+        self.parent_src = resolve_parent_source(recipe.parent)
+        self.recipe = recipe = with_calibration_source(recipe, self.parent_src.folder)
+        ev_spec = recipe.evaluation
+        self.settings = EvalSettings(
+            tasks=list(ev_spec.tasks), include_path=ev_spec.include_path, num_fewshot=ev_spec.num_fewshot,
+            limit=_limit(ev_spec.limit), seed=ev_spec.seed, batch_size=ev_spec.batch_size, device=recipe.device,
+            dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code, metric=ev_spec.metric, filter=ev_spec.filter,
+            per_subtask=ev_spec.per_subtask, kl=ev_spec.kl, texts=list(ev_spec.texts), ctx=ev_spec.ctx,
+            scoring=ev_spec.scoring,
+        )
+        self.cache = ResultCache(cache_dir if cache_dir is not None else None, enabled=use_cache)
+        self.tokenizer = load_tokenizer(self.parent_src, trust_remote_code=recipe.trust_remote_code)
+        self.parent_fp = self.parent_src.fingerprint  # from the files (memoised), never from the loaded weights
+        parent = ModelRef("parent", self.parent_src, tokenizer=self.tokenizer, fingerprint=self.parent_fp)
+        self.evaluator = Evaluator(parent, self.settings, self.cache)  # checks the task names before any compression
+        self.calibration: Calibration | None = None
+
+    def child(self, i: int, spec: ChildSpec, out: Path, *, evaluate: bool = True) -> tuple[dict, list[dict]] | ModelRef:
+        """Compress child `i` (1-based) into ``OUT/children/NAME`` unless an earlier run made it with
+        the same settings, then evaluate it: (report entry, per-question rows). With ``evaluate=False``
+        the saved child's :class:`ModelRef` (an evaluation shard scores it elsewhere)."""
+        recipe, children, say = self.recipe, self.children, self.say
         folder = out / "children" / slug(spec.name)
         steps = [(s.method, s.config()) for s in spec.steps]
         info = {
@@ -146,7 +140,7 @@ def run_recipe(
             "settings": spec.steps[0].settings if len(spec.steps) == 1 else [s.model_dump() for s in spec.steps],
             "strength": spec.strength,
         }
-        made = made_with(spec, parent_fp, recipe)
+        made = made_with(spec, self.parent_fp, recipe)
         if _done_child(folder, made):
             say(f"[{i}/{len(children)}] {spec.name}: compressed in an earlier run")
             prov = read_provenance(folder) or {}
@@ -154,36 +148,89 @@ def run_recipe(
             ref = ModelRef(spec.name, str(folder), info=info)
         else:
             say(f"[{i}/{len(children)}] {spec.name}: compressing")
-            if calibration is None:  # once, for every child's steps: tokenized only if some step needs data
+            if self.calibration is None:  # once, for every child's steps: tokenized only if some step needs data
                 all_steps = [(s.method, s.config()) for c in children for s in c.steps]
-                calibration = prepare_calibration(tokenizer, all_steps, recipe.calibration)
+                self.calibration = prepare_calibration(self.tokenizer, all_steps, recipe.calibration)
             # a fresh parent from disk, not a deepcopy of the one in memory: cheaper (SmolLM2-135M: 0.1 s
             # against 1.4 s), and under device_map="auto" it is spread over the GPUs like the parent
             child_model = load_model(
-                parent_src, device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code
+                self.parent_src, device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code
             )
             res = compress_model(
-                child_model, tokenizer, steps, parent_source=parent_src.ref, out=folder, calibration=calibration,
-                strength=spec.strength, parent_fingerprint=parent_fp, extra_provenance={"made_with": made},
+                child_model, self.tokenizer, steps, parent_source=self.parent_src.ref, out=folder,
+                calibration=self.calibration, strength=spec.strength, parent_fingerprint=self.parent_fp,
+                extra_provenance={"made_with": made},
             )
             info["compression"] = [r.to_dict() for r in res.reports]
             ref = ModelRef(spec.name, str(folder), info=info)
-            if not res.provenance.get("loader") and not res.provenance.get("quantized_on_load"):
-                ref.model, ref.tokenizer = child_model, tokenizer  # evaluate the in-memory child, no reload
+            if evaluate and not res.provenance.get("loader") and not res.provenance.get("quantized_on_load"):
+                ref.model, ref.tokenizer = child_model, self.tokenizer  # evaluate the in-memory child, no reload
             del child_model, res  # res.model is the child: hold no child past its evaluation
+        if not evaluate:
+            _return_freed_memory()
+            return ref
         say(f"[{i}/{len(children)}] {spec.name}: evaluating")
-        entry, child_rows = evaluator.evaluate_child(ref)
-        if judge is not None:
-            entry["judge"] = judge.judge_child(spec.name, str(folder), model=ref.model, tokenizer=ref.tokenizer)
+        entry, child_rows = self.evaluator.evaluate_child(ref)
         ref.model = None
         _return_freed_memory()
-        entries.append(entry)
-        rows.extend(child_rows)
-        write_report(out, evaluator.report(entries), rows)  # keep what is finished
-    floor = evaluator.noise_floor() if ev_spec.noise_floor else None
-    report = evaluator.report(entries, floor)
-    report["recipe"] = recipe.model_dump(mode="json", exclude_none=True)
-    finish_report(judge, report, out)
+        return entry, child_rows
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+    executor: Any = None,
+) -> dict:
+    """Compress and evaluate every child of `recipe`; write the report to `out`; return it.
+
+    `executor`: None (or a local :class:`~flipcheck.executors.ExecutorOptions`) runs the children one
+    after the other here; ``ExecutorOptions(name="ray", ...)`` runs each child as a Ray task.
+    """
+    from flipcheck.evaluation.report import write_report
+    from flipcheck.executors import finish_report
+    from flipcheck.judge.run import finish_report as finish_judged
+    from flipcheck.judge.run import recipe_session
+
+    out = Path(out)
+    say = progress or (lambda msg: log.info("%s", msg))
+    run = RecipeRun(recipe, cache_dir=cache_dir, use_cache=use_cache, say=say)
+    say(f"parent: {run.parent_src.spec}")
+    evaluator = run.evaluator
+    judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work
+    session = None
+    if executor is not None and executor.name != "local":  # folders checked, cluster reached, before any work
+        from flipcheck.executors.ray_exec import open_session
+
+        session = open_session(executor, out, run.cache, say)
+    evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
+    if judge is not None:
+        judge.answer_parent(run.parent_src, tokenizer=run.tokenizer)  # once, cached; before any child exists
+    entries: list[dict] = []
+    rows: list[dict] = []
+    failed: list[dict] = []
+    if session is not None:
+        from flipcheck.executors.ray_exec import run_recipe_children
+
+        entries, rows, failed, info = run_recipe_children(run, out, session, say)
+        for entry in entries if judge is not None else ():  # the judge runs here, after the workers
+            entry["judge"] = judge.judge_child(entry["name"], str(out / "children" / slug(entry["name"])))
+    else:
+        for i, spec in enumerate(run.children, 1):
+            entry, child_rows = run.child(i, spec, out)
+            if judge is not None:
+                entry["judge"] = judge.judge_child(spec.name, str(out / "children" / slug(spec.name)))
+            entries.append(entry)
+            rows.extend(child_rows)
+            write_report(out, evaluator.report(entries), rows)  # keep what is finished
+        info = {"name": "local", "parent_passes": evaluator.parent_passes}
+    floor = evaluator.noise_floor() if recipe.evaluation.noise_floor else None
+    report = finish_report(evaluator.report(entries, floor), failed, info)
+    report["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
+    finish_judged(judge, report, out)
     write_report(out, report, rows)
     return report
 
@@ -241,6 +288,7 @@ def sweep(
     ctx: int = 512,
     scoring: str = "all",
     noise_floor: bool = False,
+    executor: Any = None,
 ) -> dict:
     """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -260,7 +308,7 @@ def sweep(
         )
     except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
         raise FlipcheckError(f"sweep {method}: {_first_error(err)}") from err
-    return run_recipe(recipe, out, cache_dir=cache_dir, progress=progress)
+    return run_recipe(recipe, out, cache_dir=cache_dir, progress=progress, executor=executor)
 
 
 def _first_error(err: Exception) -> str:

@@ -16,6 +16,7 @@ from flipcheck.evaluation.report.text import (
     EXPLAIN,
     answer_text,
     describe,
+    failed_notes,
     flip_direction,
     flipped_rows,
     gold_text,
@@ -157,6 +158,7 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         ("settings", " ".join(f'<span class="kv">{e(k)} <b>{e(v)}</b></span>' for k, v in settings_items(report))),
         ("vocabulary KL", e(kl_method_label(report) or "")),
         ("NaN/inf", "<br>".join(f"<b>{e(note)}</b>" for note in nonfinite_notes(report))),
+        ("failed", "<br>".join(f"<b>{e(note)}</b>" for note in failed_notes(report))),
         ("created", f"{e(str(report.get('created')))} by flipcheck {e(str(report.get('flipcheck_version')))}"),
     ]
     meta = [(k, v) for k, v in meta if v]

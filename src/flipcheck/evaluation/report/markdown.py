@@ -14,6 +14,7 @@ from flipcheck.evaluation.report.text import (
     HEADERS,
     answer_text,
     describe,
+    failed_notes,
     flip_direction,
     flipped_rows,
     gold_text,
@@ -52,6 +53,7 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
         *([f"- settings: {settings_line(report)}"] if settings_items(report) else []),
         *([f"- vocabulary KL: {kl_method_label(report)}"] if kl_method_label(report) else []),
         *[f"- **{_md_escape(note)}**" for note in nonfinite_notes(report)],
+        *[f"- **{_md_escape(note)}**" for note in failed_notes(report)],
         f"- created: {report.get('created')} by flipcheck {report.get('flipcheck_version')}",
     ]
     lead = summary_line(report)

@@ -132,7 +132,7 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
     compact = width is not None and width < 120
     parent = (report.get("parent") or {}).get("source") or "?"
     caption = "; ".join(([f"vocabulary KL: {kl_method_label(report)}"] if kl_method_label(report) else [])
-                        + nonfinite_notes(report)) or None
+                        + nonfinite_notes(report) + failed_notes(report)) or None
     table = Table(title=f"flipcheck: children vs parent {parent}", caption=caption, box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
     table.add_column("child / task", justify="left", overflow="fold", min_width=25 if compact else 10)
@@ -295,6 +295,12 @@ def kl_method_label(report: Mapping[str, Any]) -> str | None:
     """How the report's vocabulary KL was computed ("exact", or "top-K + tail lower bound, K=64")."""
     method = report.get("kl_method")
     return str(method.get("label") or method.get("name")) if isinstance(method, Mapping) else None
+
+
+def failed_notes(report: Mapping[str, Any]) -> list[str]:
+    """One line per child that failed (``report["failed"]``, e.g. a Ray task that failed twice)."""
+    return [f"child {f.get('name')} FAILED after {f.get('attempts', 1)} attempt(s): {f.get('reason')}"
+            for f in report.get("failed") or [] if f.get("status") == "failed"]
 
 
 def nonfinite_notes(report: Mapping[str, Any]) -> list[str]:
