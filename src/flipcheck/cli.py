@@ -168,7 +168,7 @@ def _show(report: dict, out: Path | None) -> None:
         c.get("corpus") for c in report.get("children") or []
     ):
         console.print(render_table(report, width=console.width))
-    texts = corpus_table(report)
+    texts = corpus_table(report, width=console.width)
     if texts is not None:
         console.print(texts)
     from flipcheck.judge.report import terminal_lines

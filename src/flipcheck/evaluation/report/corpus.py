@@ -75,16 +75,30 @@ def method_note(report: Mapping[str, Any]) -> str:
             "with an importance-sampled tail (both unbiased estimates of the mean)")
 
 
-def corpus_table(report: Mapping[str, Any]) -> Table | None:
+COMPACT_HEADERS = ["child", "corpus", "KL P‖C", "KL C‖P", "top-1", "RMS Δp", "ln PPL C/P"]
+
+
+def _compact_cells(fig: Mapping[str, Any]) -> list[str]:
+    full = cells(fig)  # tokens, KL [CI], median, p99, max, KL rev, top-1, RMS, p99 |Δp|, PPL, ln ratio [CI]
+    return [full[1].split(" [")[0], full[5], full[6], full[7], full[10].split(" [")[0]]
+
+
+def corpus_table(report: Mapping[str, Any], *, width: int | None = None) -> Table | None:
+    """The terminal's "distance on text" table; under 160 columns (`width`) only the main figures
+    without intervals (report.md and report.html always have every column)."""
     rows = corpus_rows(report)
     if not rows:
         return None
+    compact = width is not None and width < 160
+    heads = COMPACT_HEADERS if compact else HEADERS
     table = Table(title="distance on text", caption=method_note(report), box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i < 2 else "right", overflow="fold", no_wrap=i >= 2)
+    for i, h in enumerate(heads):
+        table.add_column(h, justify="left" if i < 2 else "right", overflow="fold", no_wrap=i >= 2,
+                         min_width=12 if i < 2 else None)
     for label, name, fig in rows:
-        table.add_row(label, name, *cells(fig), style="dim" if label.startswith("noise floor") else None)
+        values = _compact_cells(fig) if compact else cells(fig)
+        table.add_row(label, name, *values, style="dim" if label.startswith("noise floor") else None)
     return table
 
 
