@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import ray_cluster
 
 from flipcheck.evaluation import runner
 from flipcheck.executors import ExecutorOptions
@@ -15,6 +16,7 @@ from flipcheck.models import save_model
 from flipcheck.recipes.runner import slug, sweep
 
 pytest.importorskip("ray")
+ray_address = ray_cluster.ray_address  # the session fixture (not in a conftest.py, which would shadow tests/conftest.py)
 
 TASKS = ["tiny_letters", "tiny_sentences"]
 GRID = {"sigma": [0.05, 0.1, 0.2]}
