@@ -71,6 +71,14 @@ class ResultCache:
         """(samples by task name, records by instance key) or None."""
         if not self.enabled:
             return self._mem.get(key)
+        return self._read(key, lambda arrays: (
+            restore_floats(json.loads(arrays.pop(_SAMPLES).tobytes())),
+            _records_from(json.loads(arrays.pop(_RECORDS).tobytes())["records"], arrays, record_cls),
+        ))
+
+    def _read(self, key: str, decode):
+        """decode(arrays of the entry's file), or None on a miss: no file, another format, or a file that
+        cannot be read or decoded (a damaged or foreign file is a miss, never an error)."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -82,10 +90,8 @@ class ResultCache:
                     log.info("cache entry %s has another format; recomputing", path.name)
                     return None
                 arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-            samples = restore_floats(json.loads(arrays.pop(_SAMPLES).tobytes()))
-            meta = json.loads(arrays.pop(_RECORDS).tobytes())
-            return samples, _records_from(meta["records"], arrays, record_cls)
-        except Exception as err:  # a damaged or foreign file is a miss, never an error
+            return decode(arrays)
+        except Exception as err:
             log.warning("ignoring unreadable cache entry %s: %s", path, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
             return None
 
@@ -102,19 +108,7 @@ class ResultCache:
         """A dict of plain arrays stored with :meth:`put_arrays` (corpus entries), or None."""
         if not self.enabled:
             return self._mem.get(key)  # type: ignore[return-value]
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as f:
-                if (f.metadata() or {}).get("format") != str(CACHE_FORMAT):
-                    return None
-                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-        except Exception as err:  # a damaged or foreign file is a miss, never an error
-            log.warning("ignoring unreadable cache entry %s: %s", path, type(err).__name__)
-            return None
+        return self._read(key, lambda arrays: arrays)
 
     def put_arrays(self, key: str, arrays: dict[str, np.ndarray], info: dict | None = None) -> None:
         """Store plain arrays under `key`, atomically (bool arrays come back as bool)."""

@@ -147,28 +147,16 @@ def _hists(report: Mapping[str, Any], name: str, key: str):
 
 def plot_kl_hist(report: Mapping[str, Any], name: str) -> str | None:
     """Share of tokens per KL(P‖C) bin (log-spaced), one step line per child."""
-    series = list(_hists(report, name, "kl_hist"))
-    if not series:
-        return None
-    fig = _figure()
-    ax = fig.add_subplot()
-    for label, h, colour in series:
-        edges, counts = h["edges"], h["counts"]
-        total = sum(counts)
-        lo = [max(edges[i], 1e-7) for i in range(len(counts))]
-        ax.step(lo, [100 * c / total for c in counts], where="post", label=legend_label(label), color=colour,
-                ls="--" if label.startswith("noise floor") else "-")
-    ax.set_xscale("log")
-    ax.set_xlabel("KL(P‖C) at a token (nats)")
-    ax.set_ylabel("% of tokens")
-    _style(ax)
-    ax.legend(fontsize=8, frameon=False)
-    return _png(fig)
+    return _plot_hist(report, name, "kl_hist", "KL(P‖C) at a token (nats)", kl=True)
 
 
 def plot_dp_hist(report: Mapping[str, Any], name: str) -> str | None:
     """Share of tokens per Δp bin (log scale of the share: the tails are what matters)."""
-    series = list(_hists(report, name, "dp_hist"))
+    return _plot_hist(report, name, "dp_hist", "Δp = C(next) − P(next)", kl=False)
+
+
+def _plot_hist(report: Mapping[str, Any], name: str, key: str, xlabel: str, *, kl: bool) -> str | None:
+    series = list(_hists(report, name, key))
     if not series:
         return None
     fig = _figure()
@@ -176,12 +164,18 @@ def plot_dp_hist(report: Mapping[str, Any], name: str) -> str | None:
     for label, h, colour in series:
         edges, counts = h["edges"], h["counts"]
         total = sum(counts)
-        mids = [(edges[i] + edges[i + 1]) / 2 for i in range(len(counts))]
-        share = [100 * c / total if c else math.nan for c in counts]
-        ax.plot(mids, share, marker=".", label=legend_label(label), color=colour,
-                ls="--" if label.startswith("noise floor") else "-")
-    ax.set_yscale("log")
-    ax.set_xlabel("Δp = C(next) − P(next)")
+        style = {"label": legend_label(label), "color": colour, "ls": "--" if label.startswith("noise floor") else "-"}
+        if kl:  # a step per log-spaced bin, from its lower edge (the first bin starts at 0: drawn from 1e-7)
+            ax.step([max(edges[i], 1e-7) for i in range(len(counts))], [100 * c / total for c in counts],
+                    where="post", **style)
+        else:  # a point per bin; empty bins are gaps on the log scale
+            mids = [(edges[i] + edges[i + 1]) / 2 for i in range(len(counts))]
+            ax.plot(mids, [100 * c / total if c else math.nan for c in counts], marker=".", **style)
+    if kl:
+        ax.set_xscale("log")
+    else:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("% of tokens")
     _style(ax)
     ax.legend(fontsize=8, frameon=False)
