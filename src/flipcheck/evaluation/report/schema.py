@@ -1,6 +1,6 @@
 """report.json: the versioned schema, the one builder of report dicts, reading and validation.
 
-report.json (``"schema": "flipcheck.report", "version": 1``)::
+report.json (``"schema": "flipcheck.report", "version": 2``)::
 
     {"schema", "version", "created", "flipcheck_version",
      "parent": {"source", "fingerprint", ...},
@@ -15,7 +15,10 @@ Version 2 (issue: both KL directions, corpora, a calibrated floor): ``noise_floo
 rows (another batch size, bf16-rounded weights, the other attention implementation; version 1 held
 one entry), a child may carry ``"corpus": {name: figures}`` (distance on text, see
 :func:`flipcheck.evaluation.corpus.summarize`) and summaries carry ``kl_options_rev`` /
-``kl_vocab_rev`` (KL(C || P)). Version-1 reports are read as they are.
+``kl_vocab_rev`` (KL(C || P)). Version-1 reports are read as they are. Optional blocks besides:
+``"failed"`` (children whose Ray task failed twice: name, status, reason, attempts), ``"executor"``
+(where children ran, the parent's scoring passes), a child's ``"judge"`` section and the report's
+``"judge_correlation"`` / ``"judge_run"`` (``flipcheck judge`` or a recipe's ``judge:``).
 
 Task summaries are those of :func:`flipcheck.evaluation.samples.summarize_task` (a named group
 holds its subtasks' summaries under ``"subtasks"``). samples.jsonl holds one per-question row per
