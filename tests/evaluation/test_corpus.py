@@ -94,7 +94,11 @@ def test_corpus_figures_match_an_independent_numpy_computation(setup, tiny_token
     assert sum(fig["kl_hist"]["counts"]) == fig["tokens"]
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Distance on text" in page and "KL(P‖C) per token, text.txt" in page
-    assert "Distance on text" in (tmp_path / "run" / "report.md").read_text()
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Distance on text" in md
+    # text alone: no questions, so no per-task table and no flipped questions
+    assert "## Per task" not in md and "Flipped questions" not in md
+    assert "<h2>Per task</h2>" not in page and "Flipped questions" not in page
 
 
 def test_windows_follow_llama_cpp_chunks(tiny_tokenizer):

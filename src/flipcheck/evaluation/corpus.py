@@ -195,9 +195,11 @@ def _log_probs(model, ids: torch.Tensor, scoring: str) -> tuple[torch.Tensor, to
     s, e = scored_range(ids.shape[1], scoring)
     logits = model(input_ids=ids.to(_device(model))).logits[:, s:e]
     targets = ids[:, s + 1 : e + 1].to(logits.device).reshape(-1)
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    bad = ~torch.isfinite(logits).all(-1)
-    return torch.log_softmax(logits, -1), targets, bad
+    # a row holding NaN or +-inf sums to a non-finite number: one reduction instead of a boolean
+    # tensor the size of the logits (measured: 0.01 s against 0.30 s for 2,048 x 49,152)
+    bad = ~torch.isfinite(logits.float().sum(-1)).reshape(-1)
+    lp = torch.log_softmax(logits.float(), -1)  # a new contiguous tensor: the reshape below is a view
+    return lp.reshape(-1, lp.shape[-1]), targets, bad
 
 
 def _n_scored(w: np.ndarray, scoring: str) -> int:
@@ -265,10 +267,10 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
             lp, _, bad_p = _log_probs(parent_model, ids, scoring)
             lp = lp.to(dev)
             bad_p = bad_p.to(dev)
-            kl = kl_exact(lp, lq)
-            kl_rev = kl_exact(lq, lp)
             nll_p = -lp.gather(-1, targets[:, None])[:, 0]
             arg_p = lp.argmax(-1)
+            nll_c, arg_c = -lq.gather(-1, targets[:, None])[:, 0], lq.argmax(-1)
+            kl, kl_rev = _kl_both_ways(lp, lq)  # overwrites lp and lq
         else:
             sel = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in idx])
 
@@ -279,16 +281,31 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
             kl = kl_topk_tail_tensors(top_lp, top_ids, tail_lp, tail_ids, lq)
             kl_rev = kl_reverse_topk_tail_tensors(top_lp, top_ids, tail_lp, tail_ids, lq)
             nll_p, arg_p, bad_p = t("nll"), t("argmax").long(), t("nonfinite")
-        nll_c = -lq.gather(-1, targets[:, None])[:, 0]
+            nll_c, arg_c = -lq.gather(-1, targets[:, None])[:, 0], lq.argmax(-1)
         arr = {
             "kl": kl.float().cpu().numpy(), "kl_rev": kl_rev.float().cpu().numpy(),
-            "agree": (lq.argmax(-1) == arg_p).cpu().numpy(),
+            "agree": (arg_c == arg_p).cpu().numpy(),
             "dp": (torch.exp(-nll_c.double()) - torch.exp(-nll_p.double())).float().cpu().numpy(),
             "nll_p": nll_p.float().cpu().numpy(), "nll_c": nll_c.float().cpu().numpy(),
             "nonfinite_p": bad_p.cpu().numpy(), "nonfinite_c": bad_c.cpu().numpy(),
         }
         _split(arr, idx, [counts[i] for i in idx], parts)
     return _join(parts, len(wins))
+
+
+def _kl_both_ways(lp: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(P||C), KL(C||P)) per row from full log-prob rows, sharing ``d = log p - log q``:
+    KL(P||C) = sum p d and KL(C||P) = -sum q d. Overwrites `lp` and `lq` (exp in place): 0.52 s
+    against 0.87 s for two :func:`~flipcheck.evaluation.kl.kl_exact` calls on 2,048 x 49,152.
+    Rows that come out NaN (a probability of exactly 0 against -inf) are recomputed term by term."""
+    d = lp - lq
+    kl = lp.exp_().mul_(d).sum(-1)
+    rev = lq.exp_().mul_(d).sum(-1).neg_()
+    redo = torch.isnan(kl) | torch.isnan(rev)
+    if bool(redo.any()):
+        lp_r, lq_r = torch.log(lp[redo]), torch.log(lq[redo])  # lp, lq hold probabilities now
+        kl[redo], rev[redo] = kl_exact(lp_r, lq_r), kl_exact(lq_r, lp_r)
+    return kl.clamp_min(0.0), rev.clamp_min(0.0)
 
 
 # --------------------------------------------------------------------------- figures

@@ -22,6 +22,7 @@ from flipcheck.evaluation.report.text import (
     gold_text,
     group_note,
     group_rows,
+    has_questions,
     headline,
     is_floor,
     kl_method_label,
@@ -174,18 +175,20 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
     if lead:
         parts.append(f'<p class="lead">{e(lead)}</p>')
     entries = labelled_entries(report)
-    if entries:
+    if entries and has_questions(report):
         scale = max([abs(v) for _, en in entries for v in ((overall_summary(en) or {}).get("flips"),
                                                              (overall_summary(en) or {}).get("delta_acc")) if v is not None]
                     + [1e-12])
         parts.append('<div class="cards">' + "".join(_card(lab, en, colours.get(lab, FLOOR_COLOUR), scale)
                                                       for lab, en in entries) + "</div>")
-    parts.append("<h2>Per task</h2>")
-    if entries:
+    questions = has_questions(report)
+    if questions:
+        parts.append("<h2>Per task</h2>")
+    if entries and questions:
         parts += _summary_table(report, colours)
         parts += _subtasks_html(report, colours)
         parts.append(f'<p class="note">{e(EXPLAIN)}</p>')
-    else:
+    elif not entries:
         parts.append("<p>No children in this report.</p>")
     parts += corpus_html(report)
     drawn = []
@@ -210,6 +213,9 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
     from flipcheck.judge.report import judge_html
 
     parts += judge_html(report)
+    if not questions:  # text corpora or judged answers alone: no questions to flip
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
     flipped = flipped_rows(rows)
     head = f"Flipped questions ({len(flipped)}" + (f", first {MAX_FLIPPED}" if len(flipped) > MAX_FLIPPED else "") + ")"
     parts.append(f"<h2>{e(head)}</h2>")

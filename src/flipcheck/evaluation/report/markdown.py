@@ -20,6 +20,7 @@ from flipcheck.evaluation.report.text import (
     gold_text,
     group_note,
     group_rows,
+    has_questions,
     headline,
     kl_method_label,
     labelled_entries,
@@ -67,27 +68,35 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
             if line or what:
                 out.append(f"- **{_md_escape(label)}**" + (f" ({_md_escape(what)})" if what else "")
                            + (f": {line}" if line else ""))
-    out += [
-        "",
-        "## Per task",
-        "",
-        EXPLAIN,
-        "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "---|" * len(HEADERS),
-    ]
-    for label, entry in labelled_entries(report):
-        for task, s in labelled_summaries(entry, detail=True):
-            cells = [label, task, str(s.get("n", "-")), *table_cells(s)]
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    out += _subtasks_markdown(report)
+    questions = has_questions(report)
+    if questions:
+        out += [
+            "",
+            "## Per task",
+            "",
+            EXPLAIN,
+            "",
+            "| " + " | ".join(HEADERS) + " |",
+            "|" + "---|" * len(HEADERS),
+        ]
+        for label, entry in labelled_entries(report):
+            for task, s in labelled_summaries(entry, detail=True):
+                cells = [label, task, str(s.get("n", "-")), *table_cells(s)]
+                out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out += _subtasks_markdown(report)
     out += corpus_markdown(report)
     from flipcheck.judge.report import judge_markdown
 
     out += judge_markdown(report)
+    if questions:
+        out += _flipped_markdown(rows)
+    return "\n".join(out) + "\n"
+
+
+def _flipped_markdown(rows: list[Mapping[str, Any]]) -> list[str]:
     flipped = flipped_rows(rows)
-    out += ["", f"## Flipped questions ({len(flipped)}" + (f", first {MAX_FLIPPED}" if len(flipped) > MAX_FLIPPED else "") + ")",
-            ""]
+    out = ["", f"## Flipped questions ({len(flipped)}" + (f", first {MAX_FLIPPED}" if len(flipped) > MAX_FLIPPED else "") + ")",
+           ""]
     if flipped:
         out += ["✓ / ✗: the answer was right / wrong. c→i: the parent was right and the child is wrong; i→c: the "
                 "reverse.", "", "| child | task | doc_id | gold | parent answer | child answer | flip | question (end of prompt) |",
@@ -99,7 +108,7 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
             out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     else:
         out.append("None.")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _subtasks_markdown(report: Mapping[str, Any]) -> list[str]:

@@ -48,6 +48,12 @@ def labelled_entries(report: Mapping[str, Any]) -> list[tuple[str, dict[str, Any
     return out
 
 
+def has_questions(report: Mapping[str, Any]) -> bool:
+    """Whether any child or floor row was scored on questions (a report of text corpora or judged answers
+    alone has none, and shows no per-task table or flipped questions)."""
+    return any(entry.get("tasks") for _, entry in labelled_entries(report)) or not report.get("children")
+
+
 def floor_entries(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The noise-floor rows: a list since report version 2 (version 1 had one entry or null)."""
     floor = report.get("noise_floor")
