@@ -163,10 +163,9 @@ def _verdict(line: str) -> None:
 def _show(report: dict, out: Path | None) -> None:
     from flipcheck.evaluation.report import render_table
     from flipcheck.evaluation.report.corpus import corpus_table
+    from flipcheck.evaluation.report.text import has_questions
 
-    if any(report_entry.get("tasks") for report_entry in report.get("children") or []) or not any(
-        c.get("corpus") for c in report.get("children") or []
-    ):
+    if has_questions(report):  # text corpora or judged answers alone: no per-task table
         console.print(render_table(report, width=console.width))
     texts = corpus_table(report, width=console.width)
     if texts is not None:
