@@ -26,3 +26,21 @@ def test_position_keys_identify_the_prefix_each_prediction_reads():
     assert position_keys([9, 2, 3], [7], 16)[0] != a[0]  # another context: another position
     # left truncation to max_length: a long input's first prediction reads another (shorter) prefix
     assert position_keys(ctx, [7, 8, 9], 3)[0] != a[0]
+
+
+def test_kl_exact_both_equals_two_kl_exact_calls_and_handles_zero_probabilities():
+    import torch
+
+    from flipcheck.evaluation.kl import kl_exact, kl_exact_both
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(6, 50, generator=g) * 3, -1)
+    lq = torch.log_softmax(torch.randn(6, 50, generator=g) * 3, -1)
+    lp[0, :10] = float("-inf")  # a masked token: p = 0 there, 0 * -inf must not turn the row NaN
+    lp[0] = torch.log_softmax(lp[0], -1)
+    want = (kl_exact(lp, lq), kl_exact(lq, lp))
+    got = kl_exact_both(lp.clone(), lq.clone())
+    assert torch.isfinite(got[0]).all()  # KL(P||C): P's zero-probability tokens add nothing
+    assert got[1][0] == float("inf") and torch.isfinite(got[1][1:]).all()  # KL(C||P): C has mass where P has none
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -21,7 +21,7 @@ import torch
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.kl import (
     TAIL_SEED,
-    kl_exact,
+    kl_exact_both,
     kl_reverse_topk_tail_tensors,
     kl_topk_tail_tensors,
     kl_topk_tensors,
@@ -362,8 +362,7 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
         logq = _fill_side(own, runner.logits_of(sel, s, e), s, e, k, p_pos, p_tok, in_chunk, gen)
         if ref is not None:
             logp = _fill_side(theirs, ref.logits_of(ref_sel, s, e).to(dev), s, e, k, p_pos, p_tok, in_chunk)
-            kl[s:e] = kl_exact(logp, logq)
-            kl_rev[s:e] = kl_exact(logq, logp)
+            kl[s:e], kl_rev[s:e] = kl_exact_both(logp, logq)  # logp, logq are not used after this
             agree[s:e] = theirs["argmax"][s:e] == own["argmax"][s:e]
             bad = own["nonfinite"][s:e] | theirs["nonfinite"][s:e]
         elif ref_rows is not None:

@@ -39,6 +39,24 @@ def kl_exact(logp_ref_full: torch.Tensor, logp_child_full: torch.Tensor) -> torc
     return kl.clamp_min(0.0)
 
 
+def kl_exact_both(lp: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(P || C), KL(C || P)) per row from full float32 log-prob rows, sharing ``d = log p - log q``:
+
+        KL(P || C) = sum_v p_v d_v,    KL(C || P) = -sum_v q_v d_v
+
+    OVERWRITES `lp` and `lq` (their exp is taken in place): 0.52 s against 0.87 s for two
+    :func:`kl_exact` calls on 2,048 x 49,152 rows. A term whose probability is 0 (``0 * -inf``, NaN)
+    counts 0, as in :func:`kl_exact`: the sums skip NaN terms. Rows whose log-probs hold NaN
+    therefore come out finite but meaningless; callers flag those rows as non-finite and drop them
+    (as :mod:`~flipcheck.evaluation.forward` and :mod:`~flipcheck.evaluation.corpus` do). Both
+    are clamped at 0.
+    """
+    d = lp - lq
+    kl = lp.exp_().mul_(d).nansum(-1)
+    rev = lq.exp_().mul_(d).nansum(-1).neg_()
+    return kl.clamp_min(0.0), rev.clamp_min(0.0)
+
+
 def _topk_head(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_{k in topK(P)} p_k (log p_k - log q_k), p_tail = 1 - sum_k p_k), float64 per row."""
     lp = ref_lp.to(torch.float64)
