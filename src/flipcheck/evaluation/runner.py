@@ -32,7 +32,7 @@ import torch
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
 from flipcheck.evaluation.corpus import DEFAULT_CTX
-from flipcheck.evaluation.kl import DEFAULT_TAIL_SAMPLES, DEFAULT_TOPK, kl_method
+from flipcheck.evaluation.kl import DEFAULT_TOPK, kl_method
 from flipcheck.evaluation.report.schema import child_entry, new_report
 from flipcheck.evaluation.tasks import (
     _include_paths,
@@ -338,7 +338,7 @@ class Evaluator:
         self.parent = parent
         self.settings = settings
         self.cache = cache or cache_mod.ResultCache()
-        from flipcheck.evaluation.corpus import text_corpus
+        from flipcheck.evaluation.corpora import Corpora
 
         self.units = resolve_tasks(settings.tasks, settings.include_path) if settings.tasks or not settings.texts else []
         settings.tasks = self.units
@@ -348,11 +348,7 @@ class Evaluator:
         self.units = [u for u in self.units if u not in rolling]
         self.trees = {u: t for u, t in self.trees.items() if u not in rolling}
         check_filter(list(self.trees.values()), settings.filter)
-        self.corpora: dict[str, Any] = dict.fromkeys(rolling)  # name -> Corpus, task documents loaded when first needed
-        for spec in settings.texts:  # a missing file or an unknown dataset fails before any model loads
-            c = text_corpus(spec)
-            self.corpora[c.name] = c
-        self._windows: dict[str, list] = {}
+        self.corpora = Corpora(self, rolling, settings.texts)  # text corpora: distance token by token
         self._unit_keys: dict[str, dict[str, Any]] = {}
         self.parent_passes = 0  # model passes of the parent made by this evaluator (for tests/benchmarks)
 
@@ -375,82 +371,6 @@ class Evaluator:
             parent_identity=self.parent.identity_key(), **self._unit_fields(unit), **self._key_fields,
             kl=method or self.settings.kl, engine=ENGINE_VERSION,
         )
-
-    def _corpus(self, name: str):
-        from flipcheck.evaluation.corpus import task_corpus
-
-        if self.corpora[name] is None:
-            self.corpora[name] = task_corpus(name, self.settings.include_path)
-        return self.corpora[name]
-
-    def _corpus_fields(self, name: str) -> dict[str, Any]:
-        from flipcheck.evaluation.corpus import CORPUS_VERSION
-
-        s = self.settings
-        return {"corpus": name, "content": self._corpus(name).content_hash(), "ctx": s.ctx, "scoring": s.scoring,
-                "tail": DEFAULT_TAIL_SAMPLES, "corpus_version": CORPUS_VERSION}  # limit, top-K: in _key_fields
-
-    def _corpus_windows(self, name: str) -> list:
-        from flipcheck.evaluation.corpus import windows
-
-        if name not in self._windows:
-            self.parent.ensure_identity(self.settings)
-            self._windows[name] = windows(self.parent.tokenizer, self._corpus(name), self.settings.ctx, self.settings.limit)
-        return self._windows[name]
-
-    def _corpus_parent(self, name: str) -> dict[str, np.ndarray]:
-        """The parent's side of one corpus (cached): exact NLL and argmax, top-K and tail samples."""
-        from flipcheck.evaluation.corpus import score_parent
-
-        self.parent.ensure_identity(self.settings)
-        key = cache_mod.entry_key(role="parent-corpus", model=self.parent.fingerprint, **self.parent.identity_key(),
-                                  **self._key_fields, **self._corpus_fields(name))
-        hit = self.cache.get_arrays(key)
-        if hit is not None:
-            return hit
-        self.parent.ensure_loaded(self.settings)
-        arrays = score_parent(self.parent.model, self._corpus_windows(name), scoring=self.settings.scoring,
-                              topk=self.settings.topk, batch_size=self.settings.batch_size)
-        self.parent_passes += 1
-        self.cache.put_arrays(key, arrays, {"corpus": name, "parent": self.parent.source})
-        return arrays
-
-    def _corpus_child(self, child: ModelRef, name: str, method: str, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Per scored token of one child on one corpus (cached per KL method)."""
-        from flipcheck.evaluation.corpus import score_child
-
-        key = cache_mod.entry_key(role="child-corpus", model=child.fingerprint, **child.identity_key(),
-                                  parent=self.parent.fingerprint, parent_identity=self.parent.identity_key(),
-                                  **self._key_fields, **self._corpus_fields(name), kl=method)
-        hit = self.cache.get_arrays(key)
-        if hit is not None:
-            log.info("%s / %s: finished in an earlier run (cache)", child.name, name)
-            return hit
-        wins = self._corpus_windows(name)
-        child.ensure_loaded(self.settings)
-        if method == "exact":
-            self.parent.ensure_loaded(self.settings)
-            self.parent_passes += 1
-            tokens = score_child(child.model, wins, scoring=self.settings.scoring, parent_model=self.parent.model,
-                                 batch_size=batch_size or self.settings.batch_size)
-        else:
-            tokens = score_child(child.model, wins, scoring=self.settings.scoring, parent=self._corpus_parent(name),
-                                 batch_size=batch_size or self.settings.batch_size)
-        self.cache.put_arrays(key, tokens, {"corpus": name, "child": child.source, "kl": method})
-        return tokens
-
-    def corpus_figures(self, child: ModelRef, method: str, batch_size: int | None = None) -> dict[str, dict]:
-        """Per corpus, the figures of one child (see :func:`flipcheck.evaluation.corpus.summarize`)."""
-        from flipcheck.evaluation.corpus import summarize
-
-        out = {}
-        for name in self.corpora:
-            fig = summarize(self._corpus_child(child, name, method, batch_size), n_boot=self.settings.n_boot, seed=self.settings.seed)
-            if fig["nonfinite"]["child"] or fig["nonfinite"]["parent"]:
-                log.warning("%s / %s: scored tokens with NaN/inf logits: parent %d, child %d", child.name, name,
-                            fig["nonfinite"]["parent"], fig["nonfinite"]["child"])
-            out[name] = {"source": self._corpus(name).source, **fig}
-        return out
 
     # -- one child ----------------------------------------------------------------------------
     def evaluate_child(
@@ -505,7 +425,7 @@ class Evaluator:
         if entry["micro"] is not None:  # the pooled figures carry the counts too (the gate judges micro)
             entry["micro"]["nonfinite"] = _sum_nonfinite(s for n, s in summaries.items() if n != "micro")
         if self.corpora:
-            entry["corpus"] = self.corpus_figures(child, method, batch_size)
+            entry["corpus"] = self.corpora.figures(child, method, batch_size)
         return entry, all_rows
 
     def score_parent(self) -> None:
@@ -515,7 +435,7 @@ class Evaluator:
             self._parent_results(unit)
         for name in self.corpora:
             if self.settings.kl != "exact":  # lock-step children need no stored parent side
-                self._corpus_parent(name)
+                self.corpora.parent_side(name)
         if self.settings.kl != "exact":
             self.parent.release()
 
@@ -590,61 +510,10 @@ class Evaluator:
         )
 
     def noise_floor(self) -> list[dict]:
-        """The parent against itself under changes that are not compression, one entry per change:
+        """The parent against itself under changes that are not compression (:mod:`~flipcheck.evaluation.floor`)."""
+        from flipcheck.evaluation.floor import noise_floor
 
-        - another batch size (padding and packing change the kernels' reduction order);
-        - its weights rounded to bfloat16 (float16 for a bfloat16 parent) and computed as before;
-        - the other attention implementation (eager instead of sdpa, or sdpa instead of eager).
-
-        Each is scored like a child against the parent's stored top-K and tail (``kl_method`` of
-        the entries): lock-step would run both sides on the same batches and measure nothing.
-        """
-        self.parent.ensure_loaded(self.settings)
-        bs = 1 if self.settings.batch_size > 1 else 2
-        entries = []
-        for label, key, info, make, batch in self._floor_variants(bs):
-            model = make()
-            if model is None:
-                continue
-            ref = ModelRef(
-                name=f"noise floor: {label}", source=None, model=model, tokenizer=self.parent.tokenizer,
-                fingerprint=f"{self.parent.fingerprint}:{key}", info={"method": "noise_floor", "settings": info},
-            )
-            entry, _ = self.evaluate_child(ref, batch_size=batch, kl="topk")
-            entries.append(entry)
-            ref.model = None
-            del model
-        return entries
-
-    def _floor_variants(self, bs: int):
-        import copy
-
-        parent = self.parent.model
-        yield f"batch size {bs}", f"batch{bs}", {"batch_size": bs}, lambda: parent, bs
-        rounded = torch.float16 if _weights_dtype(parent) == torch.bfloat16 else torch.bfloat16
-        name = str(rounded).replace("torch.", "")
-
-        def rounded_copy():
-            m = copy.deepcopy(parent)
-            with torch.no_grad():
-                for p in m.parameters():
-                    if p.is_floating_point():
-                        p.copy_(p.to(rounded).to(p.dtype))
-            return m
-
-        yield f"{name}-rounded weights", f"round-{name}", {"weights": name}, rounded_copy, None
-        impl = getattr(parent.config, "_attn_implementation", None)
-        other = {"sdpa": "eager", "eager": "sdpa"}.get(str(impl))
-
-        def other_attention():
-            if other is None:
-                log.info("noise floor: attention %r has no eager/sdpa counterpart; row skipped", impl)
-                return None
-            m = copy.deepcopy(parent)
-            m.set_attn_implementation(other)
-            return m
-
-        yield f"{other} attention", f"attn-{other}", {"attention": other, "instead_of": impl}, other_attention, None
+        return noise_floor(self)
 
     def report(self, children_entries: list[dict], noise_floor: list[dict] | None = None) -> dict:
         method = kl_method(self.settings.kl, self.settings.topk)
@@ -717,10 +586,6 @@ def _rolling_units(trees: dict[str, Any], include_path) -> list[str]:
                 "(perplexity tasks are scored as text corpora)"
             )
     return rolling
-
-
-def _weights_dtype(model) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _sum_nonfinite(summaries) -> dict[str, int]:

@@ -1,0 +1,77 @@
+"""The noise floor: the parent against itself under changes that are not compression."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from flipcheck.evaluation.runner import Evaluator
+
+log = logging.getLogger(__name__)
+
+
+def noise_floor(ev: Evaluator) -> list[dict]:
+    """The parent against itself under changes that are not compression, one entry per change:
+
+    - another batch size (padding and packing change the kernels' reduction order);
+    - its weights rounded to bfloat16 (float16 for a bfloat16 parent) and computed as before;
+    - the other attention implementation (eager instead of sdpa, or sdpa instead of eager).
+
+    Each is scored like a child against the parent's stored top-K and tail (``kl_method`` of
+    the entries): lock-step would run both sides on the same batches and measure nothing.
+    """
+    from flipcheck.evaluation.runner import ModelRef
+
+    ev.parent.ensure_loaded(ev.settings)
+    bs = 1 if ev.settings.batch_size > 1 else 2
+    entries = []
+    for label, key, info, make, batch in _variants(ev.parent.model, bs):
+        model = make()
+        if model is None:
+            continue
+        ref = ModelRef(
+            name=f"noise floor: {label}", source=None, model=model, tokenizer=ev.parent.tokenizer,
+            fingerprint=f"{ev.parent.fingerprint}:{key}", info={"method": "noise_floor", "settings": info},
+        )
+        entry, _ = ev.evaluate_child(ref, batch_size=batch, kl="topk")
+        entries.append(entry)
+        ref.model = None
+        del model
+    return entries
+
+
+def _variants(parent, bs: int):
+    """(label, cache-key suffix, settings, make the model (None: skip), batch size) per floor row."""
+    yield f"batch size {bs}", f"batch{bs}", {"batch_size": bs}, lambda: parent, bs
+    rounded = torch.float16 if _weights_dtype(parent) == torch.bfloat16 else torch.bfloat16
+    name = str(rounded).replace("torch.", "")
+
+    def rounded_copy():
+        m = copy.deepcopy(parent)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.is_floating_point():
+                    p.copy_(p.to(rounded).to(p.dtype))
+        return m
+
+    yield f"{name}-rounded weights", f"round-{name}", {"weights": name}, rounded_copy, None
+    impl = getattr(parent.config, "_attn_implementation", None)
+    other = {"sdpa": "eager", "eager": "sdpa"}.get(str(impl))
+
+    def other_attention():
+        if other is None:
+            log.info("noise floor: attention %r has no eager/sdpa counterpart; row skipped", impl)
+            return None
+        m = copy.deepcopy(parent)
+        m.set_attn_implementation(other)
+        return m
+
+    yield f"{other} attention", f"attn-{other}", {"attention": other, "instead_of": impl}, other_attention, None
+
+
+def _weights_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
