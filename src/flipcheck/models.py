@@ -121,11 +121,29 @@ class ModelSource:
     revision: str | None = None
     weights: tuple[WeightFile, ...] = ()
     provenance: dict | None = None
+    gguf: str | None = None  # a GGUF model: the file's name inside `folder` (or the hub repository)
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def ref(self) -> str:
+        if self.gguf:  # ORG/REPO:file.gguf, or the file's absolute path
+            return f"{self.hub_id}:{self.gguf}" if self.hub_id else str((self.folder / self.gguf).resolve())  # type: ignore[operator]
         return self.hub_id if self.hub_id else str(self.folder.resolve())  # type: ignore[union-attr]
+
+    def gguf_path(self) -> Path:
+        """The GGUF file (downloaded into the local Hugging Face cache for a hub GGUF not there yet)."""
+        if self.gguf is None:
+            raise FlipcheckError(f"{self.spec!r} is not a GGUF model")
+        if self.folder is not None:
+            return self.folder / self.gguf
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(self.hub_id, self.gguf, revision=self.revision, cache_dir=hub_cache_dir()))
+        except Exception as err:  # network, auth, missing file: one line
+            raise _hub_error(self.spec, err) from err
+        self.folder = path.parent
+        return path
 
     @property
     def loader(self) -> str | None:
@@ -144,6 +162,8 @@ class ModelSource:
         """Content of config.json and generation_config.json (max length, rope scaling, ...)."""
         if self.hub_id and self.folder is None:
             return f"{self.hub_id}@{self.revision}"
+        if self.gguf:  # a GGUF holds its config in its own metadata, covered by the fingerprint
+            return f"gguf:{self.gguf}"
         folder = self.local_folder(weights=False)
         h = hashlib.sha256()
         for name in ("config.json", "generation_config.json"):
@@ -186,6 +206,9 @@ def resolve_source(source: str | os.PathLike | ModelSource) -> ModelSource:
     """Resolve a hub id or folder once: folder, revision, weight files, provenance."""
     if isinstance(source, ModelSource):
         return source
+    gguf = _gguf_spec(str(source))
+    if gguf is not None:
+        return _resolve_gguf(str(source), *gguf)
     spec = check_source(source)
     if os.path.isdir(spec):
         folder = Path(spec)
@@ -193,12 +216,89 @@ def resolve_source(source: str | os.PathLike | ModelSource) -> ModelSource:
     return _resolve_hub(spec)
 
 
-def weight_files(folder: Path) -> tuple[WeightFile, ...]:
-    """The folder's ``*.safetensors`` files, each checked to be complete (header vs size)."""
+GGUF_SUFFIX = ".gguf"
+
+
+def _gguf_spec(spec: str) -> tuple[str | None, str] | None:
+    """(folder or hub id, file name) for a GGUF source: ``path/model.gguf``, ``FOLDER:file.gguf``,
+    ``ORG/REPO:file.gguf``, or a folder with no config.json holding exactly one ``.gguf`` file (what
+    ``compress --method gguf`` writes). None for anything else."""
+    if spec.lower().endswith(GGUF_SUFFIX):
+        if ":" in spec and not os.path.exists(spec):
+            where, name = spec.rsplit(":", 1)
+            return where, name
+        return None, spec
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+        found = sorted(Path(spec).glob(f"*{GGUF_SUFFIX}"))
+        if len(found) == 1:
+            return spec, found[0].name
+        if len(found) > 1:
+            raise FlipcheckError(
+                f"{spec!r} holds {len(found)} GGUF files ({', '.join(f.name for f in found[:4])}); "
+                f"name one as {spec}:FILE.gguf"
+            )
+    return None
+
+
+def _resolve_gguf(spec: str, where: str | None, name: str) -> ModelSource:
+    """A GGUF model source: a local file, a file in a folder, or a file of a hub repository."""
+    if where is None or os.path.isdir(os.path.expanduser(where)) or is_local(where):
+        path = Path(os.path.expanduser(name if where is None else os.path.join(where, name)))
+        if not path.is_file():
+            raise FlipcheckError(f"GGUF file {str(path)!r} does not exist")
+        st = path.stat()
+        folder = path.parent
+        prov = read_provenance(folder)
+        if prov is not None and prov.get("gguf") != path.name:
+            prov = None  # flipcheck.json describes another file of the folder
+        return ModelSource(spec, folder, weights=(WeightFile(path.name, st.st_size, st.st_mtime_ns),),
+                           provenance=prov, gguf=path.name)
+    if not _HUB_ID.match(where):
+        raise FlipcheckError(f"model {spec!r}: {where!r} is neither a folder nor a hub id (ORG/REPO:file.gguf)")
+    return _resolve_hub_gguf(spec, where, name)
+
+
+def _resolve_hub_gguf(spec: str, repo: str, name: str) -> ModelSource:
+    """``ORG/REPO:file.gguf``: the hub's revision and the file's size (offline: the local cache)."""
+    if not hub_offline():
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(repo, files_metadata=True)
+            sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+            if name not in sizes:
+                ggufs = sorted(f for f in sizes if f.endswith(GGUF_SUFFIX))
+                raise FlipcheckError(f"{repo} has no file {name!r}; its GGUF files: {', '.join(ggufs[:8]) or 'none'}")
+            snap = _hub_repo_dir(repo) / "snapshots" / str(info.sha)
+            folder = snap if (snap / name).is_file() else None
+            return ModelSource(spec, folder, hub_id=repo, revision=info.sha, weights=(WeightFile(name, sizes[name], 0),),
+                               gguf=name)
+        except FlipcheckError:
+            raise
+        except Exception as err:  # no network: the local cache, as transformers does
+            log.info("hub lookup of %s failed (%s); trying the local Hugging Face cache", repo, type(err).__name__)
+    ref = _hub_repo_dir(repo) / "refs" / "main"
+    if not ref.is_file():
+        raise FlipcheckError(
+            f"could not reach the Hugging Face hub for {repo!r} and it is not in the local cache ({hub_cache_dir()}); "
+            f"download {name} where there is network (huggingface-cli download {repo} {name}) or pass the local file"
+        )
+    revision = ref.read_text().strip()
+    folder = _hub_repo_dir(repo) / "snapshots" / revision
+    if not (folder / name).is_file():
+        raise FlipcheckError(f"{repo}@{revision[:12]} in the local Hugging Face cache has no file {name!r}")
+    return ModelSource(spec, folder, hub_id=repo, revision=revision,
+                       weights=(WeightFile(name, (folder / name).stat().st_size, 0),), gguf=name)
+
+
+def weight_files(folder: Path, suffix: str = WEIGHT_SUFFIX) -> tuple[WeightFile, ...]:
+    """The folder's ``*.safetensors`` files, each checked to be complete (header vs size); with
+    ``suffix=".gguf"`` its GGUF files."""
     files = []
-    for f in sorted(folder.glob(f"*{WEIGHT_SUFFIX}")):
+    for f in sorted(folder.glob(f"*{suffix}")):
         st = f.stat()
-        check_safetensors(f, st.st_size)
+        if suffix == WEIGHT_SUFFIX:
+            check_safetensors(f, st.st_size)
         files.append(WeightFile(f.name, st.st_size, st.st_mtime_ns))
     if not files:
         raise FlipcheckError(f"model folder {str(folder)!r} has no *.safetensors weight files (flipcheck loads safetensors only)")
@@ -298,11 +398,11 @@ def file_sha256(path: Path, wf: WeightFile) -> str:
     return digest
 
 
-def weight_binding(folder: Path) -> dict[str, dict[str, Any]]:
+def weight_binding(folder: Path, suffix: str = WEIGHT_SUFFIX) -> dict[str, dict[str, Any]]:
     """What ``flipcheck.json`` stores next to the fingerprint: each weight file's size, mtime, sha256."""
     return {
         wf.name: {"size": wf.size, "mtime_ns": wf.mtime_ns, "sha256": file_sha256(folder / wf.name, wf)}
-        for wf in weight_files(folder)
+        for wf in weight_files(folder, suffix)
     }
 
 
@@ -343,8 +443,15 @@ def load_tokenizer(source: str | os.PathLike | ModelSource, *, trust_remote_code
 
     ms = resolve_source(source)
     src = ms.spec
+    kw: dict[str, Any] = {}
+    if ms.gguf:  # the tokenizer files beside the GGUF (compress writes the parent's), else the GGUF's own
+        folder = ms.gguf_path().parent
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            kw["gguf_file"] = ms.gguf
+    else:
+        folder = ms.local_folder(weights=False)
     try:
-        tok = AutoTokenizer.from_pretrained(str(ms.local_folder(weights=False)), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kw)
     except OSError as err:
         raise FlipcheckError(f"could not load a tokenizer from {src!r}: {str(err).splitlines()[0][:300]}") from err
     if tok.pad_token_id is None:
@@ -405,6 +512,14 @@ def load_model(
 def _load_model(ms: ModelSource, dev: str, dt: torch.dtype, trust_remote_code: bool, kwargs: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if ms.gguf:  # transformers dequantizes the GGUF to float (the llama.cpp engine runs it as it is)
+        path = ms.gguf_path()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt,
+                                                         trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise FlipcheckError(f"transformers could not load the GGUF {ms.spec!r}: {str(err).splitlines()[0][:300]}") from err
+        return model.to("cpu" if dev == "auto" else dev).eval()
     src = str(ms.local_folder())
     prov = ms.provenance
     if prov and prov.get("loader"):
@@ -478,9 +593,10 @@ def save_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         prov = dict(provenance)
-        prov["weights"] = weight_binding(tmp)  # binds the fingerprint to these files (renaming keeps mtimes)
+        suffix = GGUF_SUFFIX if prov.get("gguf") else WEIGHT_SUFFIX  # a GGUF child: the .gguf is its weights
+        prov["weights"] = weight_binding(tmp, suffix)  # binds the fingerprint to these files (renaming keeps mtimes)
         prov["fingerprint"] = _files_fingerprint(prov["weights"])
-        prov["bytes_on_disk"] = folder_weight_bytes(tmp)
+        prov["bytes_on_disk"] = sum(b["size"] for b in prov["weights"].values())
         write_json_atomic(tmp / PROVENANCE_FILE, prov)
         if out.exists():
             old = out.with_name(f".{out.name}.old")

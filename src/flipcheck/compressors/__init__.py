@@ -3,6 +3,7 @@
 from flipcheck.compressors import (  # noqa: F401  (each module registers its method)
     awq,
     bnb,
+    gguf,
     gptq,
     layer_drop,
     noise,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -193,6 +194,7 @@ def compress_model(
     parent_fp = parent_fingerprint or fingerprint(model)
     cal = calibration if isinstance(calibration, Calibration) else prepare_calibration(tokenizer, steps, calibration)
     reports = apply_steps(model, steps, cal, parent_key=parent_fp)
+    gguf_file = next((r.extra.pop("gguf_file") for r in reports if "gguf_file" in r.extra), None)
     provenance: dict[str, Any] = {
         "flipcheck_version": __version__,
         "parent": parent_source,
@@ -208,8 +210,16 @@ def compress_model(
     provenance.update(extra_provenance or {})
     out_path = None
     if out is not None:
-        out_path = save_model(model, tokenizer, out, provenance)
+        save_fn = None
+        if gguf_file is not None:  # a GGUF child: the file llama.cpp wrote, not the float model in memory
+            def save_fn(_model, folder: Path) -> None:
+                shutil.move(gguf_file, folder / Path(gguf_file).name)
+                shutil.rmtree(Path(gguf_file).parent, ignore_errors=True)
+
+        out_path = save_model(model, tokenizer, out, provenance, save_fn=save_fn)
         log.info("saved child to %s", out_path)
+    elif gguf_file is not None:
+        log.warning("gguf: no output folder given; the GGUF file stays at %s", gguf_file)
     _reset_engine_session()
     return CompressResult(model, tokenizer, reports, out_path, provenance)
 

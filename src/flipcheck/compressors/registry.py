@@ -97,6 +97,7 @@ MODEL_KINDS = {
     "sliced": "SliceGPT's rotated, narrower structure with shortcut matrices",
     "quantized": "llm-compressor quantized weights (gptq, awq, smoothquant, rtn)",
     "bnb": "bitsandbytes packed int8/4-bit weights",
+    "gguf": "a GGUF file quantized by llama.cpp (nothing follows it)",
 }
 
 

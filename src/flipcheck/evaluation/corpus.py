@@ -184,23 +184,18 @@ def _batches(wins: list[np.ndarray], vocab: int, batch_size: int):
             yield part, torch.from_numpy(np.stack([wins[i] for i in part]))
 
 
-def _device(model) -> torch.device:
-    dev = getattr(model, "device", None)
-    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
-
-
-def _log_probs(model, ids: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _log_probs(engine, ids: torch.Tensor, scoring: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log-probs (n, V) float32, next tokens (n,), non-finite mask (n,)) at the scored positions of a
-    batch of equal-length windows, rows in window order."""
+    batch of equal-length windows, rows in window order, from any scoring engine."""
     s, e = scored_range(ids.shape[1], scoring)
-    logits = model(input_ids=ids.to(_device(model))).logits[:, s:e]
-    targets = ids[:, s + 1 : e + 1].to(logits.device).reshape(-1)
+    logits, dev = engine.window_log_probs(ids, s, e)
+    targets = ids[:, s + 1 : e + 1].to(dev).reshape(-1)
     # non-finite as the question engine defines it (forward._side_arrays): a row whose largest logit is
     # NaN, +inf or -inf (a -inf entry alone, a masked token, is fine); one reduction, not a boolean
     # tensor the size of the logits (0.01 s against 0.30 s for 2,048 x 49,152)
-    bad = ~torch.isfinite(logits.float().amax(-1)).reshape(-1)
-    lp = torch.log_softmax(logits.float(), -1)  # a new contiguous tensor: the reshape below is a view
-    return lp.reshape(-1, lp.shape[-1]), targets, bad
+    bad = ~torch.isfinite(logits.float().amax(-1))
+    lp = torch.log_softmax(logits.float(), -1)
+    return lp, targets, bad
 
 
 def _n_scored(w: np.ndarray, scoring: str) -> int:
@@ -212,13 +207,19 @@ def _n_scored(w: np.ndarray, scoring: str) -> int:
 def score_parent(model, wins: list[np.ndarray], *, scoring: str, topk: int, tail: int = DEFAULT_TAIL_SAMPLES,
                  batch_size: int = 4) -> dict[str, np.ndarray]:
     """The parent's side of every scored token: NLL, argmax, and its top-K log-probs plus `tail`
-    tokens sampled outside them (what a later child's KL is estimated from)."""
-    vocab = int(model.config.vocab_size) if getattr(model.config, "vocab_size", None) else 0
-    k = min(topk, vocab) if vocab else topk
-    gen = torch.Generator(device=_device(model)).manual_seed(TAIL_SEED)
+    tokens sampled outside them (what a later child's KL is estimated from). `model`: a torch model
+    or any scoring engine."""
+    from flipcheck.evaluation.engines import as_engine
+
+    engine = as_engine(model)
+    vocab = engine.vocab
+    k = min(topk, vocab)
+    gen = None
     parts: dict[int, dict[str, np.ndarray]] = {}
-    for idx, ids in _batches(wins, vocab or 32000, batch_size):
-        lp, targets, bad = _log_probs(model, ids, scoring)
+    for idx, ids in _batches(wins, vocab, batch_size):
+        lp, targets, bad = _log_probs(engine, ids, scoring)
+        if gen is None:
+            gen = torch.Generator(device=lp.device).manual_seed(TAIL_SEED)
         lp_safe = torch.where(bad[:, None], torch.zeros((), device=lp.device), lp)
         top_lp, top_ids = lp_safe.topk(k, -1)
         t_ids = sample_tail(lp_safe, top_ids, tail, gen) if tail and k < lp.shape[-1] else top_ids[:, :0]
@@ -255,17 +256,21 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
     estimated from its top-K and tail samples (:func:`flipcheck.evaluation.kl.kl_topk_tail_tensors`
     and :func:`~flipcheck.evaluation.kl.kl_reverse_topk_tail_tensors`).
     """
+    from flipcheck.evaluation.engines import as_engine
+
     if (parent is None) == (parent_model is None):
         raise FlipcheckError("score_child needs exactly one of a cached parent side or a parent model")
-    vocab = int(getattr(model.config, "vocab_size", 0) or 32000)
+    engine = as_engine(model)
+    parent_engine = as_engine(parent_model) if parent_model is not None else None
+    vocab = engine.vocab
     counts = [_n_scored(w, scoring) for w in wins]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     parts: dict[int, dict[str, np.ndarray]] = {}
     for idx, ids in _batches(wins, vocab, batch_size):
-        lq, targets, bad_c = _log_probs(model, ids, scoring)
+        lq, targets, bad_c = _log_probs(engine, ids, scoring)
         dev = lq.device
-        if parent_model is not None:
-            lp, _, bad_p = _log_probs(parent_model, ids, scoring)
+        if parent_engine is not None:
+            lp, _, bad_p = _log_probs(parent_engine, ids, scoring)
             lp = lp.to(dev)
             bad_p = bad_p.to(dev)
             nll_p = -lp.gather(-1, targets[:, None])[:, 0]

@@ -97,13 +97,16 @@ class FlipLM(TemplateLM):
             raise FlipcheckError(f"tail_samples={tail_samples!r}: must be an integer >= 0")
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise FlipcheckError(f"max_gen_toks={max_gen_toks!r}: must be an integer >= 1")
-        if reference is not None and not isinstance(reference, (torch.nn.Module, dict)):
+        from flipcheck.evaluation.engines import Engine, as_engine
+
+        if reference is not None and not isinstance(reference, (torch.nn.Module, Engine, dict)):
             raise FlipcheckError(
-                f"reference of type {type(reference).__name__}: allowed are None, a model (lock-step) "
+                f"reference of type {type(reference).__name__}: allowed are None, a model or engine (lock-step) "
                 "or a dict of Records (cached parent)"
             )
         self.tokenizer = tokenizer
-        self.model = model.eval()
+        self.engine = as_engine(model)
+        self.model = getattr(self.engine, "model", None)
         self.batch_size = batch_size
         self._max_length = max_length
         self._max_gen_toks = max_gen_toks
@@ -111,16 +114,16 @@ class FlipLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.records: dict[InstanceKey, Record] = {}
         self.reference_records: dict[InstanceKey, Record] = {}
-        self._runner = ModelRunner(self.model)
+        self._runner = self.engine.runner()
         self.topk = min(topk, self._runner.vocab)
         # a run without a reference makes records that can serve as one: sample their tails
         self.tail_samples = tail_samples if reference is None and self.topk < self._runner.vocab else 0
         self._ref_runner: ModelRunner | None = None
         self._ref_records: dict[InstanceKey, Record] | None = None
-        if isinstance(reference, torch.nn.Module):
+        if isinstance(reference, (torch.nn.Module, Engine)):
             if reference_tokenizer is not None:
                 check_same_vocabulary(tokenizer, reference_tokenizer)
-            self._ref_runner = ModelRunner(reference.eval())
+            self._ref_runner = as_engine(reference).runner()
             if self._ref_runner.vocab != self._runner.vocab:
                 raise FlipcheckError(
                     f"parent and child output {self._ref_runner.vocab} and {self._runner.vocab} logits: "
@@ -152,7 +155,8 @@ class FlipLM(TemplateLM):
             return self._max_length
         from lm_eval.models.utils import resolve_max_length
 
-        return resolve_max_length(
+        own = self.engine.max_length()  # an engine with a fixed context (llama.cpp's n_ctx)
+        return own or resolve_max_length(
             getattr(self.model, "config", None), self.tokenizer, default=DEFAULT_MAX_LENGTH
         )
 
@@ -603,6 +607,9 @@ class FlipLM(TemplateLM):
             raise FlipcheckError(
                 "generate_until: an empty prompt encodes to no tokens; nothing to condition on"
             )
+        engine = getattr(runner, "engine", None)
+        if engine is not None:  # an engine outside this process (llama.cpp, vLLM): greedy, token by token
+            return self._generate_external(engine, ctxs, until, max_gen)
         ids = torch.full((len(ctxs), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(ctxs), width), dtype=torch.long)
         for b, c in enumerate(ctxs):
@@ -633,6 +640,22 @@ class FlipLM(TemplateLM):
                 self.tokenizer.decode(row, skip_special_tokens=True), until, None
             )
             results.append((text, self._stopped_tokens(row, eos_ids, until)))
+        return results
+
+    def _generate_external(self, engine, ctxs, until: list[str], max_gen: int) -> list[tuple[str, list[int]]]:
+        from lm_eval.models.utils import postprocess_generated_text
+
+        eos_ids = _eos_ids(None, self.tokenizer)
+        stops = [s for s in until if s]
+
+        def stop_fn(toks: list[int]) -> bool:
+            return bool(stops) and any(s in self.tokenizer.decode(toks, skip_special_tokens=True) for s in stops)
+
+        results = []
+        for ctx, new in zip(ctxs, engine.generate(ctxs, max_gen, stop_fn, eos_ids), strict=True):
+            del ctx
+            text = postprocess_generated_text(self.tokenizer.decode(new, skip_special_tokens=True), until, None)
+            results.append((text, self._stopped_tokens(list(new), eos_ids, until)))
         return results
 
     def _stopped_tokens(self, row: list[int], eos_ids: set[int], until: list[str]) -> list[int]:

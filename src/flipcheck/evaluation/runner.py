@@ -46,7 +46,6 @@ from flipcheck.evaluation.tasks import (
 from flipcheck.models import (
     ModelSource,
     fingerprint,
-    load_model,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -82,6 +81,9 @@ class EvalSettings:
     texts: list[str] = field(default_factory=list)  # --text corpora: files or hf:NAME[:CONFIG[:SPLIT]]
     ctx: int = DEFAULT_CTX  # tokens per corpus window
     scoring: str = "all"  # corpus positions scored per window: all, or half (llama.cpp's second half)
+    engine: str | None = None  # scoring engine of every model (None: transformers, llama.cpp for GGUF files)
+    parent_engine: str | None = None  # the parent's, instead of `engine`
+    child_engine: str | None = None  # every child's, instead of `engine`
 
     def __post_init__(self) -> None:
         from flipcheck.evaluation.corpus import check_scoring
@@ -101,6 +103,14 @@ class EvalSettings:
 
         if self.kl not in KL_METHODS:
             raise FlipcheckError(f"kl={self.kl!r}: allowed are {', '.join(KL_METHODS)}")
+        from flipcheck.evaluation.engines import check_engine
+
+        for name in ("engine", "parent_engine", "child_engine"):
+            setattr(self, name, check_engine(getattr(self, name)))
+
+    def engine_of(self, role: str) -> str | None:
+        """The engine asked for the parent (`role` "parent") or the children (None: each model's default)."""
+        return (self.parent_engine if role == "parent" else self.child_engine) or self.engine
 
     def key_fields(self) -> dict[str, Any]:
         """Every setting that changes scores (a field added later enters by default)."""
@@ -135,6 +145,7 @@ class EvalSettings:
             **({"texts": list(self.texts)} if self.texts else {}),
             "ctx": self.ctx,
             "scoring": self.scoring,
+            **{k: getattr(self, k) for k in ("engine", "parent_engine", "child_engine") if getattr(self, k)},
         }
 
 
@@ -143,7 +154,8 @@ class EvalSettings:
 _NOT_IN_KEY = {"tasks", "include_path", "batch_size", "trust_remote_code", "n_boot", "device", "dtype",
                "metric", "filter", "per_subtask",  # these three choose among the samples every run keeps
                "kl",  # how a child's KL is computed: in the child's key only (the parent's results are the same)
-               "texts", "ctx", "scoring"}  # corpus settings: in the corpus entries' keys only
+               "texts", "ctx", "scoring",  # corpus settings: in the corpus entries' keys only
+               "engine", "parent_engine", "child_engine"}  # each model's engine identity is in its own key
 
 
 def _task_config_hash(unit: str, include_path) -> str | None:
@@ -189,7 +201,9 @@ class ModelRef:
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # method, settings, strength, compression reports
     resolved: ModelSource | None = field(default=None, repr=False)
+    engine: str | None = None  # the scoring engine asked for (None: the source's default)
     _identity: tuple[Any, dict[str, Any]] | None = field(default=None, repr=False)
+    _engine_identity: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, ModelSource):
@@ -203,19 +217,38 @@ class ModelRef:
         return self.resolved
 
     def ensure_identity(self, settings: EvalSettings) -> None:
-        """Tokenizer and fingerprint, without loading the weights."""
+        """Tokenizer, fingerprint and engine identity, without loading the weights."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.src(), trust_remote_code=settings.trust_remote_code)
         if self.fingerprint is None:
             self.fingerprint = cached_fingerprint(self.resolved or self.source, self.model)
+        self.engine_identity(settings)
 
     def ensure_loaded(self, settings: EvalSettings) -> None:
+        """The weights, behind the engine asked for: a torch model (transformers) or an engine object."""
         if self.model is None:
+            from flipcheck.evaluation.engines import open_engine
+            from flipcheck.evaluation.engines.transformers import TransformersEngine
+
             log.info("loading %s", self.source)
-            self.model = load_model(
-                self.src(), device=settings.device, dtype=settings.dtype, trust_remote_code=settings.trust_remote_code
-            )
+            eng = open_engine(self.src(), self.engine, device=settings.device, dtype=settings.dtype,
+                              trust_remote_code=settings.trust_remote_code)
+            self.model = eng.model if isinstance(eng, TransformersEngine) and not eng.dequantized_from else eng
         self.ensure_identity(settings)
+
+    def engine_identity(self, settings: EvalSettings | None = None) -> dict[str, Any]:
+        """The scoring engine's identity (name, version, dtype, settings that change numbers), known
+        before any weight loads; part of every cache key of this model."""
+        if self._engine_identity is None:
+            from flipcheck.evaluation.engines import as_engine, engine_identity
+
+            if self.source is None and self.model is not None:  # in memory: what it is
+                self._engine_identity = as_engine(self.model).identity()
+            else:
+                dev = resolve_device(settings.device if settings else None)
+                self._engine_identity = engine_identity(self.src(), self.engine,
+                                                        resolve_dtype(settings.dtype if settings else None, dev))
+        return self._engine_identity
 
     def identity_key(self) -> dict[str, Any]:
         """What besides the fingerprint changes this model's scores: tokenizer, config (max length)."""
@@ -223,12 +256,16 @@ class ModelRef:
             self._identity = (self.tokenizer, {
                 "tokenizer": tokenizer_key(self.tokenizer) if self.tokenizer is not None else None,
                 "config": self.src().config_hash() if self.source is not None else None,
+                "scorer": self.engine_identity(),
             })
         return self._identity[1]
 
     def release(self) -> None:
         """Drop the weights (a sweep keeps one child in memory at a time)."""
         if self.source is not None:
+            close = getattr(self.model, "close", None)
+            if close is not None and not isinstance(self.model, torch.nn.Module):
+                close()
             self.model = None
 
 
@@ -373,6 +410,22 @@ class Evaluator:
         )
 
     # -- one child ----------------------------------------------------------------------------
+    def check_child(self, child: ModelRef) -> None:
+        """Before any scoring: the child's vocabulary must equal the parent's, and both sides get the
+        same token ids (a GGUF child is encoded with the parent's tokenizer once the vocabularies match)."""
+        self.parent.ensure_identity(self.settings)
+        child.ensure_identity(self.settings)
+        if tokenizer_hash(child.tokenizer) != tokenizer_hash(self.parent.tokenizer):
+            raise FlipcheckError(
+                f"{child.name}: its tokenizer differs from the parent's; flips and KL need identical "
+                "tokenizers and vocabularies (KL over different vocabularies is meaningless)"
+            )
+        gguf = (child.resolved is not None and child.resolved.gguf) or (
+            self.parent.resolved is not None and self.parent.resolved.gguf)
+        if gguf and child.tokenizer is not self.parent.tokenizer:
+            child.tokenizer = self.parent.tokenizer
+
+
     def evaluate_child(
         self, child: ModelRef, *, batch_size: int | None = None, kl: str | None = None
     ) -> tuple[dict, list[dict]]:
@@ -381,13 +434,7 @@ class Evaluator:
         from flipcheck.evaluation.records import nonfinite_by_task
         from flipcheck.evaluation.samples import aggregate, build_rows, set_headline, summarize_task
 
-        self.parent.ensure_identity(self.settings)
-        child.ensure_identity(self.settings)
-        if tokenizer_hash(child.tokenizer) != tokenizer_hash(self.parent.tokenizer):
-            raise FlipcheckError(
-                f"{child.name}: its tokenizer differs from the parent's; flips and KL need identical "
-                "tokenizers and vocabularies (KL over different vocabularies is meaningless)"
-            )
+        self.check_child(child)
         summaries: dict[str, dict] = {}
         rows_by_task: dict[str, list] = {}
         all_rows: list[dict] = []
@@ -422,6 +469,7 @@ class Evaluator:
             strength=child.info.get("strength"), compression=child.info.get("compression", []),
             kl_method=kl_method(method, self.settings.topk),
         )
+        entry["engine"] = child.engine_identity(self.settings)
         if entry["micro"] is not None:  # the pooled figures carry the counts too (the gate judges micro)
             entry["micro"]["nonfinite"] = _sum_nonfinite(s for n, s in summaries.items() if n != "micro")
         if self.corpora:
@@ -523,7 +571,8 @@ class Evaluator:
                     f"{e.get('name')}: its vocabulary KL is {e['kl_method'].get('label')}, the report's "
                     f"{method['label']}; re-evaluate it with kl={self.settings.kl!r}"
                 )
-        parent = {"source": self.parent.source, "fingerprint": self.parent.fingerprint}
+        parent = {"source": self.parent.source, "fingerprint": self.parent.fingerprint,
+                  "engine": self.parent.engine_identity(self.settings)}
         if self.parent.resolved is not None and self.parent.resolved.revision:
             parent["revision"] = self.parent.resolved.revision  # a hub parent: the commit that was scored
         return new_report(
@@ -604,7 +653,7 @@ def _row_dict(row) -> dict:
     return asdict(row) if is_dataclass(row) else dict(row)
 
 
-def child_ref(source: str | ModelSource, name: str | None = None) -> ModelRef:
+def child_ref(source: str | ModelSource, name: str | None = None, engine: str | None = None) -> ModelRef:
     """A child (folder or hub id); method and settings from its flipcheck.json when flipcheck made it."""
     ms = resolve_source(source)
     prov = ms.provenance
@@ -615,7 +664,12 @@ def child_ref(source: str | ModelSource, name: str | None = None) -> ModelRef:
         info["settings"] = steps[0].get("settings") if len(steps) == 1 else steps
         info["compression"] = prov.get("reports", [])
         info["strength"] = prov.get("strength")
-    return ModelRef(name=name or (ms.hub_id or Path(ms.spec).name), source=ms, info=info)
+    if ms.gguf:
+        info.setdefault("method", (prov or {}).get("recipe", [{}])[-1].get("method") if prov else "gguf")
+        default = Path(ms.gguf).stem if not prov else Path(ms.folder).name  # type: ignore[arg-type]
+    else:
+        default = ms.hub_id or Path(ms.spec).name
+    return ModelRef(name=name or default, source=ms, info=info, engine=engine)
 
 
 def parent_source_for(child: str | ModelSource) -> str:
@@ -655,6 +709,9 @@ def evaluate(
     ctx: int = DEFAULT_CTX,
     scoring: str = "all",
     executor: Any = None,
+    engine: str | None = None,
+    parent_engine: str | None = None,
+    child_engine: str | None = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -675,16 +732,20 @@ def evaluate(
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
+        engine=engine, parent_engine=parent_engine, child_engine=child_engine,
     )
-    ev = Evaluator(ModelRef("parent", parent_src), settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
+    ev = Evaluator(ModelRef("parent", parent_src, engine=settings.engine_of("parent")), settings,
+                   cache_mod.ResultCache(cache_dir, enabled=use_cache))
+    refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
+    for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
+        ev.check_child(ref)
     entries, rows, failed = [], [], []
     if executor is not None and executor.name != "local":  # children and evaluation shards as Ray tasks
         from flipcheck.executors.ray_exec import evaluate_children
 
-        entries, rows, failed, info = evaluate_children(ev, [child_ref(c) for c in child_sources], out, executor)
+        entries, rows, failed, info = evaluate_children(ev, refs, out, executor)
     else:
-        for c in child_sources:
-            ref = child_ref(c)
+        for ref in refs:
             entry, r = ev.evaluate_child(ref)
             entries.append(entry)
             rows.extend(r)

@@ -163,7 +163,8 @@ class RecipeRun:
             )
             info["compression"] = [r.to_dict() for r in res.reports]
             ref = ModelRef(spec.name, str(folder), info=info)
-            if evaluate and not res.provenance.get("loader") and not res.provenance.get("quantized_on_load"):
+            on_disk_only = res.provenance.get("loader") or res.provenance.get("quantized_on_load") or res.provenance.get("gguf")
+            if evaluate and not on_disk_only:
                 ref.model, ref.tokenizer = child_model, self.tokenizer  # evaluate the in-memory child, no reload
             del child_model, res  # res.model is the child: hold no child past its evaluation
         if not evaluate:

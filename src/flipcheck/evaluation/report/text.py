@@ -138,6 +138,7 @@ def render_table(report: Mapping[str, Any], *, width: int | None = None) -> Tabl
     compact = width is not None and width < 120
     parent = (report.get("parent") or {}).get("source") or "?"
     caption = "; ".join(([f"vocabulary KL: {kl_method_label(report)}"] if kl_method_label(report) else [])
+                        + ([f"engines: {engines_label(report)}"] if engines_label(report) else [])
                         + nonfinite_notes(report) + failed_notes(report)) or None
     table = Table(title=f"flipcheck: children vs parent {parent}", caption=caption, box=box.SIMPLE_HEAD, pad_edge=False,
                   collapse_padding=True)
@@ -295,6 +296,29 @@ def settings_items(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             v = ", ".join(str(x) for x in v)
         out.append((str(k), str(v)))
     return out
+
+
+def engine_text(ident: Mapping[str, Any] | None) -> str:
+    """``llama.cpp 0.3.36 Q4_K_M`` / ``transformers 5.17.0 float32 (dequantized GGUF Q4_K_M)``."""
+    if not ident:
+        return "?"
+    text = " ".join(str(ident[k]) for k in ("name", "version", "dtype") if ident.get(k))
+    if ident.get("dequantized_from"):
+        text += f" (dequantized {ident['dequantized_from']})"
+    return text
+
+
+def engines_label(report: Mapping[str, Any]) -> str | None:
+    """Which engine scored each model: ``parent: X; child a: Y`` (one phrase when all are the same)."""
+    parent = (report.get("parent") or {}).get("engine")
+    if not parent:
+        return None
+    per = [("parent", engine_text(parent))] + [
+        (str(c.get("name")), engine_text(c.get("engine"))) for c in report.get("children") or [] if c.get("engine")
+    ]
+    if len({t for _, t in per}) == 1:
+        return f"{per[0][1]} (every model)"
+    return "; ".join(f"{name}: {text}" for name, text in per)
 
 
 def kl_method_label(report: Mapping[str, Any]) -> str | None:

@@ -1,0 +1,109 @@
+"""The scoring seam: one interface for every engine that turns token ids into next-token distributions.
+
+flipcheck's evaluator asks three things of a model, whatever runs it:
+
+- **options and teacher forcing** (lm-eval ``loglikelihood``, the generative tasks' KL along the
+  parent's output): for rows of token ids, the log-probabilities over the vocabulary at chosen
+  positions (:meth:`PositionRunner.selected` / :meth:`PositionRunner.logits_of`, the interface
+  :func:`flipcheck.evaluation.forward.score_items` drives);
+- **rolling text windows** (``--text``, perplexity tasks): the log-probabilities at the scored
+  positions of equal-length windows (:meth:`Engine.window_log_probs`);
+- **generation** (``generate_until``): greedy continuations with lm-eval's stop sequences
+  (:meth:`Engine.generate`).
+
+From those the evaluator derives, per scored position, what every figure needs: the actual
+token's log-probability, the argmax, the top-K plus sampled tail (or the whole distribution), and a
+non-finite flag (:mod:`flipcheck.evaluation.forward`). An engine that returns the whole
+distribution (transformers, llama.cpp, vLLM with ``max_logprobs=-1``) gives exact KL; its
+:attr:`Engine.exact` is True.
+
+An engine's :meth:`Engine.identity` (name, version, dtype, and the settings that change numbers) is
+part of every cache key and shown per model in every report.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class Engine(ABC):
+    """A model behind one scoring engine. Subclasses: transformers, llama.cpp, vLLM."""
+
+    name: str = "?"
+    exact: bool = True  # the whole next-token distribution at every position (exact KL)
+
+    @property
+    @abstractmethod
+    def vocab(self) -> int:
+        """Width of a distribution (the logits' last dimension)."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """``{"name", "version", "dtype", **settings}``: what changes this engine's numbers."""
+
+    @abstractmethod
+    def runner(self):
+        """The object :func:`flipcheck.evaluation.forward.score_items` drives (ModelRunner's interface:
+        ``device``, ``vocab``, ``pack_ok``, ``window``, ``hidden_ok``, ``inputs``, ``selected``,
+        ``logits_of``)."""
+
+    @abstractmethod
+    def window_log_probs(self, ids: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of equal-length windows ``ids`` (B, L): float32 logits at positions
+        ``start..stop-1`` of every window, as (B * (stop - start), V), rows in window order, and
+        the device they are on."""
+
+    @abstractmethod
+    def generate(self, ctxs: list[list[int]], max_new: int, stop_fn, eos_ids: set[int]) -> list[list[int]]:
+        """Greedy continuation of each context: new token ids, at most `max_new`, ending at the first
+        eos token (kept) or where ``stop_fn(tokens)`` says a stop sequence is complete."""
+
+    def max_length(self) -> int | None:
+        """The longest sequence this engine takes (None: ask the model config/tokenizer)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release what the engine holds (a server connection, native memory)."""
+
+    def label(self) -> str:
+        ident = self.identity()
+        return " ".join(str(x) for x in (ident.get("name"), ident.get("version"), ident.get("dtype")) if x)
+
+
+class ExternalRunner:
+    """ModelRunner's interface for an engine that runs whole token sequences and returns logits per
+    position (llama.cpp, vLLM): one sequence per row (no packing), logits gathered at the scored
+    positions. `run(tokens, positions)` returns float32 logits (len(positions), V)."""
+
+    pack_ok = False
+    hidden_ok = False
+    window = None
+    model = None
+
+    def __init__(self, engine: Engine, run) -> None:
+        self.engine = engine
+        self.device = torch.device("cpu")
+        self.vocab = engine.vocab
+        self.dtype = torch.float32
+        self._run = run
+
+    def inputs(self, rows, pad_id: int, window) -> dict[str, Any]:
+        return {"rows": rows}
+
+    def selected(self, inputs: dict[str, Any], rows_idx: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor:
+        rows = inputs["rows"]
+        out = torch.empty((len(rows_idx), self.vocab), dtype=torch.float32)
+        r_list, p_list = rows_idx.tolist(), pos_idx.tolist()
+        by_row: dict[int, list[int]] = {}
+        for j, r in enumerate(r_list):
+            by_row.setdefault(r, []).append(j)
+        for r, js in by_row.items():
+            positions = [p_list[j] for j in js]
+            out[js] = self._run(list(rows[r].tokens), positions)
+        return out
+
+    def logits_of(self, selected: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return selected[s:e]

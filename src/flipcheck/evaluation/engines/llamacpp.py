@@ -1,0 +1,168 @@
+"""The llama.cpp engine: a GGUF file scored by llama.cpp's own kernels (llama-cpp-python).
+
+With ``logits_all`` llama.cpp returns the logits of every evaluated position over the whole
+vocabulary, so KL against any other engine is exact. These are the numbers a user of llama.cpp,
+Ollama or LM Studio gets: on Q4_0 and the K-quants llama.cpp multiplies with activations quantized
+to 8 bits, which a transformers dequantization of the same file never does.
+
+Sequences are evaluated one at a time; the KV cache keeps the longest prefix shared with the
+previous sequence (the context of a question's options is run once per question, as the packed
+transformers path does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines.base import Engine, ExternalRunner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N_CTX = 2048  # tokens per sequence; the scores buffer is n_ctx x vocabulary float32
+DEFAULT_N_BATCH = 512
+KV_TYPE_F32 = 0  # GGML_TYPE_F32
+INSTALL_HINT = 'pip install "flipcheck[llamacpp]"  (builds llama-cpp-python from source: needs a C++ compiler and cmake)'
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require() -> None:
+    if not available():
+        raise FlipcheckError(f"the llama.cpp engine needs llama-cpp-python, which is not installed: {INSTALL_HINT}")
+
+
+def _field(reader, name: str):
+    field = reader.get_field(name)
+    return None if field is None else field.parts[field.data[0]][0]
+
+
+def gguf_context_length(path: str | os.PathLike) -> int | None:
+    """The training context length a GGUF declares (``ARCH.context_length``)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r")
+    arch = reader.get_field("general.architecture")
+    if arch is None:
+        return None
+    value = _field(reader, f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
+    return None if value is None else int(value)
+
+
+def gguf_file_type(path: str | os.PathLike) -> str:
+    """The GGUF's file type as llama.cpp names it (F32, F16, Q8_0, Q4_K_M, ...), from its metadata."""
+    from gguf import GGUFReader, LlamaFileType
+
+    value = _field(GGUFReader(str(path), "r"), "general.file_type")
+    if value is None:
+        return "unknown"
+    value = int(value)
+    try:
+        return LlamaFileType(value).name.replace("MOSTLY_", "").replace("ALL_", "")
+    except ValueError:
+        return f"type{value}"
+
+
+class LlamaCppEngine(Engine):
+    """A GGUF file loaded by llama.cpp (CPU here; ``n_gpu_layers`` offloads on a CUDA build)."""
+
+    name = "llama.cpp"
+    exact = True
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH,
+                 n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+        require()
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FlipcheckError(f"GGUF file {str(self.path)!r} does not exist")
+        self.n_batch = int(n_batch)
+        threads = n_threads or max(1, torch.get_num_threads())
+        n_ctx = min(int(n_ctx), gguf_context_length(self.path) or int(n_ctx))
+        try:  # float32 KV cache: llama.cpp's default f16 cache rounds keys and values (~1e-4 on logits)
+            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch,
+                             logits_all=True, n_threads=threads, n_threads_batch=threads, type_k=KV_TYPE_F32,
+                             type_v=KV_TYPE_F32, n_gpu_layers=int(n_gpu_layers), verbose=False, seed=0)
+        except (ValueError, RuntimeError) as err:
+            raise FlipcheckError(f"llama.cpp could not load {str(self.path)!r}: {str(err).splitlines()[0][:200]}") from err
+        self.n_ctx = int(self.llm.n_ctx())
+        self._max_length = self.n_ctx
+        self._vocab = int(self.llm.n_vocab())
+        self._file_type = gguf_file_type(self.path)
+        self._runner = ExternalRunner(self, self._logits_at)
+
+    # -- identity ----------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> int:
+        return self._vocab
+
+    def identity(self) -> dict[str, Any]:
+        import llama_cpp
+
+        return {"name": self.name, "version": getattr(llama_cpp, "__version__", "?"), "dtype": self._file_type,
+                "n_ctx": self.n_ctx, "n_batch": self.n_batch, "kv_cache": "f32"}
+
+    def max_length(self) -> int | None:
+        return self._max_length
+
+    def runner(self):
+        return self._runner
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _eval(self, tokens: list[int]) -> None:
+        """Evaluate `tokens`, keeping the KV cache of the prefix they share with what was evaluated last."""
+        if len(tokens) > self.n_ctx:
+            raise FlipcheckError(f"a sequence of {len(tokens)} tokens is longer than llama.cpp's n_ctx={self.n_ctx}")
+        llm = self.llm
+        done = llm.input_ids[: llm.n_tokens].tolist()
+        shared = 0
+        for a, b in zip(done, tokens, strict=False):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(tokens) - 1)  # the last token's logits are always recomputed
+        llm.n_tokens = shared
+        llm.eval(tokens[shared:])
+
+    def _logits_at(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        self._eval(tokens)
+        return torch.from_numpy(np.array(self.llm.scores[positions], dtype=np.float32))
+
+    def window_log_probs(self, ids: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.device]:
+        rows = [self._logits_at(w.tolist(), list(range(start, stop))) for w in ids]
+        return torch.cat(rows) if rows else torch.zeros((0, self.vocab)), torch.device("cpu")
+
+    def generate(self, ctxs: list[list[int]], max_new: int, stop_fn, eos_ids: set[int]) -> list[list[int]]:
+        out = []
+        for ctx in ctxs:
+            tokens = list(ctx)
+            new: list[int] = []
+            self._eval(tokens)
+            while len(new) < max_new and len(tokens) < self.n_ctx:
+                nxt = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+                new.append(nxt)
+                tokens.append(nxt)
+                if nxt in eos_ids or stop_fn(new):
+                    break
+                self.llm.eval([nxt])
+            out.append(new)
+        return out
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+            self.llm = None
