@@ -77,6 +77,10 @@ PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a
 Texts = Annotated[list[str] | None, typer.Option("--text", help="text corpus scored token by token (KL both ways, top-1, Δp, perplexity): a .txt/.jsonl file or hf:NAME[:CONFIG[:SPLIT]] (split test by default); repeat for several")]
 Ctx = Annotated[int, typer.Option("--ctx", help="tokens per corpus window (text corpora and perplexity tasks such as wikitext)")]
 Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored per window: all, or half (llama.cpp's: the second half of each window)")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="scoring engine of every model: transformers, llama.cpp (GGUF files) (default: transformers; llama.cpp for .gguf when installed)")]
+ParentEngine = Annotated[str | None, typer.Option("--parent-engine", help="the parent's scoring engine, instead of --engine")]
+ChildEngine = Annotated[str | None, typer.Option("--child-engine", help="every child's scoring engine, instead of --engine")]
+EngineFloor = Annotated[bool, typer.Option("--engine-floor", help="also score the parent on another engine, same weights: llama.cpp on an F32 GGUF of it (transformers for a GGUF parent)")]
 NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
 Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
 RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else auto; none running: a local one)")]
@@ -127,6 +131,10 @@ def eval_cmd(
     text: Texts = None,
     ctx: Ctx = 512,
     scoring: Scoring = "all",
+    engine: EngineOpt = None,
+    parent_engine: ParentEngine = None,
+    child_engine: ChildEngine = None,
+    engine_floor: EngineFloor = False,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
@@ -141,6 +149,7 @@ def eval_cmd(
 
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
+        _engine_choices(engine, parent_engine, child_engine)
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
         chosen = tasks if tasks is not None else ("" if text else DEMO_TASKS)
@@ -149,6 +158,7 @@ def eval_cmd(
             num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
             trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
             metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring, executor=ex,
+            engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
         )
         _show(report, out)
         _exit_if_failed(report)
@@ -310,6 +320,9 @@ def run_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: Annotated[str | None, typer.Option("--kl", help="override the recipe's vocabulary KL: topk or exact")] = None,
+    engine: EngineOpt = None,
+    parent_engine: ParentEngine = None,
+    child_engine: ChildEngine = None,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
@@ -330,7 +343,8 @@ def run_cmd(
         if parent:
             update["parent"] = parent
         overrides = {"tasks": tasks.split(",") if tasks else None, "limit": limit, "metric": check_metric(metric),
-                     "filter": filter_, "per_subtask": per_subtask or None, "kl": _kl_choice(kl)}
+                     "filter": filter_, "per_subtask": per_subtask or None, "kl": _kl_choice(kl),
+                     **_engine_choices(engine, parent_engine, child_engine)}
         if any(v is not None for v in overrides.values()):
             update["evaluation"] = r.evaluation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         if calibration:
@@ -349,6 +363,14 @@ def run_cmd(
         _exit_if_failed(report)
 
     _run(go)
+
+
+def _engine_choices(engine, parent_engine, child_engine) -> dict[str, str | None]:
+    """The engine options, each checked (one line, exit 2, naming the allowed engines)."""
+    from flipcheck.evaluation.engines import check_engine
+
+    return {"engine": check_engine(engine), "parent_engine": check_engine(parent_engine),
+            "child_engine": check_engine(child_engine)}
 
 
 def _kl_choice(kl: str | None) -> str | None:
@@ -385,6 +407,10 @@ def sweep_cmd(
     ctx: Ctx = 512,
     scoring: Scoring = "all",
     noise_floor: NoiseFloor = False,
+    engine: EngineOpt = None,
+    parent_engine: ParentEngine = None,
+    child_engine: ChildEngine = None,
+    engine_floor: EngineFloor = False,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
@@ -408,7 +434,8 @@ def sweep_cmd(
             include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
             metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
-            noise_floor=noise_floor, executor=ex,
+            noise_floor=noise_floor, engine_floor=engine_floor, executor=ex,
+            **_engine_choices(engine, parent_engine, child_engine),
         )
         _show(report, folder)
         _exit_if_failed(report)

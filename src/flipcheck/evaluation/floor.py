@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +13,46 @@ if TYPE_CHECKING:
     from flipcheck.evaluation.runner import Evaluator
 
 log = logging.getLogger(__name__)
+
+
+def engine_floor(ev: Evaluator) -> dict:
+    """The parent against itself on another engine, the same weights: llama.cpp on a float32 GGUF
+    written from the parent (kept in the cache, keyed by the parent's fingerprint), or, for a GGUF
+    parent scored by llama.cpp, transformers' dequantization of the same file. What remains is the
+    engines' numerics (kernels, reduction order), the floor under any engine-vs-engine comparison."""
+    from flipcheck.errors import FlipcheckError
+    from flipcheck.evaluation.engines import as_engine, open_engine
+    from flipcheck.evaluation.engines import llamacpp as lc
+    from flipcheck.evaluation.runner import ModelRef
+    from flipcheck.files import cache_root
+
+    ev.parent.ensure_loaded(ev.settings)
+    parent_engine = as_engine(ev.parent.model)
+    src = ev.parent.resolved
+    if src is not None and src.gguf and parent_engine.name == "llama.cpp":
+        other = open_engine(src, "transformers", device=ev.settings.device, dtype="float32")
+        key, label = "engine-transformers", "transformers (dequantized GGUF)"
+    else:
+        lc.require()
+        if not hasattr(ev.parent.model, "state_dict"):
+            raise FlipcheckError("--engine-floor: the parent must run on transformers or be a GGUF file")
+        from flipcheck.compressors.gguf_convert import write_gguf
+
+        path = Path(getattr(ev.cache, "root", None) or cache_root()) / "gguf" / f"{ev.parent.fingerprint}-F32.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            write_gguf(ev.parent.model, ev.parent.tokenizer, tmp, dtype="F32")
+            tmp.replace(path)
+        other = lc.LlamaCppEngine(path)
+        key, label = "engine-llama.cpp-F32", "llama.cpp engine (F32 GGUF)"
+    ref = ModelRef(name=f"noise floor: {label}", source=None, model=other, tokenizer=ev.parent.tokenizer,
+                   fingerprint=f"{ev.parent.fingerprint}:{key}", info={"method": "noise_floor", "settings": {"engine": label}})
+    try:
+        entry, _ = ev.evaluate_child(ref, kl="topk")
+    finally:
+        other.close()
+    return entry
 
 
 def noise_floor(ev: Evaluator) -> list[dict]:

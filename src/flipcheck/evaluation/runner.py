@@ -84,6 +84,7 @@ class EvalSettings:
     engine: str | None = None  # scoring engine of every model (None: transformers, llama.cpp for GGUF files)
     parent_engine: str | None = None  # the parent's, instead of `engine`
     child_engine: str | None = None  # every child's, instead of `engine`
+    engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
 
     def __post_init__(self) -> None:
         from flipcheck.evaluation.corpus import check_scoring
@@ -155,7 +156,7 @@ _NOT_IN_KEY = {"tasks", "include_path", "batch_size", "trust_remote_code", "n_bo
                "metric", "filter", "per_subtask",  # these three choose among the samples every run keeps
                "kl",  # how a child's KL is computed: in the child's key only (the parent's results are the same)
                "texts", "ctx", "scoring",  # corpus settings: in the corpus entries' keys only
-               "engine", "parent_engine", "child_engine"}  # each model's engine identity is in its own key
+               "engine", "parent_engine", "child_engine", "engine_floor"}  # each model's engine identity is in its own key
 
 
 def _task_config_hash(unit: str, include_path) -> str | None:
@@ -557,11 +558,15 @@ class Evaluator:
             self.trees, unit_tasks, summaries, rows_by_task, n_boot=self.settings.n_boot, seed=self.settings.seed
         )
 
-    def noise_floor(self) -> list[dict]:
-        """The parent against itself under changes that are not compression (:mod:`~flipcheck.evaluation.floor`)."""
-        from flipcheck.evaluation.floor import noise_floor
+    def noise_floor(self, numerics: bool = True) -> list[dict]:
+        """The parent against itself under changes that are not compression (:mod:`~flipcheck.evaluation.floor`):
+        the numerics rows (`numerics`) and, with ``settings.engine_floor``, the other-engine row."""
+        from flipcheck.evaluation.floor import engine_floor, noise_floor
 
-        return noise_floor(self)
+        rows = noise_floor(self) if numerics else []
+        if self.settings.engine_floor:
+            rows.append(engine_floor(self))
+        return rows
 
     def report(self, children_entries: list[dict], noise_floor: list[dict] | None = None) -> dict:
         method = kl_method(self.settings.kl, self.settings.topk)
@@ -712,6 +717,7 @@ def evaluate(
     engine: str | None = None,
     parent_engine: str | None = None,
     child_engine: str | None = None,
+    engine_floor: bool = False,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -732,7 +738,7 @@ def evaluate(
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
-        engine=engine, parent_engine=parent_engine, child_engine=child_engine,
+        engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
     )
     ev = Evaluator(ModelRef("parent", parent_src, engine=settings.engine_of("parent")), settings,
                    cache_mod.ResultCache(cache_dir, enabled=use_cache))
@@ -751,7 +757,7 @@ def evaluate(
             rows.extend(r)
             ref.release()
         info = {"name": "local", "parent_passes": ev.parent_passes}
-    floor = ev.noise_floor() if noise_floor else None
+    floor = ev.noise_floor(numerics=noise_floor) if noise_floor or engine_floor else None
     from flipcheck.executors import finish_report
 
     report = finish_report(ev.report(entries, floor), failed, info)

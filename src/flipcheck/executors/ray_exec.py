@@ -281,7 +281,8 @@ def run_recipe_children(run, out: Path, session: Session, say: Callable[[str], N
                      "name": name, "cache_dir": str(run.cache.root), "out": str(out)} for g in groups]
 
         def merge(result: dict | None, name: str = spec.name) -> tuple[dict, list[dict]]:
-            return ev.evaluate_child(ModelRef(name, result["folder"], info=result["info"]))
+            return ev.evaluate_child(ModelRef(name, result["folder"], info=result["info"],
+                                              engine=ev.settings.engine_of("child")))
 
         children.append(_Child(i, spec.name, first=("compress", job), shard_jobs=shard_jobs, merge=merge))
     say(f"ray: {len(children)} children, {len(groups)} shard(s) each; {res.cpus:g} CPU / {res.gpus:g} GPU per task")

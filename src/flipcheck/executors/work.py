@@ -112,10 +112,11 @@ def _shard(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
 
     clock = _Clock(timings)
     settings = EvalSettings(**job["settings"])
-    evaluator = Evaluator(ModelRef("parent", job["parent"]), settings, ResultCache(job["cache_dir"]))
+    evaluator = Evaluator(ModelRef("parent", job["parent"], engine=settings.engine_of("parent")), settings,
+                          ResultCache(job["cache_dir"]))
     clock.lap("setup")
     _check_parent_cached(evaluator, job["cache_dir"])
     clock.lap("parent_cache")
-    evaluator.score_child(ModelRef(job["name"], job["child"]))
+    evaluator.score_child(ModelRef(job["name"], job["child"], engine=settings.engine_of("child")))
     clock.lap("work")
     return {"units": list(settings.tasks), "parent_passes": evaluator.parent_passes}

@@ -99,6 +99,20 @@ def with_calibration_source(recipe: Recipe, parent_folder: Path | None) -> Recip
     return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"source": source})})
 
 
+def eval_settings(recipe: Recipe) -> EvalSettings:
+    """The evaluator's settings of a recipe: every field of its ``evaluation`` section that
+    :class:`EvalSettings` declares, by name (one declaration, no list to keep in step), plus the
+    recipe-level device, dtype and trust_remote_code."""
+    import dataclasses
+
+    spec = recipe.evaluation.model_dump()
+    fields = {f.name for f in dataclasses.fields(EvalSettings)}
+    kwargs = {k: v for k, v in spec.items() if k in fields}
+    kwargs.update(tasks=list(spec["tasks"]), texts=list(spec["texts"]), limit=_limit(spec["limit"]),
+                  device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
+    return EvalSettings(**kwargs)
+
+
 class RecipeRun:
     """One recipe's shared state: the resolved parent, its tokenizer, the evaluator (parent scored
     or found in the cache) and the calibration data (tokenized once, on first need).
@@ -113,18 +127,12 @@ class RecipeRun:
         self.children = recipe.all_children()
         self.parent_src = resolve_parent_source(recipe.parent)
         self.recipe = recipe = with_calibration_source(recipe, self.parent_src.folder)
-        ev_spec = recipe.evaluation
-        self.settings = EvalSettings(
-            tasks=list(ev_spec.tasks), include_path=ev_spec.include_path, num_fewshot=ev_spec.num_fewshot,
-            limit=_limit(ev_spec.limit), seed=ev_spec.seed, batch_size=ev_spec.batch_size, device=recipe.device,
-            dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code, metric=ev_spec.metric, filter=ev_spec.filter,
-            per_subtask=ev_spec.per_subtask, kl=ev_spec.kl, texts=list(ev_spec.texts), ctx=ev_spec.ctx,
-            scoring=ev_spec.scoring,
-        )
+        self.settings = eval_settings(recipe)
         self.cache = ResultCache(cache_dir if cache_dir is not None else None, enabled=use_cache)
         self.tokenizer = load_tokenizer(self.parent_src, trust_remote_code=recipe.trust_remote_code)
         self.parent_fp = self.parent_src.fingerprint  # from the files (memoised), never from the loaded weights
-        parent = ModelRef("parent", self.parent_src, tokenizer=self.tokenizer, fingerprint=self.parent_fp)
+        parent = ModelRef("parent", self.parent_src, tokenizer=self.tokenizer, fingerprint=self.parent_fp,
+                          engine=self.settings.engine_of("parent"))
         self.evaluator = Evaluator(parent, self.settings, self.cache)  # checks the task names before any compression
         self.calibration: Calibration | None = None
 
@@ -145,7 +153,7 @@ class RecipeRun:
             say(f"[{i}/{len(children)}] {spec.name}: compressed in an earlier run")
             prov = read_provenance(folder) or {}
             info["compression"] = prov.get("reports", [])
-            ref = ModelRef(spec.name, str(folder), info=info)
+            ref = ModelRef(spec.name, str(folder), info=info, engine=self.settings.engine_of("child"))
         else:
             say(f"[{i}/{len(children)}] {spec.name}: compressing")
             if self.calibration is None:  # once, for every child's steps: tokenized only if some step needs data
@@ -162,7 +170,7 @@ class RecipeRun:
                 extra_provenance={"made_with": made},
             )
             info["compression"] = [r.to_dict() for r in res.reports]
-            ref = ModelRef(spec.name, str(folder), info=info)
+            ref = ModelRef(spec.name, str(folder), info=info, engine=self.settings.engine_of("child"))
             on_disk_only = res.provenance.get("loader") or res.provenance.get("quantized_on_load") or res.provenance.get("gguf")
             if evaluate and not on_disk_only:
                 ref.model, ref.tokenizer = child_model, self.tokenizer  # evaluate the in-memory child, no reload
@@ -228,7 +236,8 @@ def run_recipe(
             rows.extend(child_rows)
             write_report(out, evaluator.report(entries), rows)  # keep what is finished
         info = {"name": "local", "parent_passes": evaluator.parent_passes}
-    floor = evaluator.noise_floor() if recipe.evaluation.noise_floor else None
+    spec = recipe.evaluation
+    floor = evaluator.noise_floor(numerics=spec.noise_floor) if spec.noise_floor or spec.engine_floor else None
     report = finish_report(evaluator.report(entries, floor), failed, info)
     report["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
     finish_judged(judge, report, out)
@@ -290,6 +299,10 @@ def sweep(
     scoring: str = "all",
     noise_floor: bool = False,
     executor: Any = None,
+    engine: str | None = None,
+    parent_engine: str | None = None,
+    child_engine: str | None = None,
+    engine_floor: bool = False,
 ) -> dict:
     """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -302,7 +315,8 @@ def sweep(
             evaluation=EvaluationSpec(
                 tasks=task_list, include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                 metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
-                scoring=scoring, noise_floor=noise_floor,
+                scoring=scoring, noise_floor=noise_floor, engine=engine, parent_engine=parent_engine,
+                child_engine=child_engine, engine_floor=engine_floor,
             ),
             device=device,
             dtype=dtype,

@@ -127,11 +127,19 @@ class EvaluationSpec(_Strict):
     texts: list[str] = Field(default_factory=list)  # text corpora scored token by token: files or hf:NAME[:CONFIG[:SPLIT]]
     ctx: int = Field(512, ge=4)  # tokens per corpus window
     scoring: Literal["all", "half"] = "all"  # corpus positions scored per window (half: llama.cpp's convention)
+    engine: str | None = None  # scoring engine of every model: transformers, llama.cpp (default: per model)
+    parent_engine: str | None = None  # the parent's, instead of engine
+    child_engine: str | None = None  # every child's, instead of engine
+    engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
 
     @model_validator(mode="after")
     def _tasks_or_texts(self) -> EvaluationSpec:
         if not self.tasks and not self.texts:
             raise ValueError("give at least one task (tasks) or text corpus (texts)")
+        from flipcheck.evaluation.engines import check_engine
+
+        for name in ("engine", "parent_engine", "child_engine"):
+            setattr(self, name, check_engine(getattr(self, name)))
         return self
 
 
