@@ -393,6 +393,7 @@ def sweep_cmd(
     num_fewshot: int | None = None,
     limit: float | None = None,
     batch_size: int = 16,
+    seed: int = 1234,
     calibration: Annotated[str | None, typer.Option(help="calibration source (default: the parent's own, else wikitext-2 train)")] = None,
     calibration_samples: int = 32,
     calibration_len: int = 256,
@@ -431,7 +432,7 @@ def sweep_cmd(
         report = sweep(
             parent, method, parse_grid(grid), tasks=tasks if tasks is not None else ([] if text else DEMO_TASKS), out=folder, settings=parse_set_options(set_),
             calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
-            include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+            include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, seed=seed,
             device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
             metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
             noise_floor=noise_floor, engine_floor=engine_floor, executor=ex,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corpus
 
+from conftest import corpus
 from flipcheck.errors import FlipcheckError
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine tests need flipcheck[llamacpp] (make test installs it)")
@@ -218,3 +218,24 @@ def test_generation_on_llamacpp_matches_hf_generate(tiny_model, tiny_tokenizer, 
         assert new == out[0, len(ctx):].tolist()
     finally:
         engine.close()
+
+
+def test_without_llama_cpp_a_gguf_is_dequantized_and_the_engine_asks_for_the_extra(
+        monkeypatch, tiny_model_dir, task_dir, f32_gguf, tmp_path):
+    """llama-cpp-python not importable: a GGUF child runs on transformers (labelled), and asking for the
+    llama.cpp engine is one line naming the pip command, exit 2."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+    from flipcheck.evaluation.engines import default_engine
+    from flipcheck.models import resolve_source
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    assert default_engine(resolve_source(str(f32_gguf))) == "transformers"
+    res = CliRunner().invoke(app, ["eval", str(tiny_model_dir), str(f32_gguf), "--tasks", "tiny_letters",
+                                   "--include-path", str(task_dir), "--child-engine", "llama.cpp",
+                                   "--cache-dir", str(tmp_path / "cache")])
+    assert res.exit_code == 2
+    assert 'pip install "flipcheck[llamacpp]"' in res.output and len(res.output.strip().splitlines()) <= 3

@@ -286,6 +286,7 @@ def sweep(
     num_fewshot: int | None = None,
     limit: float | None = None,
     batch_size: int = 16,
+    seed: int = 1234,
     device: str | None = None,
     dtype: str | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -314,7 +315,7 @@ def sweep(
             sweeps=[SweepSpec(method=method, grid=grid, settings=settings or {})],
             evaluation=EvaluationSpec(
                 tasks=task_list, include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
+                seed=seed, metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
                 scoring=scoring, noise_floor=noise_floor, engine=engine, parent_engine=parent_engine,
                 child_engine=child_engine, engine_floor=engine_floor,
             ),
