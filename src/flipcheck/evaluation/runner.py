@@ -745,24 +745,14 @@ def evaluate(
     refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
     for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
         ev.check_child(ref)
-    entries, rows, failed = [], [], []
-    if executor is not None and executor.name != "local":  # children and evaluation shards as Ray tasks
-        from flipcheck.executors.ray_exec import evaluate_children
+    from flipcheck.executors import finish_report, get_executor
 
-        entries, rows, failed, info = evaluate_children(ev, refs, out, executor)
-    else:
-        for ref in refs:
-            entry, r = ev.evaluate_child(ref)
-            entries.append(entry)
-            rows.extend(r)
-            ref.release()
-        info = {"name": "local", "parent_passes": ev.parent_passes}
+    done = get_executor(executor).evaluate_children(ev, refs, Path(out) if out is not None else None,
+                                                    lambda msg: log.info("%s", msg))
     floor = ev.noise_floor(numerics=noise_floor) if noise_floor or engine_floor else None
-    from flipcheck.executors import finish_report
-
-    report = finish_report(ev.report(entries, floor), failed, info)
+    report = finish_report(ev.report(done.entries, floor), done.failed, done.info)
     if out is not None:
         from flipcheck.evaluation.report import write_report
 
-        write_report(out, report, rows)
+        write_report(out, report, done.rows)
     return report

@@ -51,6 +51,13 @@ class ExecutorOptions:
             )
 
 
+def get_executor(options: ExecutorOptions | None = None):
+    """The executor that runs children for `options` (None: local); see :mod:`.base`."""
+    from flipcheck.executors.base import get_executor as _get
+
+    return _get(options)
+
+
 def executor_options(name: str = "local", **kwargs: Any) -> ExecutorOptions | None:
     """The CLI's options as :class:`ExecutorOptions` (None for the plain local run)."""
     opts = ExecutorOptions(name=name, **kwargs)

@@ -200,7 +200,7 @@ def run_recipe(
     after the other here; ``ExecutorOptions(name="ray", ...)`` runs each child as a Ray task.
     """
     from flipcheck.evaluation.report import write_report
-    from flipcheck.executors import finish_report
+    from flipcheck.executors import finish_report, get_executor
     from flipcheck.judge.run import finish_report as finish_judged
     from flipcheck.judge.run import recipe_session
 
@@ -210,38 +210,18 @@ def run_recipe(
     say(f"parent: {run.parent_src.spec}")
     evaluator = run.evaluator
     judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work
-    session = None
-    if executor is not None and executor.name != "local":  # folders checked, cluster reached, before any work
-        from flipcheck.executors.ray_exec import open_session
-
-        session = open_session(executor, out, run.cache, say)
+    runner = get_executor(executor)
+    runner.open(out, run.cache, say)  # folders checked, cluster reached, before any work
     evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
     if judge is not None:
         judge.answer_parent(run.parent_src, tokenizer=run.tokenizer)  # once, cached; before any child exists
-    entries: list[dict] = []
-    rows: list[dict] = []
-    failed: list[dict] = []
-    if session is not None:
-        from flipcheck.executors.ray_exec import run_recipe_children
-
-        entries, rows, failed, info = run_recipe_children(run, out, session, say)
-        for entry in entries if judge is not None else ():  # the judge runs here, after the workers
-            entry["judge"] = judge.judge_child(entry["name"], str(out / "children" / slug(entry["name"])))
-    else:
-        for i, spec in enumerate(run.children, 1):
-            entry, child_rows = run.child(i, spec, out)
-            if judge is not None:
-                entry["judge"] = judge.judge_child(spec.name, str(out / "children" / slug(spec.name)))
-            entries.append(entry)
-            rows.extend(child_rows)
-            write_report(out, evaluator.report(entries), rows)  # keep what is finished
-        info = {"name": "local", "parent_passes": evaluator.parent_passes}
+    done = runner.recipe_children(run, out, say, judge)
     spec = recipe.evaluation
     floor = evaluator.noise_floor(numerics=spec.noise_floor) if spec.noise_floor or spec.engine_floor else None
-    report = finish_report(evaluator.report(entries, floor), failed, info)
+    report = finish_report(evaluator.report(done.entries, floor), done.failed, done.info)
     report["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
     finish_judged(judge, report, out)
-    write_report(out, report, rows)
+    write_report(out, report, done.rows)
     return report
 
 
