@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flipcheck.evaluation import cache as cache_mod
 from flipcheck.evaluation.corpus import (
     CORPUS_VERSION,
     score_child,
@@ -57,7 +56,7 @@ class Corpora:
     def _fields(self, name: str) -> dict[str, Any]:
         s = self.ev.settings
         return {"corpus": name, "content": self.corpus(name).content_hash(), "ctx": s.ctx, "scoring": s.scoring,
-                "tail": DEFAULT_TAIL_SAMPLES, "corpus_version": CORPUS_VERSION}  # limit, top-K: in _key_fields
+                "tail": DEFAULT_TAIL_SAMPLES, "corpus_version": CORPUS_VERSION}  # limit, top-K: in the evaluator's
 
     def windows_of(self, name: str) -> list:
         if name not in self._windows:
@@ -68,8 +67,7 @@ class Corpora:
     def parent_side(self, name: str) -> dict[str, np.ndarray]:
         """The parent's side of one corpus (cached): exact NLL and argmax, top-K and tail samples."""
         self.ev.parent.ensure_identity(self.ev.settings)
-        key = cache_mod.entry_key(role="parent-corpus", model=self.ev.parent.fingerprint, **self.ev.parent.identity_key(),
-                                  **self.ev._key_fields, **self._fields(name))
+        key = self.ev.parent_key(self._fields(name))
         hit = self.ev.cache.get_arrays(key)
         if hit is not None:
             return hit
@@ -82,9 +80,7 @@ class Corpora:
 
     def child_tokens(self, child: ModelRef, name: str, method: str, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Per scored token of one child on one corpus (cached per KL method)."""
-        key = cache_mod.entry_key(role="child-corpus", model=child.fingerprint, **child.identity_key(),
-                                  parent=self.ev.parent.fingerprint, parent_identity=self.ev.parent.identity_key(),
-                                  **self.ev._key_fields, **self._fields(name), kl=method)
+        key = self.ev.child_key(child, self._fields(name), method)
         hit = self.ev.cache.get_arrays(key)
         if hit is not None:
             log.info("%s / %s: finished in an earlier run (cache)", child.name, name)

@@ -397,18 +397,29 @@ class Evaluator:
                                      "task_config": _task_config_hash(unit, self.settings.include_path)}
         return self._unit_keys[unit]
 
-    def _parent_key(self, unit: str) -> str:
+    def parent_key(self, scope: dict[str, Any]) -> str:
+        """The cache key of the parent's results on one scope (a task unit, or a text corpus): its
+        identity (fingerprint, tokenizer, config, engine), the scoring settings and the scope's own fields.
+        The one key path of question tasks and corpora."""
+        self.parent.ensure_identity(self.settings)
         return cache_mod.entry_key(
-            role="parent", model=self.parent.fingerprint, **self.parent.identity_key(), **self._unit_fields(unit),
+            role="parent", model=self.parent.fingerprint, **self.parent.identity_key(), **scope,
             **self._key_fields, engine=ENGINE_VERSION,
         )
 
-    def _child_key(self, child: ModelRef, unit: str, method: str | None = None) -> str:
+    def child_key(self, child: ModelRef, scope: dict[str, Any], method: str | None = None) -> str:
+        """The cache key of a child's results on one scope, against this parent, its KL made by `method`."""
         return cache_mod.entry_key(
             role="child", model=child.fingerprint, **child.identity_key(), parent=self.parent.fingerprint,
-            parent_identity=self.parent.identity_key(), **self._unit_fields(unit), **self._key_fields,
+            parent_identity=self.parent.identity_key(), **scope, **self._key_fields,
             kl=method or self.settings.kl, engine=ENGINE_VERSION,
         )
+
+    def _parent_key(self, unit: str) -> str:
+        return self.parent_key(self._unit_fields(unit))
+
+    def _child_key(self, child: ModelRef, unit: str, method: str | None = None) -> str:
+        return self.child_key(child, self._unit_fields(unit), method)
 
     # -- one child ----------------------------------------------------------------------------
     def check_child(self, child: ModelRef) -> None:
