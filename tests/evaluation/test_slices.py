@@ -118,6 +118,9 @@ def test_group_slices_by_subtask_and_rows_read_category_and_prompt_length():
     sub = group["slices"]["category"]
     assert sub["by"] == "subtask" and [(x["slice"], x["n"], x["n_flips"]) for x in sub["slices"]] == [
         ("g_a", 4, 2), ("g_b", 3, 1)]
+    assert len(group["top_kl"]) == 7 and "top_kl" not in group["subtasks"]["g_a"]  # listed once, at the group
+    one = summarize_task([_row(i, True, False, "same", 10, 0.1, 0.1) for i in range(3)], n_boot=20)
+    assert one["slices"]["category"] is None  # a single category is no slicing
 
     def sample(doc_id, lls, acc, doc):
         return {"doc_id": doc_id, "target": 0, "arguments": [("Question: where?", f" {c}") for c in "AB"],

@@ -646,6 +646,7 @@ def _margin_block(margins: list[float | None], cp: np.ndarray, flipped: np.ndarr
 # slices: where in a task the damage concentrates
 
 TOP_KL = 20  # questions listed per task by KL
+_SLICE_KEYS = ("slices", "top_kl", "first_difference")
 LENGTH_BINS, MARGIN_BINS = 3, 10  # prompt-length terciles, parent-margin deciles
 
 
@@ -691,7 +692,7 @@ def slice_summaries(rs: list[SampleRow], *, n_boot: int = 1000, seed: int = 0) -
 
     - ``category``: by subtask when the rows come from several lm-eval tasks (a group), else by the
       doc's ``category`` (else ``subject``) field, rows without one under "(none)"; None when
-      neither exists. ``by`` says which.
+      neither exists or every question has the same. ``by`` says which.
     - ``prompt_length``: terciles of the prompt's length in characters (the first request's
       context: few-shot examples included), edges ``lo``/``hi`` inclusive of ties.
     - ``margin``: deciles of the parent's top margin under the headline metric (multiple choice);
@@ -700,7 +701,7 @@ def slice_summaries(rs: list[SampleRow], *, n_boot: int = 1000, seed: int = 0) -
     tasks = sorted({r.task for r in rs})
     if len(tasks) > 1:
         by, key = "subtask", (lambda r: r.task)
-    elif any(r.category is not None for r in rs):
+    elif len({r.category for r in rs}) > 1:  # one category for every question says nothing
         by, key = "category", (lambda r: r.category if r.category is not None else "(none)")
     else:
         by, key = None, None
@@ -859,7 +860,8 @@ def summarize_group(
     out["weights"] = None if pooled else {t: float(weights.get(t, 0.0)) for t in sizes}
     if not pooled:
         _reweight(out, leaf_rows, leaf_summaries, weights, n_boot, seed)
-    out["subtasks"] = {t: dict(leaf_summaries[t]) for t in leaf_summaries}
+    # the group row carries the slices (by subtask) and the largest-KL questions; its subtasks the figures
+    out["subtasks"] = {t: {k: v for k, v in leaf_summaries[t].items() if k not in _SLICE_KEYS} for t in leaf_summaries}
     return jsonable(out)
 
 
