@@ -108,6 +108,7 @@ def test_top_kl_keeps_twenty_and_generative_first_difference():
     assert g["first_difference"] == {"unit": "characters", "n": 4, "identical": 1, "differ": 3, "median": 2.0,
                                      "mean": pytest.approx(4 / 3), "min": 0, "max": 2}
     assert g["slices"]["margin"] is None and g["top_kl"] == []  # no KL measured: nothing to rank
+    assert g["slices"]["prompt_length"] is None  # every prompt 5 characters long: nothing to tell apart
 
 
 def test_group_slices_by_subtask_and_rows_read_category_and_prompt_length():

@@ -671,9 +671,10 @@ def _slice(label: str, views: list[tuple], n_boot: int, seed: int, **where: Any)
 def _binned(rs: list[SampleRow], values: list[float | None], n_bins: int, names: list[str], missing: str,
             n_boot: int, seed: int) -> list[dict[str, Any]] | None:
     """Slices by quantile bins of `values` (:func:`metrics.quantile_bins`); rows without a value go
-    to a `missing` slice, so the slices' n add up to len(rs). None when no row has a value."""
+    to a `missing` slice, so the slices' n add up to len(rs). None when fewer than two distinct
+    values exist. A slice holds the values in [lo, hi) (the last one [lo, hi])."""
     have = [i for i, v in enumerate(values) if v is not None and math.isfinite(v)]
-    if not have:
+    if len({values[i] for i in have}) < 2:  # nothing to tell apart (every prompt equally long)
         return None
     edges, bins = M.quantile_bins([values[i] for i in have], n_bins)
     out = []
