@@ -81,5 +81,8 @@ def test_everything_is_put_back_after_the_block(tmp_path):
     text = path.read_text()
     assert "from transformers" in text and "a library's warning" in text and "third-party bar" in text
     assert (list(lg.handlers), lg.level, lg.propagate, std.tqdm.__dict__["__init__"]) == before
+    with third_party_output(tmp_path / "quiet"):  # nothing said: no run folder made
+        pass
+    assert not (tmp_path / "quiet").exists()
     with third_party_output(None, verbose=True) as nothing:
         assert nothing is None and std.tqdm.__dict__["__init__"] is before[3]

@@ -100,20 +100,45 @@ def _loguru_to(stream: TextIO) -> Iterator[None]:
         logger.add(sys.stderr, level="WARNING")  # what the CLI's logging set-up leaves
 
 
+class _LazyLog:
+    """An append-only text file opened on the first write: a command that fails before any library
+    speaks leaves no run folder behind."""
+
+    encoding = "utf-8"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: TextIO | None = None
+
+    def write(self, text: str) -> int:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 @contextlib.contextmanager
 def third_party_output(run_folder: str | os.PathLike | None, *, verbose: bool = False) -> Iterator[Path | None]:
-    """Route third-party output to ``RUN_FOLDER/run.log`` (appended; discarded without a folder)
-    while the block runs; yields the log's path (None when nothing is kept). ``verbose``: leave
-    everything where it is."""
+    """Route third-party output to ``RUN_FOLDER/run.log`` (appended, created on the first line;
+    discarded without a folder) while the block runs; yields the log's path (None when nothing is
+    kept). ``verbose``: leave everything where it is."""
     if verbose:
         yield None
         return
     path = Path(run_folder) / RUN_LOG if run_folder is not None else None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stream: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
-    else:
-        stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    stream: Any = _LazyLog(path) if path is not None else open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
     _configure_libraries()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
