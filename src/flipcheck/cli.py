@@ -163,7 +163,10 @@ def eval_cmd(
         _show(report, out)
         _exit_if_failed(report)
 
-    _run(go)
+    from flipcheck.runlog import third_party_output
+
+    with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
+        _run(go)
 
 
 def _verdict(line: str) -> None:

@@ -10,6 +10,7 @@ the OpenAI client, the chat template, generation in the server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -99,12 +100,12 @@ def judge_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def judge_server(judge_dir, tmp_path_factory):
-    """`transformers serve JUDGE_DIR` on a free 127.0.0.1 port; yields (base URL, model name)."""
+@contextlib.contextmanager
+def serve_judge(judge_dir: Path, log: Path):
+    """`transformers serve JUDGE_DIR` on a free 127.0.0.1 port while the block runs; yields (base URL, model name).
+    Leaving the block stops the server (the port then refuses connections)."""
     exe = Path(sys.executable).with_name("transformers")
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen([str(exe), "serve", str(judge_dir), "--host", "127.0.0.1", "--port", str(port),
@@ -129,6 +130,14 @@ def judge_server(judge_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def judge_server(judge_dir, tmp_path_factory):
+    """One judge server for the whole session; yields (base URL, model name)."""
+    with serve_judge(judge_dir, tmp_path_factory.mktemp("serve") / "serve.log") as server:
+        yield server
 
 
 @pytest.fixture

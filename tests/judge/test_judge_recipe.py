@@ -52,9 +52,9 @@ def test_recipe_judges_every_child_and_correlates(chat_parent_dir, task_dir, jud
     assert run_gate(tmp_path / "run", **recipe.gate.budgets(), echo=lines.append)  # the recipe's gate, judge included
     assert sum("[judge]: Δscore +0.00 >= -0.50" in line for line in lines) == 3
 
-    # a re-run reuses every answer and verdict: the judge sees only the preflight
+    # a re-run reuses every answer and verdict: the judge is not contacted at all, not even by the preflight
     again = run_recipe(recipe, tmp_path / "run", cache_dir=tmp_path / "fc")
-    assert again["judge_run"] == {**again["judge_run"], "requests": 1, "answered": 0}
+    assert again["judge_run"] == {**again["judge_run"], "requests": 0, "answered": 0}
 
 
 def test_recipe_judge_section_is_validated(chat_parent_dir, task_dir):

@@ -72,11 +72,11 @@ def test_judge_command_end_to_end_and_resume(judge_server, chat_parent_dir, chat
     assert written and not [p for p in written if b"sk-test-secret-4242" in p.read_bytes()]
     assert "sk-test-secret-4242" not in text
 
-    # a second run asks the judge nothing and generates nothing; only the preflight goes out
+    # a second run asks the judge nothing and generates nothing; everything is cached, so not even the preflight goes out
     res, text = invoke(*args)
     assert res.exit_code == 0, text
     again = json.loads((out / "report.json").read_text())
-    assert again["judge_run"]["requests"] == 1 and again["judge_run"]["answered"] == 0
+    assert again["judge_run"]["requests"] == 0 and again["judge_run"]["answered"] == 0
     assert answer_files(cache) == gens
     assert [c["judge"]["single"] for c in again["children"]] == [c["judge"]["single"] for c in rep["children"]]
 
@@ -187,6 +187,42 @@ def test_preflight_fails_before_any_generation(judge_server, chat_parent_dir, ch
     assert res.exit_code == 2 and "expected an http(s) URL" in text
     res, text = invoke("judge", chat_parent_dir, chat_children[0], "--judge-url", dead, "--judge-model", "m", "--mode", "x")
     assert res.exit_code == 2 and "allowed are single, pairwise, both" in text
+
+
+def _without_run_stamps(report: dict) -> dict:
+    """The report less what describes this run rather than its results: the time, and the judge traffic
+    (requests made, verdicts answered from the cache)."""
+    children = [{**c, "judge": {k: v for k, v in c["judge"].items() if k != "verdicts"}} for c in report["children"]]
+    return {**{k: v for k, v in report.items() if k not in ("created", "judge_run")}, "children": children}
+
+
+def test_a_fully_cached_rerun_needs_no_judge(judge_dir, chat_parent_dir, chat_children, prompts_file, tmp_path):
+    """Run with a judge, stop the judge, run again: the same report from the cache, exit 0. With one verdict
+    missing, the stopped judge is reported by the preflight (one line, exit 2) before any work."""
+    out = tmp_path / "run"
+    with jf.serve_judge(judge_dir, tmp_path / "serve.log") as (url, model):
+        args = ["judge", chat_parent_dir, chat_children[0], "--prompts", prompts_file, "--judge-url", url,
+                "--judge-model", model, "--max-new-tokens", "4", "--out", out, "--device", "cpu"]
+        res, text = invoke(*args)
+        assert res.exit_code == 0, text
+    first = json.loads((out / "report.json").read_text())
+    first_rows = (out / "judge.jsonl").read_text()
+    assert first["judge_run"]["requests"] == 1 + first["judge_run"]["answered"]  # the preflight, then the verdicts
+    with pytest.raises(OSError):  # the server is gone: its port refuses connections
+        urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=2)
+
+    res, text = invoke(*args)
+    assert res.exit_code == 0, text
+    again = json.loads((out / "report.json").read_text())
+    assert _without_run_stamps(again) == _without_run_stamps(first)
+    assert again["judge_run"]["requests"] == 0 and again["judge_run"]["answered"] == 0
+    assert again["children"][0]["judge"]["verdicts"]["from_cache"] == again["children"][0]["judge"]["verdicts"]["asked"]
+    assert (out / "judge.jsonl").read_text() == first_rows
+
+    verdicts = sorted((tmp_path / "fc" / "judge" / "verdicts").rglob("*.json"))
+    verdicts[0].unlink()  # one verdict to ask: the judge is needed, and it is down
+    res, text = invoke(*args)
+    assert res.exit_code == 2 and "unreachable" in text and len(text.strip().splitlines()) == 1, text
 
 
 def test_pairwise_only_mode(judge_server, chat_parent_dir, chat_children, prompts_file, tmp_path):

@@ -22,8 +22,9 @@ table :data:`ARCHITECTURES` holds only dotted paths, so adding a family is one e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -90,6 +91,30 @@ def spec_for(model_type: str) -> ArchitectureSpec:
             f"unsupported architecture {model_type!r}; supported: {', '.join(ARCHITECTURES)}"
         )
     return ARCHITECTURES[model_type]
+
+
+def linear_widths(config: Mapping[str, Any]) -> list[tuple[str, int]] | None:
+    """(qualified name, in_features) of every decoder Linear, read from a ``config.json`` alone.
+
+    For the pre-norm layout above: the stream's readers (q/k/v, gate/up) take ``hidden_size``; the
+    attention output takes ``num_attention_heads * head_dim`` (``head_dim`` from the config, else
+    ``hidden_size / num_attention_heads``); the MLP output takes ``intermediate_size``. The output
+    head is left out (no method compresses it). None for an architecture not in
+    :data:`ARCHITECTURES` or a config missing one of these sizes: then nothing can be said before
+    the model loads.
+    """
+    spec = ARCHITECTURES.get(str(config.get("model_type")))
+    try:
+        hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if spec is None:
+        return None
+    per_layer = [*((p, hidden) for p in spec.attention_inputs), (spec.attention_output, heads * head_dim),
+                 *((p, hidden) for p in spec.mlp_inputs), (spec.mlp_output, inter)]
+    return [(f"{spec.layers}.{i}.{p}", w) for i in range(layers) for p, w in per_layer]
 
 
 def _get(root: torch.nn.Module, path: str, what: str, model_type: str) -> torch.nn.Module:

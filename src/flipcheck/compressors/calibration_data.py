@@ -94,32 +94,87 @@ def resolve_calibration(config: CalibrationConfig | None, parent: str | os.PathL
     return config.model_copy(update={"source": default_source(parent)})
 
 
-def read_texts(source: str) -> list[str]:
-    """The documents of a calibration source (see the module docstring for the forms)."""
+def _named(source: str) -> Callable[[], list[str]] | None:
+    """The text function of a named source (registered here or by another package's entry point)."""
     if source not in _NAMED:  # a named source another package provides (the demo's facts: "demo")
         for ep in entry_points(group="flipcheck.calibration_sources"):
             if ep.name == source:
                 _NAMED[source] = ep.load()
-    if source in _NAMED:
-        return list(_NAMED[source]())
+    return _NAMED.get(source)
+
+
+def _folder_files(path: Path, source: str) -> list[Path]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise FlipcheckError(f"calibration source {source!r}: the folder holds no .txt or .jsonl files")
+    return files
+
+
+def _not_a_source(source: str) -> FlipcheckError:
+    named = ", ".join(repr(n) for n in sorted(_NAMED)) or "none registered"
+    return FlipcheckError(
+        f"calibration source {source!r} is neither an existing .txt/.jsonl file or folder, "
+        f"'hf:NAME[:CONFIG[:SPLIT]]' (e.g. {DEFAULT_SOURCE}), nor a named source ({named})"
+    )
+
+
+def _unreachable(source: str, err: Exception) -> FlipcheckError:
+    msg = str(err).splitlines()[0][:200] if str(err) else ""
+    why = "no network: Hugging Face offline mode is on" if _offline() else "the hub could not be reached or the dataset was not found"
+    return FlipcheckError(
+        f"calibration source {source!r}: could not load the dataset ({why}; {type(err).__name__}: {msg}); "
+        "pass a local .txt or .jsonl file or a folder of them as the calibration source "
+        "(--calibration PATH, or calibration.source in a recipe)"
+    )
+
+
+def check_reachable(source: str) -> None:
+    """Fail now, in one line, where :func:`read_texts` would fail on `source`, without reading its text.
+
+    Named sources must be registered; local files and folders must exist and hold .txt/.jsonl text;
+    ``hf:`` sources must parse, and with Hugging Face offline mode on, a hub dataset must resolve
+    from the local cache (``datasets.load_dataset_builder``, which reads no rows). Online, the hub
+    is not asked here: it is asked when the text is read.
+    """
+    if _named(source) is not None:
+        return
+    if source.startswith("hf:"):
+        name, config, _ = parse_hf_source(source)
+        if Path(name).expanduser().is_dir() or not _offline():
+            return
+        from datasets import load_dataset_builder
+
+        try:
+            load_dataset_builder(name, config)
+        except Exception as err:  # datasets raises many types for "not cached"
+            raise _unreachable(source, err) from err
+        return
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        _folder_files(path, source)
+    elif path.is_file():
+        if path.suffix not in TEXT_SUFFIXES:
+            raise FlipcheckError(f"calibration file {str(path)!r}: unsupported type {path.suffix!r}; allowed: .txt, .jsonl")
+    else:
+        raise _not_a_source(source)
+
+
+def read_texts(source: str) -> list[str]:
+    """The documents of a calibration source (see the module docstring for the forms)."""
+    named = _named(source)
+    if named is not None:
+        return list(named())
     if source.startswith("hf:"):
         return _hf_texts(source)
     path = Path(os.path.expanduser(source))
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise FlipcheckError(f"calibration source {source!r}: the folder holds no .txt or .jsonl files")
         docs: list[str] = []
-        for f in files:
+        for f in _folder_files(path, source):
             docs.extend(_file_texts(f))
         return docs
     if path.is_file():
         return _file_texts(path)
-    named = ", ".join(repr(n) for n in sorted(_NAMED)) or "none registered"
-    raise FlipcheckError(
-        f"calibration source {source!r} is neither an existing .txt/.jsonl file or folder, "
-        f"'hf:NAME[:CONFIG[:SPLIT]]' (e.g. {DEFAULT_SOURCE}), nor a named source ({named})"
-    )
+    raise _not_a_source(source)
 
 
 def _file_texts(path: Path) -> list[str]:
@@ -217,13 +272,7 @@ def _hf_texts(source: str) -> list[str]:
     except FlipcheckError:
         raise
     except Exception as err:  # datasets raises many types for "not reachable / not cached"
-        msg = str(err).splitlines()[0][:200] if str(err) else ""
-        why = "no network: Hugging Face offline mode is on" if _offline() else "the hub could not be reached or the dataset was not found"
-        raise FlipcheckError(
-            f"calibration source {source!r}: could not load the dataset ({why}; {type(err).__name__}: {msg}); "
-            "pass a local .txt or .jsonl file or a folder of them as the calibration source "
-            "(--calibration PATH, or calibration.source in a recipe)"
-        ) from err
+        raise _unreachable(source, err) from err
     if "text" not in columns:
         raise FlipcheckError(f"calibration source {source!r}: no 'text' column (columns: {', '.join(columns)})")
     return [t for t in texts if isinstance(t, str) and t.strip()]

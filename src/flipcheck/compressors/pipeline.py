@@ -1,6 +1,7 @@
 """Apply an ordered list of compression steps to a parent and save the child.
 
-Every step's settings are validated before the parent is loaded; calibration data is prepared
+Every step's settings, and what the parent's config.json and the calibration source allow
+(:mod:`checks`), are validated before the parent or any data is loaded; calibration data is prepared
 once and shared by every step; consecutive llm-compressor steps (e.g. wanda 2:4 then gptq W4A16)
 run in one ``oneshot`` call, as llm-compressor runs a multi-modifier recipe.
 """
@@ -164,6 +165,9 @@ def compress(
     validated = validate_steps(steps)
     cal_cfg = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**dict(calibration or {}))
     source = resolve_source(parent)  # hub id or folder, resolved once; provenance records source.ref
+    from flipcheck.compressors.checks import check_plan
+
+    check_plan(validated, source, cal_cfg)  # shapes from config.json, calibration reachable: before any loading
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if cal_cfg.source is None:
         from flipcheck.compressors.calibration_data import resolve_calibration

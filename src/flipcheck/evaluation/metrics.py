@@ -116,6 +116,57 @@ def flips(correct_p: Any, correct_c: Any) -> float | None:
     return float((p != c).mean()) if p.size else None
 
 
+def proportion_ci(k: int, n: int, *, level: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion k/n (e.g. a slice's flip rate); None for n = 0.
+
+    With p = k/n and z = Φ⁻¹((1 + level)/2):
+    centre = (p + z²/2n) / (1 + z²/n),  half-width = z / (1 + z²/n) · sqrt(p(1 − p)/n + z²/4n²).
+    Unlike p ± z·sqrt(p(1 − p)/n) it stays inside [0, 1] and is not empty at k = 0 (a slice with
+    no flips among 10 questions: [0, 0.278]).
+    """
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise FlipcheckError(f"proportion: k={k} must lie in [0, n={n}]")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf((1.0 + level) / 2.0)
+    p, z2 = k / n, z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # at k = 0 (k = n) the bound is 0 (1) exactly
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def quantile_bins(values: Any, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, bin of each value) for `n_bins` quantile bins of finite `values`.
+
+    Edges are the k/n_bins quantiles (linear interpolation), edges[0] = min, edges[-1] = max; value
+    x goes to bin b = #{interior edges <= x}, so equal values share a bin and a run of ties that
+    spans several edges leaves the bins in between empty.
+    """
+    if n_bins < 1:
+        raise FlipcheckError(f"n_bins must be at least 1 (got {n_bins})")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    edges = np.quantile(v, np.linspace(0.0, 1.0, n_bins + 1))
+    return edges, np.searchsorted(edges[1:-1], v, side="right").astype(np.int64)
+
+
+def first_difference(a: str | None, b: str | None) -> int | None:
+    """Index of the first character where two texts differ; None when they are equal (or one is missing).
+
+    When one text is a prefix of the other, the index is the shorter one's length (where it ends).
+    """
+    if a is None or b is None or a == b:
+        return None
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def flip_directions(correct_p: Any, correct_c: Any) -> tuple[float, float] | None:
     """(c→i, i→c) = (mean_i [P right and C wrong], mean_i [P wrong and C right]).
 
@@ -341,8 +392,7 @@ def flip_rate_by_margin_decile(margin: Any, flipped: Any, n_bins: int = 10) -> l
     m, f = m[ok], f[ok]
     if m.size == 0:
         return []
-    edges = np.quantile(m, np.linspace(0.0, 1.0, n_bins + 1))
-    bins = np.searchsorted(edges[1:-1], m, side="right")
+    edges, bins = quantile_bins(m, n_bins)
     out = []
     for b in range(n_bins):
         sel = bins == b

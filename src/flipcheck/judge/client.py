@@ -115,6 +115,7 @@ class JudgeClient:
         self.requests = 0  # HTTP requests made (retries included): a resumed run makes none
         self.seconds = 0.0  # wall time of the calls that got a reply (retries and back-off included)
         self.answered = 0  # verdicts the judge gave in this run (not from the cache)
+        self.reached = False  # set by a successful preflight: asked once per client at most
 
     # -- one call ------------------------------------------------------------------------------------
 
@@ -149,13 +150,19 @@ class JudgeClient:
     # -- preflight -----------------------------------------------------------------------------------
 
     def preflight(self) -> None:
-        """One tiny call before any generation: unreachable endpoint, refused key or unknown model -> one line."""
+        """One tiny call before any generation: unreachable endpoint, refused key or unknown model -> one line.
+
+        Asked once per client: a second call after a successful one sends nothing.
+        """
         import openai
 
+        if self.reached:
+            return
         s = self.settings
         try:
             # a busy server (429/5xx) is waited for; a refused connection fails at once
             self._with_retries("Reply with the word ok.", 1, min(2, s.retries), connection=False)
+            self.reached = True
         except openai.AuthenticationError as err:
             raise FlipcheckError(
                 f"judge {s.url}: the endpoint refused the API key ({_one_line(err)}); set ${s.api_key_env}"
@@ -178,13 +185,28 @@ class JudgeClient:
     def _path(self, key: str) -> Path:
         return self.cache / key[:2] / f"{key}.json"
 
+    def _cached_reply(self, key: str, *, warn: bool = True) -> str | None:
+        """The cached reply under `key`, or None (no cache, no file, or an unreadable one)."""
+        path = self._path(key)
+        if not (self.use_cache and path.is_file()):
+            return None
+        try:
+            reply = json.loads(path.read_text(encoding="utf-8"))["reply"]
+        except (ValueError, KeyError):
+            if warn:
+                log.warning("%s: unreadable cached verdict; asking again", path)
+            return None
+        return reply if isinstance(reply, str) else None
+
+    def is_cached(self, key: str) -> bool:
+        """True when :meth:`ask` would answer `key` from the cache, without the judge."""
+        return self._cached_reply(key, warn=False) is not None
+
     def ask(self, key: str, prompt: str, meta: dict[str, Any]) -> Verdict:
         path = self._path(key)
-        if self.use_cache and path.is_file():
-            try:
-                return Verdict(key, json.loads(path.read_text(encoding="utf-8"))["reply"], cached=True)
-            except (ValueError, KeyError):
-                log.warning("%s: unreadable cached verdict; asking again", path)
+        cached = self._cached_reply(key)
+        if cached is not None:
+            return Verdict(key, cached, cached=True)
         t0 = time.perf_counter()
         try:
             reply = self._with_retries(prompt, self.settings.max_tokens, self.settings.retries)

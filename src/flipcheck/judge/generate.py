@@ -59,6 +59,53 @@ def _chat_template(tokenizer: Any, spec: str) -> str:
     return str(tpl)
 
 
+def _answers_file(ms: Any, tok: Any, prompts: PromptSet, gen: GenerationSettings,
+                  cache_dir: str | Path | None) -> Path:
+    from flipcheck.models import resolve_device, resolve_dtype
+
+    template = _chat_template(tok, ms.spec)
+    device = resolve_device(gen.device)
+    dtype = str(resolve_dtype(gen.dtype, device))
+    key = answers_key(ms.fingerprint, template, prompts, gen, device, dtype)
+    return Path(cache_dir if cache_dir is not None else cache_root()) / "judge" / "answers" / f"{key}.json"
+
+
+def _read_answers(path: Path, use_cache: bool, *, warn: bool = True) -> dict[str, list[str]]:
+    if not (use_cache and path.is_file()):
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("answers") or {}
+    except ValueError:
+        if warn:
+            log.warning("%s: unreadable cached answers; generating them again", path)
+        return {}
+
+
+def cached_answers(
+    source: Any,
+    prompts: PromptSet,
+    gen: GenerationSettings,
+    *,
+    tokenizer: Any = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+) -> dict[str, list[str]] | None:
+    """The answers :func:`generate_answers` would return, when every one is cached; None otherwise.
+
+    Loads the tokenizer (for its chat template, part of the key) but never the model.
+    """
+    from flipcheck.models import load_tokenizer, resolve_source
+
+    if not use_cache:
+        return None
+    ms = resolve_source(source)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(ms, trust_remote_code=gen.trust_remote_code)
+    done = _read_answers(_answers_file(ms, tok, prompts, gen, cache_dir), use_cache, warn=False)
+    if any(p.id not in done for p in prompts.prompts):
+        return None
+    return {p.id: done[p.id] for p in prompts.prompts}
+
+
 def generate_answers(
     source: Any,
     prompts: PromptSet,
@@ -69,29 +116,24 @@ def generate_answers(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    before_work: Callable[[], None] | None = None,
 ) -> dict[str, list[str]]:
     """{prompt id: [answer per turn]} of the model at `source` (hub id, folder or ModelSource).
 
     `model` / `tokenizer`: an already loaded model (a recipe's in-memory child); loaded from
-    `source` otherwise, and only when some answer is not cached.
+    `source` otherwise, and only when some answer is not cached. `before_work` is called once
+    before the first answer that is not cached is generated (the judge's lazy preflight).
     """
-    from flipcheck.models import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+    from flipcheck.models import load_model, load_tokenizer, resolve_source
 
     ms = resolve_source(source)
     tok = tokenizer if tokenizer is not None else load_tokenizer(ms, trust_remote_code=gen.trust_remote_code)
-    template = _chat_template(tok, ms.spec)
-    device = resolve_device(gen.device)
-    dtype = str(resolve_dtype(gen.dtype, device))
-    key = answers_key(ms.fingerprint, template, prompts, gen, device, dtype)
-    path = Path(cache_dir if cache_dir is not None else cache_root()) / "judge" / "answers" / f"{key}.json"
-    done: dict[str, list[str]] = {}
-    if use_cache and path.is_file():
-        try:
-            done = json.loads(path.read_text(encoding="utf-8")).get("answers") or {}
-        except ValueError:
-            log.warning("%s: unreadable cached answers; generating them again", path)
+    path = _answers_file(ms, tok, prompts, gen, cache_dir)
+    done = _read_answers(path, use_cache)
     todo = [p for p in prompts.prompts if p.id not in done]
     if todo:
+        if before_work is not None:
+            before_work()
         if model is None:
             model = load_model(ms, device=gen.device, dtype=gen.dtype, trust_remote_code=gen.trust_remote_code)
         meta = {"model": ms.ref, "fingerprint": ms.fingerprint, "prompts": prompts.source,

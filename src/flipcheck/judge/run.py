@@ -1,6 +1,8 @@
 """``flipcheck judge`` and a recipe's ``judge:`` section: answer, grade, compare, summarise.
 
-The order of work: the judge is asked once (preflight) before any model generates; the parent
+The order of work: the judge is asked once (preflight) before any model generates, unless every
+answer and verdict the run needs is already cached (then the report is written from the cache and
+the judge is never contacted, so a re-run works with the judge server stopped); the parent
 answers once (cached, so K children cost K+1 generations); then per child: its answers, its
 verdicts (the parent's single-answer ratings are shared by every child through the verdict
 cache), and its ``judge`` section. Per-prompt rows (answers, scores, the judge's replies) go to
@@ -21,7 +23,7 @@ from typing import Any
 from flipcheck.errors import FlipcheckError
 from flipcheck.files import write_text_atomic
 from flipcheck.judge.client import JudgeClient, JudgeSettings
-from flipcheck.judge.generate import GenerationSettings, generate_answers
+from flipcheck.judge.generate import GenerationSettings, cached_answers, generate_answers
 from flipcheck.judge.grading import (
     GRADER_VERSION,
     combine_orders,
@@ -69,7 +71,25 @@ class JudgeSession:
         (self.progress or (lambda m: log.info("%s", m)))(msg)
 
     def preflight(self) -> None:
+        """Check the judge (once per session; later calls send nothing)."""
         self.client.preflight()
+
+    def fully_cached(self, parent: Any, children: Sequence[Any]) -> bool:
+        """True when the parent's and every child's answers, and every verdict on them, are cached:
+        the run needs neither a model nor the judge. Loads tokenizers (for the chat template in the
+        answers' key), never a model, and asks the judge nothing."""
+        kw = {"cache_dir": self.cache_dir, "use_cache": self.use_cache}
+        pa = cached_answers(parent, self.prompts, self.gen, **kw)
+        if pa is None:
+            return False
+        for child in children:
+            ca = cached_answers(child, self.prompts, self.gen, **kw)
+            if ca is None:
+                return False
+            _, items = self._plan(pa, ca)
+            if not all(self.client.is_cached(k) for k, _, _ in items):
+                return False
+        return True
 
     def run_stats(self) -> dict[str, Any]:
         """This run's judge traffic: HTTP requests (retries included; 0 on a fully cached re-run) and time."""
@@ -81,7 +101,7 @@ class JudgeSession:
     def answer(self, name: str, source: Any, *, model: Any = None, tokenizer: Any = None) -> dict[str, list[str]]:
         self._say(f"{name}: answering {len(self.prompts.prompts)} prompts")
         return generate_answers(source, self.prompts, self.gen, model=model, tokenizer=tokenizer,
-                                cache_dir=self.cache_dir, use_cache=self.use_cache)
+                                cache_dir=self.cache_dir, use_cache=self.use_cache, before_work=self.preflight)
 
     def answer_parent(self, source: Any, *, model: Any = None, tokenizer: Any = None) -> None:
         self.parent = self.answer("parent", source, model=model, tokenizer=tokenizer)
@@ -92,6 +112,8 @@ class JudgeSession:
             raise FlipcheckError("judge: the parent has not answered yet (answer_parent first)")
         child = self.answer(name, source, model=model, tokenizer=tokenizer)
         records, items = self._plan(self.parent, child)
+        if not all(self.client.is_cached(k) for k, _, _ in items):
+            self.preflight()  # a verdict to ask: check the judge first (once)
         requests_before = self.client.requests
         self._say(f"{name}: judging ({len(items)} verdicts, {self.settings.concurrency} at a time)")
         t0 = time.perf_counter()
@@ -201,7 +223,8 @@ def judge_models(
     session = JudgeSession(ps, settings, gen, mode=mode, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     parent_src = resolve_source(parent)
     child_srcs = [resolve_source(c) for c in children]  # a missing child fails before any work
-    session.preflight()  # before any generation: a dead endpoint costs nothing
+    if not session.fully_cached(parent_src, child_srcs):
+        session.preflight()  # before any generation: a dead endpoint costs nothing
     session.answer_parent(parent_src)
     entries = []
     for spec, src in zip(children, child_srcs, strict=True):
@@ -224,7 +247,13 @@ def judge_models(
 
 def recipe_session(recipe: Any, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                    progress: Callable[[str], None] | None = None) -> JudgeSession | None:
-    """The judge of a recipe's ``judge:`` section, preflighted (None when the recipe has none)."""
+    """The judge of a recipe's ``judge:`` section (None when the recipe has none).
+
+    Preflighted now, before any work, unless the parent's answers are all cached (a re-run): then
+    the judge is checked only before the first answer or verdict that is not cached, so a re-run
+    whose children and verdicts are all cached needs no judge. (The children of a recipe do not
+    exist before it runs, so whether their answers are cached cannot be known up front.)
+    """
     spec = getattr(recipe, "judge", None)
     if spec is None:
         return None
@@ -232,7 +261,9 @@ def recipe_session(recipe: Any, *, cache_dir: str | os.PathLike | None = None, u
                              trust_remote_code=recipe.trust_remote_code)
     session = JudgeSession(load_prompts(spec.prompts, limit=spec.limit), spec.settings(), gen, mode=spec.mode,
                            cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    session.preflight()
+    if recipe.parent == "demo" or cached_answers(recipe.parent, session.prompts, gen, cache_dir=cache_dir,
+                                                 use_cache=use_cache) is None:
+        session.preflight()
     return session
 
 

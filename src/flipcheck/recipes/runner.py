@@ -203,10 +203,12 @@ def run_recipe(
     from flipcheck.executors import finish_report, get_executor
     from flipcheck.judge.run import finish_report as finish_judged
     from flipcheck.judge.run import recipe_session
+    from flipcheck.recipes.checks import check_recipe
 
     out = Path(out)
     say = progress or (lambda msg: log.info("%s", msg))
     run = RecipeRun(recipe, cache_dir=cache_dir, use_cache=use_cache, say=say)
+    check_recipe(run.recipe, run.parent_src)  # every child's static checks, before the parent is scored
     say(f"parent: {run.parent_src.spec}")
     evaluator = run.evaluator
     judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work

@@ -12,6 +12,7 @@ from typing import Any
 from flipcheck.evaluation.report.corpus import corpus_html
 from flipcheck.evaluation.report.plots import _CAPTIONS, FLOOR_COLOUR, PLOTS, child_colours
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
+from flipcheck.evaluation.report.slices import slices_html
 from flipcheck.evaluation.report.text import (
     EXPLAIN,
     answer_text,
@@ -190,6 +191,7 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         parts += _summary_table(report, colours)
         parts += _subtasks_html(report, colours)
         parts.append(f'<p class="note">{e(EXPLAIN)}</p>')
+        parts += slices_html(report)
     elif not entries:
         parts.append("<p>No children in this report.</p>")
     parts += corpus_html(report)

@@ -1,4 +1,4 @@
-"""report.md: a line per child, the table per child and task, subtasks folded, the flipped questions."""
+"""report.md: a line per child, the table per child and task, subtasks folded, slices, the flipped questions."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from flipcheck.evaluation.report.corpus import corpus_markdown
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
+from flipcheck.evaluation.report.slices import slices_markdown
 from flipcheck.evaluation.report.text import (
     EXPLAIN,
     HEADERS,
@@ -86,6 +87,8 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
                 cells = [label, task, str(s.get("n", "-")), *table_cells(s)]
                 out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         out += _subtasks_markdown(report)
+    if questions:
+        out += slices_markdown(report)
     out += corpus_markdown(report)
     from flipcheck.judge.report import judge_markdown
 

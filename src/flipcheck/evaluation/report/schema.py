@@ -21,7 +21,10 @@ one entry), a child may carry ``"corpus": {name: figures}`` (distance on text, s
 ``"judge_correlation"`` / ``"judge_run"`` (``flipcheck judge`` or a recipe's ``judge:``).
 
 Task summaries are those of :func:`flipcheck.evaluation.samples.summarize_task` (a named group
-holds its subtasks' summaries under ``"subtasks"``). samples.jsonl holds one per-question row per
+holds its subtasks' summaries under ``"subtasks"``). Optional in a summary (added within version
+2; absent from older reports and from ``micro``): ``"slices"`` (by subtask or category, prompt-length
+tercile and parent-margin decile), ``"top_kl"`` (the questions with the largest KL) and
+``"first_difference"`` (generative tasks). samples.jsonl holds one per-question row per
 line (a :class:`~flipcheck.evaluation.samples.SampleRow` plus the ``child`` it belongs to).
 """
 
