@@ -70,3 +70,27 @@ def test_recipe_settings_are_derived_by_name(tmp_path):
     for key, value in spec.items():
         assert getattr(s, key) == value, key
     assert (s.device, s.dtype) == ("cpu", "float32")
+
+
+def test_batch_size_auto_is_resolved_recorded_and_changes_no_answer(tiny_model_dir, task_dir, tmp_path):
+    from flipcheck.compressors.pipeline import compress
+
+    child = tmp_path / "noisy"
+    compress(str(tiny_model_dir), [("noise", {"sigma": 0.1})], out=child)
+    runs = {}
+    for bs in ("auto", 3):
+        runs[bs] = evaluate(str(tiny_model_dir), str(child), tasks="tiny_letters,tiny_sums", include_path=str(task_dir),
+                            batch_size=bs, cache_dir=tmp_path / f"cache{bs}")
+    auto = runs["auto"]["settings"]
+    assert auto["batch_size_auto"] is True and auto["batch_size"] == 16  # CPU: flipcheck's default
+    a, b = (runs[k]["children"][0]["micro"] for k in ("auto", 3))
+    assert (a["acc_P"], a["acc_C"], a["flips"]) == (b["acc_P"], b["acc_C"], b["flips"])
+
+
+def test_a_bad_batch_size_is_one_line():
+    import pytest
+
+    from flipcheck.errors import FlipcheckError
+
+    with pytest.raises(FlipcheckError, match="allowed are an integer >= 1 or auto"):
+        EvalSettings(tasks=["x"], batch_size="big")

@@ -116,7 +116,7 @@ def eval_cmd(
     include_path: Annotated[list[str] | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="few-shot examples (task default if unset)")] = None,
     limit: Annotated[float | None, typer.Option(help="questions per task (count, or fraction if < 1)")] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward")] = 16,
+    batch_size: Annotated[str, typer.Option(help="sequences per forward, or auto: the largest that fits the device (16 on CPU)")] = "16",
     seed: int = 1234,
     device: Device = None,
     dtype: Dtype = None,
@@ -323,6 +323,7 @@ def run_cmd(
     filter_: Filter = None,
     per_subtask: PerSubtask = False,
     kl: Annotated[str | None, typer.Option("--kl", help="override the recipe's vocabulary KL: topk or exact")] = None,
+    batch_size: Annotated[str | None, typer.Option(help="override the recipe's sequences per forward (an integer, or auto)")] = None,
     engine: EngineOpt = None,
     parent_engine: ParentEngine = None,
     child_engine: ChildEngine = None,
@@ -335,6 +336,7 @@ def run_cmd(
 ) -> None:
     """Compress, evaluate every child against the parent, write the report, apply the recipe's gate."""
     _setup_logging(verbose)
+    from flipcheck.evaluation.runner import parse_batch_size
     from flipcheck.evaluation.samples import check_metric
     from flipcheck.recipes.runner import run_recipe
     from flipcheck.recipes.schema import load_recipe
@@ -347,6 +349,7 @@ def run_cmd(
             update["parent"] = parent
         overrides = {"tasks": tasks.split(",") if tasks else None, "limit": limit, "metric": check_metric(metric),
                      "filter": filter_, "per_subtask": per_subtask or None, "kl": _kl_choice(kl),
+                     "batch_size": None if batch_size is None else parse_batch_size(batch_size),
                      **_engine_choices(engine, parent_engine, child_engine)}
         if any(v is not None for v in overrides.values()):
             update["evaluation"] = r.evaluation.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -395,7 +398,7 @@ def sweep_cmd(
     include_path: Annotated[str | None, typer.Option("--include-path")] = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    batch_size: int = 16,
+    batch_size: Annotated[str, typer.Option(help="sequences per forward, or auto: the largest that fits the device (16 on CPU)")] = "16",
     seed: int = 1234,
     calibration: Annotated[str | None, typer.Option(help="calibration source (default: the parent's own, else wikitext-2 train)")] = None,
     calibration_samples: int = 32,

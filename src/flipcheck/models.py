@@ -469,20 +469,30 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
     return json.loads(f.read_text())
 
 
-def suggest_batch_size(model: torch.nn.Module, seq_len: int, *, device: str | None = None,
+def suggest_batch_size(model, seq_len: int, *, device: str | None = None, dtype: str | torch.dtype | None = None,
                        fraction: float = 0.5, cap: int = 256) -> int:
     """Sequences of `seq_len` tokens per forward that fit in `fraction` of the free GPU memory.
 
-    Per sequence, a forward without gradients holds the float32 log-probabilities over the
-    vocabulary (twice: logits and log-softmax, 8 bytes per token and vocabulary entry) and one
-    layer's activations at a time (about 10 hidden + 3 intermediate values per token in the
-    model's dtype). On CPU (or without CUDA) the answer is `cap` bounded by 16, flipcheck's default.
+    `model`: a loaded model, or a model source (its config.json is read, no weights). Per sequence,
+    a forward without gradients holds the float32 log-probabilities over the vocabulary (twice:
+    logits and log-softmax, 8 bytes per token and vocabulary entry) and one layer's activations at a
+    time (about 10 hidden + 3 intermediate values per token in the model's dtype). On CPU (or
+    without CUDA) the answer is `cap` bounded by 16, flipcheck's default.
     """
     dev = resolve_device(device)
     if dev == "cpu" or dev == "mps" or not torch.cuda.is_available():
         return min(cap, 16)
-    cfg = model.config
-    width = next(model.parameters()).element_size()
+    if isinstance(model, torch.nn.Module):
+        cfg = model.config
+        width = next(model.parameters()).element_size()
+    else:
+        from transformers import AutoConfig
+
+        ms = resolve_source(model)
+        if ms.gguf:  # llama.cpp manages its own batches; this is the transformers path's figure
+            return min(cap, 16)
+        cfg = AutoConfig.from_pretrained(str(ms.local_folder(weights=False)))
+        width = torch.tensor([], dtype=resolve_dtype(dtype, dev)).element_size()
     per_token = 8 * cfg.vocab_size + width * (10 * cfg.hidden_size + 3 * getattr(cfg, "intermediate_size", 4 * cfg.hidden_size))
     free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) if dev == "auto" else \
         torch.cuda.mem_get_info(torch.device(dev))[0]

@@ -68,7 +68,7 @@ class EvalSettings:
     num_fewshot: int | None = None
     limit: int | float | None = None
     seed: int = 1234
-    batch_size: int = 16
+    batch_size: int | str = 16  # sequences per forward, or "auto": the largest that fits the device (resolved once)
     topk: int = DEFAULT_TOPK  # parent top-K log-probs kept per scored position for KL against a cached parent
     device: str | None = None
     dtype: str | None = None
@@ -96,8 +96,7 @@ class EvalSettings:
             raise FlipcheckError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.limit is not None and self.limit <= 0:
             raise FlipcheckError(f"limit must be > 0 (a count, or a fraction in (0, 1]), got {self.limit}")
-        if self.batch_size < 1:
-            raise FlipcheckError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.batch_size = parse_batch_size(self.batch_size)
         if self.topk < 1:
             raise FlipcheckError(f"topk must be >= 1, got {self.topk}")
         from flipcheck.evaluation.kl import KL_METHODS
@@ -108,6 +107,23 @@ class EvalSettings:
 
         for name in ("engine", "parent_engine", "child_engine"):
             setattr(self, name, check_engine(getattr(self, name)))
+
+    @property
+    def _auto_batch(self) -> bool:
+        return bool(getattr(self, "_batch_auto", False))
+
+    def resolve_batch_size(self, source) -> int:
+        """``batch_size="auto"``: the largest batch of rows (up to ``max(ctx, 1024)`` tokens) whose float32
+        log-probabilities and activations fit half of the device's free memory, from the parent's
+        config.json (:func:`flipcheck.models.suggest_batch_size`); 16 on CPU. Recorded in the report.
+        Batch size changes no answer (it is not in any cache key; the noise floor measures it)."""
+        if self.batch_size == "auto":
+            from flipcheck.models import suggest_batch_size
+
+            self.batch_size = suggest_batch_size(source, max(self.ctx, 1024), device=self.device, dtype=self.dtype)
+            self._batch_auto = True
+            log.info("--batch-size auto: %d", self.batch_size)
+        return int(self.batch_size)
 
     def engine_of(self, role: str) -> str | None:
         """The engine asked for the parent (`role` "parent") or the children (None: each model's default)."""
@@ -136,6 +152,7 @@ class EvalSettings:
             "limit": self.limit,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            **({"batch_size_auto": True} if self._auto_batch else {}),
             "topk": self.topk,
             "device": resolve_device(self.device),
             "dtype": str(resolve_dtype(self.dtype, resolve_device(self.device))).replace("torch.", ""),
@@ -148,6 +165,20 @@ class EvalSettings:
             "scoring": self.scoring,
             **{k: getattr(self, k) for k in ("engine", "parent_engine", "child_engine") if getattr(self, k)},
         }
+
+
+def parse_batch_size(value: int | str) -> int | str:
+    """An integer >= 1, or ``"auto"`` (resolved by :meth:`EvalSettings.resolve_batch_size`)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = int(value)
+        except ValueError:
+            raise FlipcheckError(f"--batch-size {value!r}: allowed are an integer >= 1 or auto") from None
+    if not isinstance(value, int) or value < 1:
+        raise FlipcheckError(f"batch_size must be >= 1 or auto, got {value!r}")
+    return value
 
 
 # Settings that do not change per-sample scores: which tasks (the unit is keyed), where task files
@@ -376,6 +407,7 @@ class Evaluator:
         self.parent = parent
         self.settings = settings
         self.cache = cache or cache_mod.ResultCache()
+        settings.resolve_batch_size(parent.resolved or parent.source or parent.model)
         from flipcheck.evaluation.corpora import Corpora
 
         self.units = resolve_tasks(settings.tasks, settings.include_path) if settings.tasks or not settings.texts else []
@@ -709,7 +741,7 @@ def evaluate(
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     seed: int = 1234,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,

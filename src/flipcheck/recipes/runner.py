@@ -267,7 +267,7 @@ def sweep(
     include_path: str | None = None,
     num_fewshot: int | None = None,
     limit: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     seed: int = 1234,
     device: str | None = None,
     dtype: str | None = None,

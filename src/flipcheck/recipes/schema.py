@@ -117,7 +117,7 @@ class EvaluationSpec(_Strict):
     include_path: str | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int | Literal["auto"] = 16  # sequences per forward, or auto (the largest that fits the device)
     seed: int = 1234
     noise_floor: bool = False
     metric: Literal["acc", "acc_norm"] | None = None  # headline and gate figure (default: acc_norm where reported)
