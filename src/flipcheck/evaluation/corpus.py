@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 SCORING = ("all", "half")  # which positions of a window are scored (module docstring)
 DEFAULT_CTX = 512
 SEPARATOR = "\n\n"
-CORPUS_VERSION = 1  # what a cached corpus entry holds; part of its key
+CORPUS_VERSION = 2  # what a cached corpus entry holds; part of its key (2: one entry per chunk of windows)
 _LOGIT_BYTES = 1 << 29  # float32 logits of one forward batch: windows * ctx * vocab * 4 <= this
 
 PARENT_FIELDS = ("nll", "argmax", "nonfinite", "window", "topk_logp", "topk_ids", "tail_logp", "tail_ids")
@@ -142,26 +143,84 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def windows(tokenizer, corpus: Corpus, ctx: int, limit: int | float | None = None) -> list[np.ndarray]:
-    """Consecutive windows of `ctx` token ids (the first replaced by BOS where the tokenizer adds one;
-    see the module docstring). `limit`: at most that many windows (a count, or a fraction if < 1)."""
-    ids: list[int] = []
+PIECE_CHARS = 1 << 18  # a document longer than this is tokenized in pieces of about this many characters
+_SEAM_CHARS = 256  # context tokenized on each side of a seam; the tokens there must agree (checked)
+
+
+def _encode_pieces(tokenizer, text: str, piece_chars: int = PIECE_CHARS) -> Iterator[list[int]]:
+    """The token ids of `text` (no special tokens), in pieces, equal to tokenizing it whole.
+
+    Each piece ``[a, b)`` of the text is tokenized with ``_SEAM_CHARS`` of text on each side and keeps
+    the tokens that start inside it (character offsets of a fast tokenizer). At every seam the two
+    tokenizations must agree: the next piece's first kept token starts where this one's last kept
+    token ends; otherwise the seam moves and is checked again (a tokenizer without offsets, or a
+    disagreement at every try, falls back to the whole text)."""
+    n = len(text)
+    if n <= piece_chars or not getattr(tokenizer, "is_fast", False):
+        yield tokenizer(text, add_special_tokens=False)["input_ids"]
+        return
+    start, end_prev = 0, 0
+    while start < n:
+        stop = min(n, start + piece_chars)
+        lo = max(0, start - _SEAM_CHARS)
+        enc = tokenizer(text[lo : min(n, stop + _SEAM_CHARS)], add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+        keep = [(t, lo + a, lo + b) for t, (a, b) in zip(ids, offs, strict=True) if start <= lo + a < stop]
+        if keep and start > 0 and keep[0][1] != end_prev:
+            raise FlipcheckError(f"corpus tokenization: pieces disagree at character {start}; report this text")
+        if stop < n and keep and keep[-1][2] > stop:  # the last token crosses the seam: it ends this piece
+            stop = keep[-1][2]
+        yield [t for t, _, _ in keep]
+        if keep:
+            end_prev = keep[-1][2]
+        start = max(stop, end_prev)
+
+
+def _stream(tokenizer, corpus: Corpus) -> Iterator[list[int]]:
+    """The corpus as one token stream, in pieces: documents tokenized one at a time, a blank line between."""
     sep = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
-    for i, enc in enumerate(tokenizer(list(corpus.texts), add_special_tokens=False)["input_ids"]):
+    for i, text in enumerate(corpus.texts):
         if i:
-            ids.extend(sep)
-        ids.extend(enc)
-    if len(ids) < 2:
-        raise FlipcheckError(f"corpus {corpus.name!r} has fewer than 2 tokens")
+            yield list(sep)
+        yield from _encode_pieces(tokenizer, text)
+
+
+def iter_windows(tokenizer, corpus: Corpus, ctx: int, limit: int | float | None = None) -> Iterator[np.ndarray]:
+    """Consecutive windows of `ctx` token ids, produced as the corpus is tokenized (memory does not grow
+    with the corpus). The first token of each window is replaced by BOS where the tokenizer adds one
+    (see the module docstring). `limit`: at most that many windows (a count; a fraction if < 1 needs
+    the whole count and is resolved by :func:`windows`)."""
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    out = [np.asarray(ids[s : s + ctx], dtype=np.int64) for s in range(0, max(1, len(ids) - ctx + 1), ctx)]
-    if bos is not None:
-        for w in out:
+    buf: list[int] = []
+    made = 0
+    cap = int(limit) if limit is not None and limit >= 1 else None
+    for piece in _stream(tokenizer, corpus):
+        buf.extend(piece)
+        while len(buf) >= ctx:
+            w = np.asarray(buf[:ctx], dtype=np.int64)
+            del buf[:ctx]
+            if bos is not None:
+                w[0] = bos
+            yield w
+            made += 1
+            if cap is not None and made >= cap:
+                return
+    if made == 0:  # a corpus shorter than one window is one shorter window
+        if len(buf) < 2:
+            raise FlipcheckError(f"corpus {corpus.name!r} has fewer than 2 tokens")
+        w = np.asarray(buf, dtype=np.int64)
+        if bos is not None:
             w[0] = bos
-    if limit is not None:
-        n = int(limit) if limit >= 1 else max(1, int(math.ceil(limit * len(out))))
-        out = out[:n]
-    return out
+        yield w
+
+
+def windows(tokenizer, corpus: Corpus, ctx: int, limit: int | float | None = None) -> list[np.ndarray]:
+    """Every window of the corpus as a list (see :func:`iter_windows`); `limit`: at most that many
+    windows (a count, or a fraction if < 1)."""
+    if limit is not None and limit < 1:
+        out = list(iter_windows(tokenizer, corpus, ctx))
+        return out[: max(1, int(math.ceil(limit * len(out))))]
+    return list(iter_windows(tokenizer, corpus, ctx, limit))
 
 
 def scored_range(length: int, scoring: str) -> tuple[int, int]:
@@ -205,24 +264,32 @@ def _n_scored(w: np.ndarray, scoring: str) -> int:
 
 @torch.inference_mode()
 def score_parent(model, wins: list[np.ndarray], *, scoring: str, topk: int, tail: int = DEFAULT_TAIL_SAMPLES,
-                 batch_size: int = 4) -> dict[str, np.ndarray]:
+                 batch_size: int = 4, first_window: int = 0) -> dict[str, np.ndarray]:
     """The parent's side of every scored token: NLL, argmax, and its top-K log-probs plus `tail`
     tokens sampled outside them (what a later child's KL is estimated from). `model`: a torch model
-    or any scoring engine."""
+    or any scoring engine. `first_window`: the corpus index of ``wins[0]`` (windows of a chunk); each
+    window's tail is drawn from a generator seeded by its corpus index, so the samples do not depend
+    on how the corpus is cut into chunks and batches."""
     from flipcheck.evaluation.engines import as_engine
 
     engine = as_engine(model)
     vocab = engine.vocab
     k = min(topk, vocab)
-    gen = None
     parts: dict[int, dict[str, np.ndarray]] = {}
     for idx, ids in _batches(wins, vocab, batch_size):
         lp, targets, bad = _log_probs(engine, ids, scoring)
-        if gen is None:
-            gen = torch.Generator(device=lp.device).manual_seed(TAIL_SEED)
         lp_safe = torch.where(bad[:, None], torch.zeros((), device=lp.device), lp)
         top_lp, top_ids = lp_safe.topk(k, -1)
-        t_ids = sample_tail(lp_safe, top_ids, tail, gen) if tail and k < lp.shape[-1] else top_ids[:, :0]
+        if tail and k < lp.shape[-1]:
+            per = lp.shape[0] // len(idx)  # scored positions per window (the batch's windows have one length)
+            gen = torch.Generator(device=lp.device)
+            t_ids = torch.cat([
+                sample_tail(lp_safe[j * per : (j + 1) * per], top_ids[j * per : (j + 1) * per], tail,
+                            gen.manual_seed(TAIL_SEED + first_window + i))
+                for j, i in enumerate(idx)
+            ])
+        else:
+            t_ids = top_ids[:, :0]
         arr = {
             "nll": (-lp_safe.gather(-1, targets[:, None])[:, 0]).cpu().numpy(),
             "argmax": lp_safe.argmax(-1).to(torch.int32).cpu().numpy(),
@@ -230,15 +297,15 @@ def score_parent(model, wins: list[np.ndarray], *, scoring: str, topk: int, tail
             "topk_logp": top_lp.cpu().numpy(), "topk_ids": top_ids.to(torch.int32).cpu().numpy(),
             "tail_logp": lp_safe.gather(-1, t_ids).cpu().numpy(), "tail_ids": t_ids.to(torch.int32).cpu().numpy(),
         }
-        _split(arr, idx, [_n_scored(wins[i], scoring) for i in idx], parts)
+        _split(arr, idx, [_n_scored(wins[i], scoring) for i in idx], parts, first_window)
     return _join(parts, len(wins))
 
 
-def _split(arr: dict[str, np.ndarray], idx: list[int], counts: list[int], parts: dict) -> None:
+def _split(arr: dict[str, np.ndarray], idx: list[int], counts: list[int], parts: dict, first_window: int = 0) -> None:
     off = 0
     for i, n in zip(idx, counts, strict=True):
         parts[i] = {k: v[off : off + n] for k, v in arr.items()}
-        parts[i]["window"] = np.full(n, i, dtype=np.int32)
+        parts[i]["window"] = np.full(n, first_window + i, dtype=np.int32)
         off += n
 
 
@@ -249,7 +316,7 @@ def _join(parts: dict[int, dict[str, np.ndarray]], n: int) -> dict[str, np.ndarr
 
 @torch.inference_mode()
 def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str, np.ndarray] | None = None,
-                parent_model=None, batch_size: int = 4) -> dict[str, np.ndarray]:
+                parent_model=None, batch_size: int = 4, first_window: int = 0) -> dict[str, np.ndarray]:
     """Per scored token of the child against the parent: KL both ways, top-1 agreement, dp and both NLLs.
 
     With `parent_model` (lock-step) both KLs are exact; with the cached `parent` side they are
@@ -295,7 +362,7 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
             "nll_p": nll_p.float().cpu().numpy(), "nll_c": nll_c.float().cpu().numpy(),
             "nonfinite_p": bad_p.cpu().numpy(), "nonfinite_c": bad_c.cpu().numpy(),
         }
-        _split(arr, idx, [counts[i] for i in idx], parts)
+        _split(arr, idx, [counts[i] for i in idx], parts, first_window)
     return _join(parts, len(wins))
 
 

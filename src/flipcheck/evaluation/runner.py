@@ -527,7 +527,7 @@ class Evaluator:
             self._parent_results(unit)
         for name in self.corpora:
             if self.settings.kl != "exact":  # lock-step children need no stored parent side
-                self.corpora.parent_side(name)
+                self.corpora.score_parent(name)
         if self.settings.kl != "exact":
             self.parent.release()
 
