@@ -306,6 +306,8 @@ def score_items(
         return []
     results: list[Scored | None] = [None] * len(items)
     rows = plan_rows(items, setup.max_length, setup.pack)
+    if getattr(setup.runner, "prefix_cache", False):  # an engine that keeps the KV cache of the last sequence:
+        rows.sort(key=lambda r: r.tokens)  # neighbours share their longest prefixes (a question's options)
     gen = torch.Generator(device=setup.runner.device).manual_seed(TAIL_SEED) if setup.tail_samples else None
     with torch.inference_mode():
         for start in range(0, len(rows), setup.batch_size):

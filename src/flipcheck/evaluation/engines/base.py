@@ -82,6 +82,7 @@ class ExternalRunner:
     hidden_ok = False
     window = None
     model = None
+    prefix_cache = True  # rows in token order: the engine reuses the previous sequence's shared prefix
 
     def __init__(self, engine: Engine, run) -> None:
         self.engine = engine
