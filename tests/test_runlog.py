@@ -13,7 +13,8 @@ import pytest
 
 from flipcheck.runlog import RUN_LOG, third_party_output
 
-OWN_BARS = ("loglikelihood", "generate_until", "teacher forcing")  # flipcheck's own progress bars (evaluation/lm.py)
+OWN_BARS = ("loglikelihood", "generate_until", "teacher forcing",  # flipcheck's own progress bars (evaluation/lm.py)
+            "flipcheck eval")  # and the command's one progress view (progress.py)
 THIRD_PARTY_MARKS = ("Applying quantization config", "Dispatching model", "Tokenizing inputs", "[transformers]",
                      "| INFO", "| WARNING")
 
@@ -50,6 +51,8 @@ def test_eval_terminal_has_no_third_party_lines(tiny_model_dir, rtn_child, task_
     for line in _lines(stderr):  # flipcheck's log lines (rich, wrapped lines indented) and its own bars only
         assert re.match(r"(INFO|WARNING|ERROR) |\s", line) or line.startswith(OWN_BARS), line
     assert "INFO     loading " in stderr and "report written" in stderr  # flipcheck's own lines stay
+    progress = [x for x in _lines(stderr) if x.startswith("flipcheck eval")]
+    assert progress and "done" in progress[-1] and "1/1" in progress[-1]  # one child x (tasks), elapsed, left
     assert not [m for m in THIRD_PARTY_MARKS if m in stdout + stderr]
     log = (out / RUN_LOG).read_text()
     assert "Applying quantization config" in log and "Tokenizing inputs" in log  # kept, not lost

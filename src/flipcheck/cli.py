@@ -19,6 +19,7 @@ app = typer.Typer(
     help="Compress a language model and measure how far it drifts from its parent: flips, KL, margins.",
 )
 console = Console()
+log = logging.getLogger("flipcheck.cli")
 err_console = Console(stderr=True)
 
 
@@ -153,13 +154,15 @@ def eval_cmd(
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
         chosen = tasks if tasks is not None else ("" if text else DEMO_TASKS)
-        report = evaluate(
-            None if parent == "-" else parent, children, tasks=chosen, out=out, include_path=include_path,
-            num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-            trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring, executor=ex,
-            engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
-        )
+        with _progress(len(children), tasks=bool(chosen), texts=bool(text), title="flipcheck eval") as bar:
+            report = evaluate(
+                None if parent == "-" else parent, children, tasks=chosen, out=out, include_path=include_path,
+                num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
+                metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
+                executor=ex, engine=engine, parent_engine=parent_engine, child_engine=child_engine,
+                engine_floor=engine_floor, on_step=bar.step,
+            )
         _show(report, out)
         _exit_if_failed(report)
 
@@ -167,6 +170,14 @@ def eval_cmd(
 
     with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
         _run(go)
+
+
+def _progress(children: int, *, tasks: bool, texts: bool, compress: bool = False, judge: bool = False, title: str = "flipcheck"):
+    """The command's one progress view (children x steps, current step, elapsed, time left)."""
+    from flipcheck.progress import RunProgress, steps_per_child
+
+    return RunProgress(err_console, children * steps_per_child(tasks=tasks, texts=texts, compress=compress, judge=judge),
+                       title=title)
 
 
 def _verdict(line: str) -> None:
@@ -357,8 +368,14 @@ def run_cmd(
             update["calibration"] = r.calibration.model_copy(update={"source": calibration})
         r = r.model_copy(update=update)
         folder = out or Path("runs") / r.name
-        report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
-                            executor=ex)
+        from flipcheck.runlog import third_party_output
+
+        ev = r.evaluation
+        with third_party_output(folder, verbose=verbose), _progress(
+                len(r.all_children()), tasks=bool(ev.tasks), texts=bool(ev.texts), compress=True,
+                judge=r.judge is not None, title=f"flipcheck run {r.name}") as bar:
+            report = run_recipe(r, folder, cache_dir=cache_dir, progress=lambda m: log.info("%s", m),
+                                executor=ex, on_step=bar.step)
         _show(report, folder)
         if r.gate is not None:
             from flipcheck.gate import run_gate
@@ -432,18 +449,27 @@ def sweep_cmd(
     from flipcheck.recipes.runner import parse_grid, sweep
 
     def go():
+        import math
+
+        from flipcheck.runlog import third_party_output
+
         check_metric(metric)
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         folder = out or Path("runs") / f"sweep-{method}"
-        report = sweep(
-            parent, method, parse_grid(grid), tasks=tasks if tasks is not None else ([] if text else DEMO_TASKS), out=folder, settings=parse_set_options(set_),
-            calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
-            include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, seed=seed,
-            device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{m}[/]"),
-            metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
-            noise_floor=noise_floor, engine_floor=engine_floor, executor=ex,
-            **_engine_choices(engine, parent_engine, child_engine),
-        )
+        points = parse_grid(grid)
+        chosen = tasks if tasks is not None else ([] if text else DEMO_TASKS)
+        with third_party_output(folder, verbose=verbose), _progress(
+                math.prod(len(v) for v in points.values()), tasks=bool(chosen), texts=bool(text), compress=True,
+                title=f"flipcheck sweep {method}") as bar:
+            report = sweep(
+                parent, method, points, tasks=chosen, out=folder, settings=parse_set_options(set_),
+                calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
+                include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, seed=seed,
+                device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: log.info("%s", m),
+                metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
+                noise_floor=noise_floor, engine_floor=engine_floor, executor=ex, on_step=bar.step,
+                **_engine_choices(engine, parent_engine, child_engine),
+            )
         _show(report, folder)
         _exit_if_failed(report)
 

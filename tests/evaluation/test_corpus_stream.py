@@ -7,8 +7,8 @@ import copy
 
 import numpy as np
 import pytest
-from conftest import corpus
 
+from conftest import corpus
 from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.evaluation import corpora as corpora_mod
 from flipcheck.evaluation import corpus as corpus_mod

@@ -420,6 +420,7 @@ class Evaluator:
         check_filter(list(self.trees.values()), settings.filter)
         self.corpora = Corpora(self, rolling, settings.texts)  # text corpora: distance token by token
         self._unit_keys: dict[str, dict[str, Any]] = {}
+        self.on_step = None  # progress hook: called with "CHILD: tasks" / "CHILD: texts" as each step starts
         self.parent_passes = 0  # model passes of the parent made by this evaluator (for tests/benchmarks)
 
     # -- keys ---------------------------------------------------------------------------------
@@ -485,6 +486,8 @@ class Evaluator:
         unit_tasks: dict[str, list[str]] = {}  # the leaf tasks lm-eval ran for each named task or group
         method = kl or self.settings.kl
         kl_method(method, self.settings.topk)  # an unknown method fails before any model runs
+        if self.on_step is not None and self.units:
+            self.on_step(f"{child.name}: tasks")
         for unit in self.units:
             parent_samples, parent_records = self._parent_results(unit)
             child_samples, child_records = self._child_results(child, unit, parent_records, batch_size, method)
@@ -517,6 +520,8 @@ class Evaluator:
         if entry["micro"] is not None:  # the pooled figures carry the counts too (the gate judges micro)
             entry["micro"]["nonfinite"] = _sum_nonfinite(s for n, s in summaries.items() if n != "micro")
         if self.corpora:
+            if self.on_step is not None:
+                self.on_step(f"{child.name}: texts")
             entry["corpus"] = self.corpora.figures(child, method, batch_size)
         return entry, all_rows
 
@@ -761,6 +766,7 @@ def evaluate(
     parent_engine: str | None = None,
     child_engine: str | None = None,
     engine_floor: bool = False,
+    on_step: Any = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -785,6 +791,7 @@ def evaluate(
     )
     ev = Evaluator(ModelRef("parent", parent_src, engine=settings.engine_of("parent")), settings,
                    cache_mod.ResultCache(cache_dir, enabled=use_cache))
+    ev.on_step = on_step  # progress: "CHILD: tasks", "CHILD: texts" (the CLI draws them)
     refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
     for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
         ev.check_child(ref)

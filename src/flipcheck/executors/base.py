@@ -78,6 +78,8 @@ class LocalExecutor(Executor):
 
         def done(entry: dict, rows: list[dict], outcome: Outcome) -> None:
             if judge is not None:
+                if ev.on_step is not None:
+                    ev.on_step(f"{entry['name']}: judge")
                 entry["judge"] = judge.judge_child(entry["name"], str(out / "children" / slug(entry["name"])))
             write_report(out, ev.report(outcome.entries), outcome.rows)  # keep what is finished
 

@@ -156,6 +156,8 @@ class RecipeRun:
             ref = ModelRef(spec.name, str(folder), info=info, engine=self.settings.engine_of("child"))
         else:
             say(f"[{i}/{len(children)}] {spec.name}: compressing")
+            if self.evaluator.on_step is not None:
+                self.evaluator.on_step(f"{spec.name}: compress")
             if self.calibration is None:  # once, for every child's steps: tokenized only if some step needs data
                 all_steps = [(s.method, s.config()) for c in children for s in c.steps]
                 self.calibration = prepare_calibration(self.tokenizer, all_steps, recipe.calibration)
@@ -193,8 +195,10 @@ def run_recipe(
     use_cache: bool = True,
     progress: Progress | None = None,
     executor: Any = None,
+    on_step: Any = None,
 ) -> dict:
     """Compress and evaluate every child of `recipe`; write the report to `out`; return it.
+    `on_step`: a progress hook called with "CHILD: compress/tasks/texts/judge" as each step starts.
 
     `executor`: None (or a local :class:`~flipcheck.executors.ExecutorOptions`) runs the children one
     after the other here; ``ExecutorOptions(name="ray", ...)`` runs each child as a Ray task.
@@ -211,6 +215,7 @@ def run_recipe(
     check_recipe(run.recipe, run.parent_src)  # every child's static checks, before the parent is scored
     say(f"parent: {run.parent_src.spec}")
     evaluator = run.evaluator
+    evaluator.on_step = on_step
     judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work
     runner = get_executor(executor)
     runner.open(out, run.cache, say)  # folders checked, cluster reached, before any work
@@ -286,6 +291,7 @@ def sweep(
     parent_engine: str | None = None,
     child_engine: str | None = None,
     engine_floor: bool = False,
+    on_step: Any = None,
 ) -> dict:
     """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -306,7 +312,7 @@ def sweep(
         )
     except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
         raise FlipcheckError(f"sweep {method}: {_first_error(err)}") from err
-    return run_recipe(recipe, out, cache_dir=cache_dir, progress=progress, executor=executor)
+    return run_recipe(recipe, out, cache_dir=cache_dir, progress=progress, executor=executor, on_step=on_step)
 
 
 def _first_error(err: Exception) -> str:
