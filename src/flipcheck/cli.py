@@ -524,16 +524,24 @@ def judge_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out: Annotated[Path, typer.Option(help="run folder for the report")] = Path("runs/demo"),
+    out: Annotated[Path | None, typer.Option(help="run folder for the report (default runs/demo, runs/demo-real with --real)")] = None,
     retrain: Annotated[bool, typer.Option(help="train the demo parent again even if cached")] = False,
     quick: Annotated[bool, typer.Option(help="fewer methods and strengths")] = False,
+    real: Annotated[bool, typer.Option("--real", help="SmolLM2-135M-Instruct (built once from PyPI) against GPTQ W4A16 g64, RTN W8A16, Wanda 30 % and noise on real-world questions, instead of the offline toy")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Offline showcase: train (or load) the tiny demo parent, compress it several ways, compare."""
+    """Showcase: compress a parent several ways and compare. Offline toy by default; --real uses SmolLM2-135M."""
     _setup_logging(verbose)
-    from flipcheck.demo_run import run_demo
+    from flipcheck.demo_run import run_demo, run_real_demo
 
-    _run(lambda: run_demo(out, retrain=retrain, quick=quick, console=console))
+    def go():
+        if real:
+            if retrain or quick:
+                raise FlipcheckError(f"--{'retrain' if retrain else 'quick'} is an option of the toy demo; --real takes neither")
+            return run_real_demo(out or Path("runs/demo-real"), console=console)
+        return run_demo(out or Path("runs/demo"), retrain=retrain, quick=quick, console=console)
+
+    _run(go)
 
 
 def main() -> None:  # pragma: no cover

@@ -521,3 +521,31 @@ def demo_model_path(
         log.info("demo parent cached at %s", path)
         return path
     return train_demo_model(path, progress=progress, recipe=recipe)
+
+
+# --------------------------------------------------------------------------- the real-model demo's task
+
+WORLD_TASK = "flipcheck_world_facts"
+WORLD_FILE = "world_facts.jsonl"
+
+
+def world_task_dir() -> Path:
+    """The packaged folder of ``flipcheck_world_facts`` (inside the demo task folder, so lm-eval,
+    which indexes that folder recursively, knows the task by name everywhere)."""
+    return demo_task_dir() / "world_facts"
+
+
+def world_fact_docs() -> list[dict]:
+    """The questions of ``flipcheck_world_facts``, as shipped: widely known real-world facts in
+    geography, science, history, the arts and language, written for flipcheck (not taken from any
+    benchmark), four options each with the answer at ``label``, gold positions balanced per category."""
+    path = world_task_dir() / WORLD_FILE
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def world_fact_texts() -> list[str]:
+    """Calibration text of ``demo --real`` (the named source ``world_facts``): every question's prompt
+    as the task asks it, without its answer, so GPTQ and Wanda calibrate offline on in-domain text
+    and never see a label."""
+    return [f"Question: {d['question']}\nAnswer:" for d in world_fact_docs()]
