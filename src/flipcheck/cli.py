@@ -284,6 +284,7 @@ def gate_cmd(
     max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each text corpus, e.g. 1.05")] = None,
     over_floor: Annotated[bool, typer.Option("--over-floor", help="judge flips and KL as the excess over the report's noise floor")] = False,
     min_judge_delta: Annotated[str | None, typer.Option(help="smallest allowed judged score change (1-10 scale), e.g. -0.5")] = None,
+    confidence: Annotated[str | None, typer.Option(help="judge flips by their one-sided Clopper-Pearson upper bound and Δacc by its lower bound at this level, e.g. 0.95 (default: point estimates)")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
@@ -291,7 +292,7 @@ def gate_cmd(
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
                       metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                      min_judge_delta=min_judge_delta, echo=_verdict)
+                      min_judge_delta=min_judge_delta, echo=_verdict, confidence=confidence)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)
@@ -474,6 +475,32 @@ def demo_cmd(
     from flipcheck.demo_run import run_demo
 
     _run(lambda: run_demo(out, retrain=retrain, quick=quick, console=console))
+
+
+# --- deciding (issue 16): plan -------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan_cmd(
+    max_flips: Annotated[str, typer.Option(help="the flip budget to decide, e.g. 2%")],
+    expected: Annotated[str, typer.Option(help="the flip rate you expect the child to have, e.g. 1% (below --max-flips)")],
+    confidence: Annotated[str, typer.Option(help="confidence of the gate, e.g. 0.95")] = "0.95",
+) -> None:
+    """How many questions a flip budget needs: the smallest n such that ceil(expected*n) flips in n
+    questions have a one-sided Clopper-Pearson upper bound <= --max-flips at --confidence (so a child
+    flipping the expected rate passes `gate --confidence`); also from which n every larger n does."""
+    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.gate import parse_budget
+
+    def go():
+        p = plan_questions(parse_budget(max_flips, "--max-flips"), parse_budget(expected, "--expected"), confidence)
+        console.print(f"{p.questions} questions: {p.flips} flips ({p.expected:.3%} expected) have a {p.confidence:.0%} "
+                      f"upper bound of {p.bound:.3%} <= {p.budget:.3%}", highlight=False)
+        if p.every_from > p.questions:
+            console.print(f"every n >= {p.every_from} decides it too (checked to {p.checked_to}); some n between fail, "
+                          "as ceil(expected*n) steps up", highlight=False)
+
+    _run(go)
 
 
 def main() -> None:  # pragma: no cover
