@@ -503,5 +503,44 @@ def plan_cmd(
     _run(go)
 
 
+# --- deciding (issue 16): localize ---------------------------------------------------------------
+
+
+@app.command("localize")
+def localize_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
+    child: Annotated[str, typer.Argument(help="child model whose layers map one-to-one onto the parent's (hub id or folder)")],
+    text: Annotated[str | None, typer.Option("--text", help="calibration text: a .txt/.jsonl file or folder, hf:NAME[:CONFIG[:SPLIT]] (default: the parent's calibration default)")] = None,
+    windows: Annotated[int, typer.Option(min=1, help="text windows scored")] = 8,
+    ctx: Annotated[int, typer.Option(min=8, help="tokens per window")] = 256,
+    seed: Annotated[int, typer.Option(min=0, help="seed for cutting the windows")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 4,
+    top: Annotated[int, typer.Option(min=1, help="layers and modules shown in the terminal")] = 10,
+    out: Annotated[Path | None, typer.Option(help="run folder: report.json (a 'localize' block) and report.md")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = False,
+) -> None:
+    """Rank the child's decoder layers and Linear modules by their share of the damage: output error
+    on the same inputs (relative error, cosine, SQNR), residual-stream error, and the text KL of the
+    child's layer swapped into the parent and of the parent's layer restored in the child."""
+    _setup_logging(verbose)
+    from flipcheck.decide.localize import localize
+    from flipcheck.decide.localize_report import localize_tables, write_localize
+
+    def go():
+        block = localize(parent, child, text=text, windows=windows, ctx=ctx, seed=seed, batch_size=batch_size,
+                         device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                         progress=lambda m: err_console.print(f"[dim]{m}[/]"))
+        for table in localize_tables(block, top=top):
+            console.print(table)
+        if out is not None:
+            write_localize(out, block)
+            console.print(f"report: {Path(out) / 'report.md'}  (also report.json, localize.png)")
+
+    _run(go)
+
+
 def main() -> None:  # pragma: no cover
     app()
