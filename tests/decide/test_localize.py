@@ -40,16 +40,35 @@ def test_error_figures_match_hand_computation():
     assert error_figures(halves) == pytest.approx(f)
 
 
+def test_replay_from_a_layer_equals_a_full_forward_with_that_layer_swapped(tiny_model):
+    from flipcheck.decide.localize import _hooks, _recorder, _replay
+
+    model = copy.deepcopy(tiny_model)
+    donor = noisy_child(tiny_model, 1, 0.5).model.layers[1]
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    calls: list = [None, None]
+    handles = [layer.register_forward_pre_hook(_recorder(calls, i), with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    with _hooks(handles), torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(_replay(model, calls, 0, model.model.layers[0]), full, atol=1e-5)
+    swapped = _replay(model, calls, 1, donor)
+    handle = model.model.layers[1].register_forward_hook(lambda m, a, k, o: donor(*a, **k), with_kwargs=True)
+    with _hooks([handle]), torch.no_grad():
+        expected = model(input_ids=ids, use_cache=False).logits
+    assert not torch.allclose(expected, full, atol=1e-3)  # the swap changes the output ...
+    assert torch.allclose(swapped, expected, atol=1e-5)  # ... and the replay reproduces it
+
+
 def test_planted_noise_in_one_real_layer_is_found_on_every_figure(smollm2_dir):
     from flipcheck.compressors.calibration import CalibrationConfig
     from flipcheck.compressors.calibration_data import build_calibration
     from flipcheck.models import load_model, load_tokenizer
 
     parent = load_model(smollm2_dir, device="cpu", dtype="float32")
-    ids = build_calibration(load_tokenizer(smollm2_dir), CalibrationConfig(samples=2, seq_len=16), texts=TEXT).input_ids
+    ids = build_calibration(load_tokenizer(smollm2_dir), CalibrationConfig(samples=1, seq_len=16), texts=TEXT).input_ids
     planted = 7
-    block = localize_models(parent, noisy_child(parent, planted, 0.5), ids, batch_size=2)
-    assert len(block["layers"]) == 30 and block["positions"] == 32 and block["kl_total"] > 0.05
+    block = localize_models(parent, noisy_child(parent, planted, 0.5), ids, batch_size=1)
+    assert len(block["layers"]) == 30 and block["positions"] == 16 and block["kl_total"] > 0.05
     for figure in FIGURES:
         assert ranking(block, figure)[0] == planted, figure
     assert block["modules"][0]["layer"] == planted

@@ -18,7 +18,8 @@ runs on its own, which accumulates the damage of every layer before; ``stream_ad
 increase of the relative error over the previous layer's.
 
 **Swaps** (the text KL is the mean over tokens of KL(P(·|ctx) ‖ M(·|ctx)) over the whole vocabulary,
-P the parent, M the model tested):
+P the parent, M the model tested; each swap replays the host model from the swapped layer's recorded
+input on, so layers before it are not run again):
 
 - ``kl_swap_in``: the parent with the child's version of that one layer, fed what the parent's
   earlier layers give it: the damage the layer causes alone;
@@ -127,13 +128,35 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    """A decoder layer's recorded call with its hidden-state input replaced by `h`."""
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
 @torch.no_grad()
-def _swapped_logits(host: torch.nn.Module, donor_layer: torch.nn.Module, index: int, ids: torch.Tensor) -> torch.Tensor:
-    """`host`'s logits with its layer `index` replaced by `donor_layer` (fed what the host gives it)."""
-    layer = _layers(host)[index]
-    handle = layer.register_forward_hook(lambda m, args, kwargs, out: donor_layer(*args, **kwargs), with_kwargs=True)
-    with _hooks([handle]):
-        return _logits(host, ids)
+def _replay(model: torch.nn.Module, calls: list[tuple[tuple, dict]], start: int, first: torch.nn.Module) -> torch.Tensor:
+    """`model`'s logits when its layer `start` is `first`, from that layer's recorded input on:
+    layers before `start` are not run again (their outputs are what was recorded). Equal to a full
+    forward with the layer swapped, at (L − start)/L of its layer cost."""
+    from flipcheck.compressors.architectures import adapter_for
+
+    adapter = adapter_for(model)
+    layers = adapter.layer_list
+    args, kwargs = calls[start]
+    h = _hidden(first(*args, **kwargs))
+    for j in range(start + 1, len(layers)):
+        a, k = _with_hidden(*calls[j], h)
+        h = _hidden(layers[j](*a, **k))
+    return adapter.lm_head(adapter.final_norm(h))
+
+
+def _recorder(calls: list, i: int):
+    def hook(m, args, kwargs):
+        calls[i] = (tuple(args), dict(kwargs))
+
+    return hook
 
 
 def localize_models(
@@ -177,6 +200,8 @@ def localize_models(
                     mods[key] = mods.get(key, torch.zeros(4, dtype=torch.float64)) + error_sums(out, twin(args[0]))
 
                 handles.append(m.register_forward_hook(mod_hook))
+        parent_calls: list = [None] * n_layers
+        handles += [a.register_forward_pre_hook(_recorder(parent_calls, i), with_kwargs=True) for i, a in enumerate(lp)]
         with _hooks(handles), torch.no_grad():
             logp_parent = torch.log_softmax(_logits(parent, ids).float(), dim=-1)
 
@@ -184,13 +209,15 @@ def localize_models(
             stream[i] += error_sums(saved[i], _hidden(out))
 
         handles = [c.register_forward_hook(lambda m, a, o, i=i: stream_hook(m, a, o, i)) for i, c in enumerate(lc)]
+        child_calls: list = [None] * n_layers
+        handles += [c.register_forward_pre_hook(_recorder(child_calls, i), with_kwargs=True) for i, c in enumerate(lc)]
         with _hooks(handles):
             kl, n = _mean_kl(logp_parent, _logits(child, ids))
         kl_total, positions = kl_total + kl, positions + n
         if swaps:
             for i in range(n_layers):
-                kl_in[i] += _mean_kl(logp_parent, _swapped_logits(parent, lc[i], i, ids))[0]
-                kl_back[i] += _mean_kl(logp_parent, _swapped_logits(child, lp[i], i, ids))[0]
+                kl_in[i] += _mean_kl(logp_parent, _replay(parent, parent_calls, i, lc[i]))[0]
+                kl_back[i] += _mean_kl(logp_parent, _replay(child, child_calls, i, lp[i]))[0]
         if progress is not None:
             progress(f"localize: batch {b + 1}/{len(batches)} done")
     total = kl_total / positions
