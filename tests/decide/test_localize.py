@@ -108,8 +108,12 @@ def test_localize_command_writes_the_run_folder_and_refuses_dropped_children(tin
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"The cat saw a {c} ball and ran after it slowly." for c in ("red", "blue", "green") * 20))
-    child_dir = tmp_path / "child"
-    noisy_child(tiny_model, 1, 0.3).save_pretrained(child_dir)
+    from flipcheck.models import save_model
+
+    # a saved compressed-tensors child (packed int4 weights): layer 0 left unquantized, layer 1 W4A16
+    quantized = copy.deepcopy(tiny_model)
+    get_method("rtn").apply(quantized, make_config("rtn", {"scheme": "W4A16", "layers": "0:none"}), None)
+    child_dir = save_model(quantized, None, tmp_path / "child", {"method": "rtn"})
     runner = CliRunner()
     res = runner.invoke(app, ["localize", str(tiny_model_dir), str(child_dir), "--text", str(text), "--windows", "2",
                               "--ctx", "16", "--out", str(tmp_path / "run"), "--device", "cpu"])
@@ -117,7 +121,10 @@ def test_localize_command_writes_the_run_folder_and_refuses_dropped_children(tin
     assert "Layers by damage" in res.output
     data = json.loads((tmp_path / "run" / "report.json").read_text())
     assert data["schema"] == "flipcheck.localize" and [r["layer"] for r in data["localize"]["layers"]] == [0, 1]
-    assert data["localize"]["layers"][0]["own"]["sqnr_db"] is None  # identical layer: no noise
+    layers = data["localize"]["layers"]
+    assert layers[0]["own"]["sqnr_db"] is None and layers[0]["kl_swap_in"] == 0.0  # the unquantized layer
+    assert layers[1]["own"]["rel_error"] > 0 and layers[1]["share_swap_in"] == 1.0
+    assert {m["layer"] for m in data["localize"]["modules"] if m["rel_error"] > 0} == {1}
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Where the damage is (localize)" in md and (tmp_path / "run" / "localize.png").stat().st_size > 0
     dropped = copy.deepcopy(tiny_model)

@@ -177,6 +177,10 @@ def localize_models(
     lp, lc = _layers(parent), _layers(child)
     n_layers = len(lp)
     device = next(parent.parameters()).device
+    for model in (parent, child):
+        # a compressed-tensors checkpoint loads with packed weights that its first whole-model forward
+        # unpacks; its Linears cannot be called on their own before that (AttributeError: weight)
+        _logits(model, input_ids[:1, :2].to(device))
     own = [torch.zeros(4, dtype=torch.float64) for _ in range(n_layers)]
     stream = [torch.zeros(4, dtype=torch.float64) for _ in range(n_layers)]
     mods: dict[tuple[int, str], torch.Tensor] = {}
