@@ -182,3 +182,82 @@ def test_bad_metric_is_one_line_and_exit_2(tmp_path):
     assert res.exit_code == 2 and "choose one of acc, acc_norm" in res.output
     res = CliRunner().invoke(app, ["gate", str(tmp_path), "--max-flips", "2%", "--metric", "acc"])
     assert res.exit_code == 0 and "PASS hs [acc]" in res.output
+
+
+# --- with confidence (issue 16) -------------------------------------------------------------------
+
+
+def _counted(n: int, c2i: int, i2c: int, acc_p: float = 0.5) -> dict:
+    """A task summary from paired counts, as summarize_task writes it."""
+    return {"n": n, "n_c2i": c2i, "n_i2c": i2c, "flips": (c2i + i2c) / n, "acc_P": acc_p,
+            "acc_C": acc_p + (i2c - c2i) / n, "delta_acc": (i2c - c2i) / n, "kl_options": None, "kl_vocab": None}
+
+
+def test_confidence_passes_zero_flips_in_400_against_one_percent():
+    rep = _report(child_entry("c", {"t": _counted(400, 0, 0)}))
+    (v,) = check(rep, max_flips="1%", confidence=0.95)
+    assert v.passed and v.text == "PASS t [acc]: flips 0.0% (95% upper 0.746%) <= 1.0%"
+    (v,) = check(rep, max_flips="0.7%", confidence=0.95)  # the bound, not the point 0 %, is judged
+    assert not v.passed
+
+
+def test_confidence_fails_one_flip_in_100_that_the_point_estimate_passes():
+    rep = _report(child_entry("c", {"t": _counted(100, 1, 0)}))
+    (point,) = check(rep, max_flips="2%")
+    (bound,) = check(rep, max_flips="2%", confidence=0.95)
+    assert point.passed and point.text == "PASS t [acc]: flips 1.0% <= 2.0%"
+    assert not bound.passed and bound.failures == ["flips"]
+    assert bound.text == "FAIL t [acc]: flips 1.0% (95% upper 4.656%) > 2.0%"
+
+
+def test_confidence_judges_delta_acc_by_its_lower_bound():
+    from flipcheck.decide.confidence import delta_acc_lower
+
+    rep = _report(child_entry("c", {"t": _counted(200, 3, 1)}))  # Δacc −1 %
+    (point,) = check(rep, min_acc_delta="-2%")
+    (bound,) = check(rep, min_acc_delta="-2%", confidence="95%")
+    lo = delta_acc_lower(3, 1, 200, 0.95)
+    assert -0.04 < lo < -0.02  # the lower bound sits below the budget the point estimate meets
+    assert point.passed and not bound.passed and bound.failures == ["acc_delta"]
+    assert f"(95% lower {_signed(lo)})" in bound.text
+    (wide,) = check(rep, min_acc_delta=lo - 1e-6, confidence=0.95)
+    assert wide.passed
+
+
+def _signed(x: float) -> str:
+    from flipcheck.files import signed_pct
+
+    return signed_pct(x, 3, trim=True)
+
+
+def test_without_confidence_the_verdicts_are_unchanged_and_bad_levels_are_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+
+    rep = _report(child_entry("c", {"t": _counted(100, 1, 0)}))
+    write_report(tmp_path, rep, [])
+    runner = CliRunner()
+    res = runner.invoke(app, ["gate", str(tmp_path), "--max-flips", "2%"])
+    assert res.exit_code == 0 and "PASS t [acc]: flips 1.0% <= 2.0%" in res.output
+    res = runner.invoke(app, ["gate", str(tmp_path), "--max-flips", "2%", "--confidence", "0.95"])
+    assert res.exit_code == 1 and "upper 4.656%" in res.output
+    res = runner.invoke(app, ["gate", str(tmp_path), "--max-flips", "2%", "--confidence", "95"])
+    assert res.exit_code == 2 and "[0.5, 1)" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_plan_command_prints_the_planned_questions_and_refuses_bad_input():
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+    from flipcheck.decide.confidence import plan_questions
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", "--max-flips", "2%", "--expected", "1%"])
+    p = plan_questions(0.02, 0.01, 0.95)
+    assert res.exit_code == 0 and res.output.startswith(f"{p.questions} questions: {p.flips} flips")
+    assert f"every n >= {p.every_from}" in res.output
+    res = runner.invoke(app, ["plan", "--max-flips", "2%", "--expected", "3%"])
+    assert res.exit_code == 2 and "below --max-flips" in res.output
+    res = runner.invoke(app, ["plan", "--max-flips", "2%", "--expected", "1%", "--confidence", "2"])
+    assert res.exit_code == 2 and "[0.5, 1)" in res.output

@@ -308,6 +308,7 @@ def gate_cmd(
     max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each text corpus, e.g. 1.05")] = None,
     over_floor: Annotated[bool, typer.Option("--over-floor", help="judge flips and KL as the excess over the report's noise floor")] = False,
     min_judge_delta: Annotated[str | None, typer.Option(help="smallest allowed judged score change (1-10 scale), e.g. -0.5")] = None,
+    confidence: Annotated[str | None, typer.Option(help="judge flips by their one-sided Clopper-Pearson upper bound and Δacc by its lower bound at this level, e.g. 0.95 (default: point estimates)")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
@@ -315,7 +316,7 @@ def gate_cmd(
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
                       metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                      min_judge_delta=min_judge_delta, echo=_verdict)
+                      min_judge_delta=min_judge_delta, echo=_verdict, confidence=confidence)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)
@@ -540,6 +541,71 @@ def demo_cmd(
                 raise FlipcheckError(f"--{'retrain' if retrain else 'quick'} is an option of the toy demo; --real takes neither")
             return run_real_demo(out or Path("runs/demo-real"), console=console)
         return run_demo(out or Path("runs/demo"), retrain=retrain, quick=quick, console=console)
+
+    _run(go)
+
+
+# --- deciding (issue 16): plan -------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan_cmd(
+    max_flips: Annotated[str, typer.Option(help="the flip budget to decide, e.g. 2%")],
+    expected: Annotated[str, typer.Option(help="the flip rate you expect the child to have, e.g. 1% (below --max-flips)")],
+    confidence: Annotated[str, typer.Option(help="confidence of the gate, e.g. 0.95")] = "0.95",
+) -> None:
+    """How many questions a flip budget needs: the smallest n such that ceil(expected*n) flips in n
+    questions have a one-sided Clopper-Pearson upper bound <= --max-flips at --confidence (so a child
+    flipping the expected rate passes `gate --confidence`); also from which n every larger n does."""
+    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.gate import parse_budget
+
+    def go():
+        p = plan_questions(parse_budget(max_flips, "--max-flips"), parse_budget(expected, "--expected"), confidence)
+        console.print(f"{p.questions} questions: {p.flips} flips ({p.expected:.3%} expected) have a {p.confidence:.0%} "
+                      f"upper bound of {p.bound:.3%} <= {p.budget:.3%}", highlight=False)
+        if p.every_from > p.questions:
+            console.print(f"every n >= {p.every_from} decides it too (checked to {p.checked_to}); some n between fail, "
+                          "as ceil(expected*n) steps up", highlight=False)
+
+    _run(go)
+
+
+# --- deciding (issue 16): localize ---------------------------------------------------------------
+
+
+@app.command("localize")
+def localize_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
+    child: Annotated[str, typer.Argument(help="child model whose layers map one-to-one onto the parent's (hub id or folder)")],
+    text: Annotated[str | None, typer.Option("--text", help="calibration text: a .txt/.jsonl file or folder, hf:NAME[:CONFIG[:SPLIT]] (default: the parent's calibration default)")] = None,
+    windows: Annotated[int, typer.Option(min=1, help="text windows scored")] = 8,
+    ctx: Annotated[int, typer.Option(min=8, help="tokens per window")] = 256,
+    seed: Annotated[int, typer.Option(min=0, help="seed for cutting the windows")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 4,
+    top: Annotated[int, typer.Option(min=1, help="layers and modules shown in the terminal")] = 10,
+    out: Annotated[Path | None, typer.Option(help="run folder: report.json (a 'localize' block) and report.md")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    trust_remote_code: TrustRemote = False,
+    verbose: Verbose = False,
+) -> None:
+    """Rank the child's decoder layers and Linear modules by their share of the damage: output error
+    on the same inputs (relative error, cosine, SQNR), residual-stream error, and the text KL of the
+    child's layer swapped into the parent and of the parent's layer restored in the child."""
+    _setup_logging(verbose)
+    from flipcheck.decide.localize import localize
+    from flipcheck.decide.localize_report import localize_tables, write_localize
+
+    def go():
+        block = localize(parent, child, text=text, windows=windows, ctx=ctx, seed=seed, batch_size=batch_size,
+                         device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                         progress=lambda m: err_console.print(f"[dim]{m}[/]"))
+        for table in localize_tables(block, top=top):
+            console.print(table)
+        if out is not None:
+            write_localize(out, block)
+            console.print(f"report: {Path(out) / 'report.md'}  (also report.json, localize.png)")
 
     _run(go)
 

@@ -33,6 +33,14 @@ Tasks are judged as the report names them: an lm-eval group such as ``mmlu`` is 
 made with ``--per-subtask`` has one per subtask). Each verdict names the metric its figures use:
 the report's headline (acc_norm where the task reports it), or `metric` ("acc" / "acc_norm") where
 the task has that figure.
+
+With ``confidence`` (``--confidence 0.95``) flips and Δacc are judged by one-sided confidence bounds
+instead of their point estimates (flipcheck.decide.confidence): flips by the Clopper–Pearson upper
+bound of (c→i + i→c) flips in n questions, Δacc by the lower bound of Tango's score interval for
+paired proportions. A child passes when even that bound is inside the budget: 0 flips in 400
+(bound 0.75 %) pass ``--max-flips 1%``; 1 flip in 100 (point 1 %, bound 4.7 %) fails ``--max-flips 2%``.
+The counts are the task's pooled questions (a group averaged with other weights is bounded on its
+pooled counts). KL and accuracy budgets stay point estimates.
 """
 
 from __future__ import annotations
@@ -121,10 +129,34 @@ def _where(name: str, task: str, several: bool, summary: Mapping[str, Any], metr
     return f"{label} [{', '.join(extra)}]"
 
 
+def _bounds(summary: Mapping[str, Any], confidence: float | None) -> dict[str, float | None]:
+    """The one-sided confidence bounds of flips (upper) and Δacc (lower) from the summary's counts."""
+    from flipcheck.decide.confidence import cp_upper, delta_acc_lower
+
+    n, b, c = summary.get("n"), summary.get("n_c2i"), summary.get("n_i2c")
+    if confidence is None or not n or b is None or c is None:
+        return {}
+    n, b, c = int(n), int(b), int(c)
+    return {"flips": cp_upper(b + c, n, confidence), "acc_delta": delta_acc_lower(b, c, n, confidence)}
+
+
+def _shown(key: str, point: float, value: float, bounds: Mapping[str, Any], level: str, side: str,
+           fmt: Callable[[float], str]) -> str:
+    """'1.0% (95% upper 4.66%)' where a bound judged the figure; a note where counts were missing."""
+    if key in bounds:
+        return f"{fmt(point)} ({level} {side} {fmt(value)})"
+    if level and key in ("flips", "acc_delta"):
+        return f"{fmt(point)} (point estimate: the report has no counts)"
+    return fmt(value)
+
+
 def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None],
-           floor: Mapping[str, float | None] | None = None) -> tuple[list[str], list[str]]:
+           floor: Mapping[str, float | None] | None = None,
+           confidence: float | None = None) -> tuple[list[str], list[str]]:
     parts, failures = [], []
     floor = floor or {}
+    bounds = _bounds(summary, confidence)
+    level = f"{confidence * 100:g}%" if confidence is not None else ""
 
     def upper(key: str, label: str, value: Any, budget: float | None, fmt: Callable[[float], str]) -> None:
         if budget is None:
@@ -133,9 +165,11 @@ def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None],
             parts.append(f"{label} n/a")
             return
         base = floor.get(key)
+        point, value = value, bounds.get(key, value)
         judged = value - base if base is not None and math.isfinite(value) else value
         ok = judged <= budget + TOLERANCE
-        shown = f"{fmt(value)} − floor {fmt(base)}" if base is not None else fmt(value)
+        shown = _shown(key, point, value, bounds, level, "upper", fmt)
+        shown = f"{shown} − floor {fmt(base)}" if base is not None else shown
         parts.append(f"{label} {shown} {'<=' if ok else '>'} {fmt(budget)}")
         if not ok:
             failures.append(key)
@@ -146,8 +180,10 @@ def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None],
         if value is None:
             parts.append(f"{label} n/a")
             return
+        point, value = value, bounds.get(key, value)
         ok = value >= budget - TOLERANCE
-        parts.append(f"{label} {fmt(value)} {'>=' if ok else '<'} {fmt(budget)}")
+        shown = _shown(key, point, value, bounds, level, "lower", fmt)
+        parts.append(f"{label} {shown} {'>=' if ok else '<'} {fmt(budget)}")
         if not ok:
             failures.append(key)
 
@@ -170,17 +206,23 @@ def check(
     max_ppl_ratio: float | str | None = None,
     over_floor: bool = False,
     min_judge_delta: float | str | None = None,
+    confidence: float | str | None = None,
 ) -> list[Verdict]:
     """One verdict per child and named task or group (plus micro when a child has several), and one
     per child and text corpus when a corpus budget is given.
 
     `metric` ("acc" or "acc_norm") judges each task's figures under that metric where the task has
     it; default: the report's headline metric of each task. `over_floor` judges flips and KL as the
-    excess over the report's noise floor.
+    excess over the report's noise floor. `confidence` (e.g. 0.95) judges flips by their one-sided
+    Clopper–Pearson upper bound and Δacc by its one-sided lower bound instead of point estimates.
     """
     from flipcheck.evaluation.samples import check_metric
 
     check_metric(metric)
+    if confidence is not None:
+        from flipcheck.decide.confidence import check_confidence
+
+        confidence = check_confidence(confidence)
     budgets = {
         "max_flips": None if max_flips is None else parse_budget(max_flips, "--max-flips"),
         "max_kl": None if max_kl is None else parse_budget(max_kl, "--max-kl"),
@@ -221,7 +263,7 @@ def check(
         for task, summary in tasks if any(v is not None for v in budgets.values()) else ():
             figures, used = _figures(summary, metric)
             floor = _task_floor(report, task, metric) if over_floor else None
-            parts, failures = _judge(figures, budgets, floor)
+            parts, failures = _judge(figures, budgets, floor, confidence)
             where = _where(name, task, len(children) > 1, summary, used)
             passed = not failures
             text = f"{'PASS' if passed else 'FAIL'} {where}: " + ", ".join(parts)
@@ -337,6 +379,7 @@ def run_gate(
     over_floor: bool = False,
     echo: Callable[[str], Any] | None = None,
     min_judge_delta: float | str | None = None,
+    confidence: float | str | None = None,
 ) -> bool:
     """Load a report (path or dict), check it, pass each verdict line to `echo`; True if all pass."""
     from flipcheck.evaluation.report import load_report
@@ -344,7 +387,7 @@ def run_gate(
     data = report if isinstance(report, Mapping) else load_report(report)
     verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric,
                      max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                     min_judge_delta=min_judge_delta)
+                     min_judge_delta=min_judge_delta, confidence=confidence)
     if echo is not None:
         for v in verdicts:
             echo(v.text)

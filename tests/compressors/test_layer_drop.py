@@ -108,8 +108,9 @@ def test_bad_settings_fail_before_any_work(parent):
         make_config("layer_drop", {"n": -1})
     with pytest.raises(FlipcheckError, match="'last' or 'angular'"):
         make_config("layer_drop", {"n": 1, "selection": "middle"})
-    with pytest.raises(FlipcheckError, match="unknown setting 'layers'"):
-        make_config("layer_drop", {"layers": 1})
+    with pytest.raises(FlipcheckError, match="unknown setting 'layer'"):
+        make_config("layer_drop", {"layer": 1})
+    assert make_config("layer_drop", {"layers": 1}).layers == [1]  # an explicit list (issue 16)
     child = copy.deepcopy(parent)
     # n >= layers is caught before the (missing) calibration data is even looked at
     with pytest.raises(FlipcheckError, match=r"n=4 would drop every layer.*allowed: n in 0\.\.3"):

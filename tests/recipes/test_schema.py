@@ -82,3 +82,39 @@ def test_a_misspelt_required_key_is_named_with_its_line_through_the_cli(tmp_path
     assert ":6: children.0.stepz: unknown key 'stepz'; allowed: name, steps, strength." in line
     assert "Did you mean: steps?" in line and "Field required" not in line
     assert not (tmp_path / "out").exists()
+
+
+PER_LAYER = """\
+name: mixed
+parent: some/folder
+children:
+  - name: w4-w8
+    steps:
+      - {method: gptq, settings: {scheme: W4A16, layers: {"0-3": w8a16, "29": none}}}
+  - name: pruned
+    steps:
+      - {method: wanda, settings: {sparsity: 0.5, layers: "0-1:0.2"}}
+  - name: dropped
+    steps:
+      - {method: layer_drop, settings: {layers: [14, 12]}}
+evaluation: {tasks: [flipcheck_demo], limit: 20}
+gate: {max_flips: 2%, confidence: 0.95}
+"""
+
+
+def test_per_layer_settings_and_gate_confidence_round_trip():
+    r = parse_recipe(PER_LAYER)
+    configs = [c.steps[0].config() for c in r.all_children()]
+    assert configs[0].layers == {"0-3": "W8A16", "29": "none"}
+    assert configs[1].layers == {"0-1": 0.2} and configs[2].layers == [12, 14]
+    assert r.gate.budgets()["confidence"] == "0.95"
+    assert parse_recipe(dump_recipe(r)) == r
+
+
+@pytest.mark.parametrize(("old", "new", "pattern"), [
+    ('"0-3": w8a16', '"0-3": w3a16', r":6: children.0.steps.0: .*'w3a16' is not allowed; allowed: W4A16"),
+    ("confidence: 0.95", "confidence: 2", r"gate.confidence .*\[0\.5, 1\)"),
+])
+def test_bad_per_layer_recipes_fail_with_the_line(old, new, pattern):
+    with pytest.raises(FlipcheckError, match=pattern):
+        parse_recipe(PER_LAYER.replace(old, new), "r.yaml")

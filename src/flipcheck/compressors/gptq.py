@@ -13,15 +13,21 @@ decreasing diag(H) (the most activated inputs first), which changes nothing in t
 
 Weights become b-bit integers with one scale per `group_size` consecutive input weights (symmetric
 schemes) plus a zero point (asymmetric ones): W ≈ s·(q - z).
+
+``layers`` gives decoder layers their own scheme (``{"0-3": "W8A16", "4-29": "W4A16"}``, "none"
+to leave a layer unquantized; see :mod:`flipcheck.compressors.per_layer`): one GPTQ run with one
+``config_groups`` entry per scheme. Per-layer schemes take the step's group_size, except W8A8,
+which keeps its per-channel serving layout.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flipcheck.compressors.llmc import check_serving_layout, preset_group_size, quant_scheme
+from flipcheck.compressors.llmc import check_serving_layout, preset_group_size, quant_groups
+from flipcheck.compressors.per_layer import KEEP, parse_layer_map
 from flipcheck.compressors.registry import MethodConfig, none_from_text, register
 
 
@@ -45,6 +51,15 @@ class GPTQConfig(MethodConfig):
         0.01, ge=0.0, le=1.0, description="λ added to diag(H) as a fraction of its mean, for a stable inverse"
     )
     block_size: int = Field(128, ge=1, le=8192, description="columns quantized per block before the lazy error update")
+    layers: dict[str, str] | None = Field(
+        None, description="per-layer schemes {range: scheme or 'none'}, e.g. {'0-3': W8A16}; "
+        "other layers take `scheme` (--set layers=0-3:W8A16,4-29:W4A16)"
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any):
+        return parse_layer_map(v, _gptq_scheme)
 
     @model_validator(mode="before")
     @classmethod
@@ -86,14 +101,27 @@ class GPTQConfig(MethodConfig):
         return v.lower() if isinstance(v, str) else v
 
 
-def gptq_modifiers(config: GPTQConfig, head: str) -> list:
+_SCHEMES = ("W4A16", "W4A16_ASYM", "W8A16", "W8A8")
+
+
+def _gptq_scheme(value: Any) -> str:
+    """A per-layer value: one of GPTQ's schemes, or 'none' (leave the layer unquantized)."""
+    v = str(value).strip().upper()
+    if v == KEEP.upper():
+        return KEEP
+    if v not in _SCHEMES:
+        raise ValueError(f"layers: scheme {value!r} is not allowed; allowed: {', '.join(_SCHEMES)}, {KEEP}")
+    return v
+
+
+def gptq_modifiers(config: GPTQConfig, head: str, model=None) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    scheme = quant_scheme(config.scheme, config.group_size)
+    groups, ignore = quant_groups(config.scheme, config.group_size, config.layers, model, head)
     return [
         GPTQModifier(
-            config_groups={"group_0": scheme},
-            ignore=[head],
+            config_groups=groups,
+            ignore=ignore,
             block_size=config.block_size,
             dampening_frac=config.dampening_frac,
             actorder=None if config.actorder == "none" else config.actorder,

@@ -1,6 +1,8 @@
 """Layer dropping: remove ``n`` whole decoder layers.
 
-Two ways to choose the layers:
+Three ways to choose the layers: an explicit list (``layers: [3, 5, 7]``, or ``--set
+layers=3,5-7``: those decoder layers, 0-based, as a search or a user picks them), or ``n``/``fraction``
+layers chosen by one of two selections:
 
 ``last``
     Drop the last ``n`` layers (the setting of Dutta et al. 2024, "Accuracy is Not All You Need").
@@ -32,10 +34,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flipcheck.compressors.architectures import ModelAdapter, adapter_for
 from flipcheck.compressors.calibration import memoized, require_ids
@@ -67,25 +69,55 @@ class LayerDropConfig(MethodConfig):
     batch_size: int = Field(
         4, ge=1, description="calibration sequences per forward pass when measuring angular distances"
     )
+    layers: list[int] | None = Field(
+        None, description="explicit decoder layers to drop, 0-based (e.g. [3, 5, 6], --set layers=3,5-6); "
+        "instead of n/fraction"
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any):
+        from flipcheck.compressors.per_layer import parse_range
+
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
+            return None
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v]
+        if not isinstance(v, str | list | tuple):
+            raise ValueError(f"layers: {v!r} is not a list of layer indices; e.g. [3, 5] or 3,5-7")
+        parts = [p for p in v.split(",") if p.strip()] if isinstance(v, str) else list(v)
+        out: set[int] = set()
+        for p in parts:
+            if isinstance(p, bool) or (not isinstance(p, int) and not isinstance(p, str)):
+                raise ValueError(f"layers: {p!r} is not a layer index; give indices or ranges, e.g. [3, 5] or 3,5-7")
+            lo, hi = parse_range(p)
+            out.update(range(lo, hi + 1))
+        return sorted(out)
 
     @model_validator(mode="after")
     def _one_amount(self) -> LayerDropConfig:
-        if (self.n is None) == (self.fraction is None):
+        given = [k for k in ("n", "fraction", "layers") if getattr(self, k) is not None]
+        if len(given) != 1:
             raise ValueError(
-                "give exactly one of n (layers to drop) or fraction (of num_hidden_layers); "
-                f"got n={self.n}, fraction={self.fraction}"
+                "give exactly one of n (layers to drop), fraction (of num_hidden_layers) or layers (which ones); "
+                f"got n={self.n}, fraction={self.fraction}, layers={self.layers}"
             )
         return self
 
 
 def needs_calibration(config: LayerDropConfig) -> bool:
-    """Only ``selection='angular'`` (with something to drop) reads calibration data."""
-    return config.selection == "angular" and config.n != 0 and config.fraction != 0.0
+    """Only ``selection='angular'`` (with something to drop, not an explicit list) reads calibration data."""
+    return config.layers is None and config.selection == "angular" and config.n != 0 and config.fraction != 0.0
 
 
 def layers_to_drop(config: LayerDropConfig, num_layers: int) -> int:
     """``n``, or ``fraction * num_layers`` rounded half up; must leave at least one layer."""
-    if config.n is not None:
+    if config.layers is not None:
+        n, setting = len(config.layers), f"layers={config.layers}"
+        if config.layers and config.layers[-1] >= num_layers:
+            raise FlipcheckError(f"layer_drop: layers={config.layers} names layer {config.layers[-1]}, but the model has "
+                                 f"{num_layers} decoder layers; allowed: 0-{num_layers - 1}")
+    elif config.n is not None:
         n, setting = config.n, f"n={config.n}"
     else:
         n = math.floor(config.fraction * num_layers + 0.5)
@@ -235,8 +267,10 @@ def apply_layer_drop(
     num_layers = adapter.num_layers
     n = layers_to_drop(config, num_layers)
     params_before = logical_parameters(model)
-    extra: dict = {"selection": config.selection, "layers_before": num_layers}
-    if config.selection == "angular" and n > 0:
+    extra: dict = {"selection": "explicit" if config.layers is not None else config.selection, "layers_before": num_layers}
+    if config.layers is not None:
+        drop = list(config.layers)
+    elif config.selection == "angular" and n > 0:
         if distances is None:
             ids = require_ids(calibration, "layer_drop selection='angular'", "use selection='last' to drop without it")
             distances = memoized(
@@ -255,9 +289,9 @@ def apply_layer_drop(
         extra["distances"] = [
             [None if math.isnan(v) else round(v, 6) for v in row] for row in distances.tolist()
         ]
+        drop = list(range(start, start + n))
     else:
-        start = num_layers - n
-    drop = list(range(start, start + n))
+        drop = list(range(num_layers - n, num_layers))
     removed_linears = sum(
         isinstance(m, torch.nn.Linear) for i in drop for m in adapter.layer_list[i].modules()
     )
@@ -269,7 +303,7 @@ def apply_layer_drop(
         layers_after=num_layers - n,
         parameters_before=params_before,
     )
-    used_calibration = config.selection == "angular" and calibration is not None and n > 0
+    used_calibration = needs_calibration(config) and calibration is not None and n > 0
     return step_report(  # parameters, bits and sparsity read off the model the step leaves
         "layer_drop",
         config,

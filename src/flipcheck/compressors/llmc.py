@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
@@ -103,8 +104,52 @@ def modifiers_for(name: str, config: MethodConfig, model: torch.nn.Module | None
     build = get_method(name).modifiers
     if build is None:
         raise FlipcheckError(f"{name!r} is not an llm-compressor method; allowed: {', '.join(llmc_methods())}")
+    # builders with per-layer settings take the model too, to name the Linears of each layer
+    extra = {"model": model} if "model" in inspect.signature(build).parameters else {}
     with _quiet_engine():  # building modifiers already logs (device probes)
-        return build(config, head_name(model) if model is not None else "lm_head")
+        return build(config, head_name(model) if model is not None else "lm_head", **extra)
+
+
+def layer_layout(preset: str, group_size: int | str | None) -> int | str | None:
+    """The weight layout a per-layer `preset` gets from its step's `group_size`: that group size,
+    unless the preset cannot take it (a fixed layout, or W8A8's per-channel serving layout), then
+    its own preset layout ("preset")."""
+    from flipcheck.compressors.rtn import regroupable
+
+    if group_size == "preset" or not regroupable(preset):
+        return "preset"
+    try:
+        check_serving_layout(preset, group_size)
+    except ValueError:
+        return "preset"
+    return group_size
+
+
+def quant_groups(
+    scheme: str, group_size: int | str | None, layers: dict[str, str] | None, model: torch.nn.Module | None,
+    head: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """(config_groups, ignore) of a quantization modifier: one group of `scheme` on every Linear,
+    or with per-layer `layers` ({range: preset or "none"}, see :mod:`per_layer`) one group per
+    distinct scheme whose targets name exactly its layers' Linears; "none" layers go to `ignore`."""
+    from flipcheck.compressors.per_layer import KEEP, group_layers
+
+    if not layers:
+        return {"group_0": quant_scheme(scheme, group_size)}, [head]
+    if model is None:
+        raise FlipcheckError("per-layer schemes (layers=...) need the model to name each layer's Linears")
+    groups, ignore = {}, [head]
+    for value, target, _ in group_layers(model, layers, scheme):
+        if target is None:
+            continue
+        if value == KEEP:
+            ignore.append(target)
+            continue
+        layout = group_size if value == scheme else layer_layout(value, group_size)
+        groups[f"group_{len(groups)}"] = quant_scheme(value, layout, targets=[target])
+    if not groups:
+        raise FlipcheckError("layers: every decoder layer is 'none'; quantize at least one layer")
+    return groups, ignore
 
 
 def quant_scheme(preset: str, group_size: int | str | None = "preset", *, targets: list[str] | None = None):

@@ -10,15 +10,20 @@ Asymmetric schemes (W4A16_ASYM) use s = (max W_g - min W_g) / (q_max - q_min) an
 Schemes with activation quantization quantize activations at run time: dynamically per token
 (W8A8, FP8_DYNAMIC: no data needed) or with static scales observed on calibration data (FP8,
 NVFP4: those need calibration).
+
+``layers`` gives decoder layers their own preset (``{"0-3": "W8A16"}``, "none" to leave them
+unquantized; see :mod:`flipcheck.compressors.per_layer`); a per-layer preset takes the step's
+group_size where its layout can change and its serving layout allows it, else its own layout.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flipcheck.compressors.llmc import check_serving_layout, needs_data, quant_scheme
+from flipcheck.compressors.llmc import check_serving_layout, needs_data, quant_groups
+from flipcheck.compressors.per_layer import KEEP, parse_layer_map
 from flipcheck.compressors.registry import MethodConfig, none_from_text, register
 
 
@@ -49,6 +54,10 @@ class RTNConfig(MethodConfig):
         None, description="None = the scheme's own layout; an int = groups of that many input weights; 'channel' = per output channel"
     )
 
+    layers: dict[str, str] | None = Field(
+        None, description="per-layer presets {range: scheme or 'none'}, e.g. {'0-3': W8A16}; other layers take `scheme`"
+    )
+
     @field_validator("scheme", mode="before")
     @classmethod
     def _scheme(cls, v):
@@ -58,6 +67,11 @@ class RTNConfig(MethodConfig):
         if v.upper() not in allowed:
             raise ValueError(f"unknown scheme {v!r}; allowed: {', '.join(allowed)}")
         return v.upper()
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any):
+        return parse_layer_map(v, _layer_preset)
 
     @field_validator("group_size", mode="before")
     @classmethod
@@ -84,16 +98,29 @@ class RTNConfig(MethodConfig):
         return self
 
 
-def rtn_modifiers(config: RTNConfig, head: str) -> list:
+def _layer_preset(value: Any) -> str:
+    v = str(value).strip().upper()
+    if v == KEEP.upper():
+        return KEEP
+    if v not in preset_schemes():
+        raise ValueError(f"layers: scheme {value!r} is not allowed; allowed: {', '.join(preset_schemes())}, {KEEP}")
+    return v
+
+
+def rtn_modifiers(config: RTNConfig, head: str, model=None) -> list:
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     layout = "preset" if config.group_size is None else config.group_size
-    return [QuantizationModifier(config_groups={"group_0": quant_scheme(config.scheme, layout)}, ignore=[head])]
+    groups, ignore = quant_groups(config.scheme, layout, config.layers, model, head)
+    return [QuantizationModifier(config_groups=groups, ignore=ignore)]
 
 
 def rtn_needs_data(config: RTNConfig) -> bool:
-    """Only schemes with static activation scales (FP8, NVFP4, ...) need calibration data."""
-    return needs_data(rtn_modifiers(config, "lm_head"))
+    """Only schemes with static activation scales (FP8, NVFP4, ...) need calibration data; with
+    per-layer presets, when any of them does."""
+    schemes = {config.scheme, *(v for v in (config.layers or {}).values() if v != KEEP)}
+    return any(needs_data(rtn_modifiers(config.model_copy(update={"scheme": s, "layers": None}), "lm_head"))
+               for s in sorted(schemes))
 
 
 register("rtn", RTNConfig, modifiers=rtn_modifiers, needs_calibration=rtn_needs_data, produces="quantized")

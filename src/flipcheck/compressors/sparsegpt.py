@@ -32,18 +32,16 @@ class SparseGPTConfig(PruningConfig):
     dampening_frac: float = Field(0.01, ge=0.0, le=1.0, description="λ added to diag(H) as a fraction of its mean")
 
 
-def sparsegpt_modifiers(config: SparseGPTConfig, head: str) -> list:
+def sparsegpt_modifiers(config: SparseGPTConfig, head: str, model=None) -> list:
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 
     if config.is_identity():
         return []
     return [
         SparseGPTModifier(
-            targets=["Linear"],
-            ignore=prune_ignore(head),
             block_size=config.block_size,
             dampening_frac=config.dampening_frac,
-            **config.engine_args(),
+            **config.pruning_args(model, prune_ignore(head)),
         )
     ]
 

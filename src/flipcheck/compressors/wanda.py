@@ -23,12 +23,12 @@ class WandaConfig(PruningConfig):
     """Wanda: zero the weights with the smallest |W|·||X|| in each row, unstructured or N:M."""
 
 
-def wanda_modifiers(config: WandaConfig, head: str) -> list:
+def wanda_modifiers(config: WandaConfig, head: str, model=None) -> list:
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
     if config.is_identity():
         return []
-    return [WandaPruningModifier(targets=["Linear"], ignore=prune_ignore(head), **config.engine_args())]
+    return [WandaPruningModifier(**config.pruning_args(model, prune_ignore(head)))]
 
 
 register("wanda", WandaConfig, modifiers=wanda_modifiers, needs_calibration=pruning_needs_data, produces="sparse")

@@ -154,10 +154,15 @@ class GateSpec(_Strict):
     max_ppl_ratio: str | float | None = None  # PPL_C / PPL_P on each text corpus, e.g. 1.05
     over_floor: bool = False  # flips and KL budgets judge the excess over the noise floor
     min_judge_delta: str | float | None = None  # smallest allowed judged score change (points of 1-10), e.g. -0.5
+    confidence: str | float | None = None  # judge flips / Δacc by one-sided bounds at this level, e.g. 0.95
 
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
+        from flipcheck.decide.confidence import check_confidence
         from flipcheck.gate import parse_budget
+
+        if self.confidence is not None:
+            check_confidence(self.confidence, "gate.confidence")
 
         for name in ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio", "min_judge_delta"):
             v = getattr(self, name)
