@@ -33,6 +33,7 @@ CASES = [
     ("sparsegpt", {"mask": "2:4"}, {"mask": "3:2"}, {"sparsity": 0.0}, 0.5),
     ("layer_drop", {"n": 1, "selection": "angular"}, {"selection": "middle"}, {"n": 0}, None),
     ("slicegpt", {"slicing": 0.25}, {"slicing": 1.0}, {"slicing": 0.0}, None),
+    ("gguf", {"type": "Q4_K_M"}, {"type": "Q3_X"}, {"type": "F32"}, None),
 ]
 
 

@@ -25,7 +25,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from flipcheck.compressors.gguf_convert import QUANT_TYPES, gguf_bits, quantize_gguf, write_gguf
+from flipcheck.compressors.gguf_convert import (
+    QUANT_TYPES,
+    gguf_bits,
+    load_gguf_weights,
+    quantize_gguf,
+    write_gguf,
+)
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
 from flipcheck.compressors.stats import measure
 
@@ -46,7 +52,8 @@ def gguf_name(config: GGUFConfig) -> str:
 
 def apply_gguf(model: torch.nn.Module, config: GGUFConfig, calibration) -> CompressionReport:
     """Write `model` as GGUF and quantize it; the file waits in a temporary folder for the save
-    (``extra["gguf_file"]``), the in-memory model is left as it was."""
+    (``extra["gguf_file"]``). The in-memory model then holds the file's weights dequantized (what
+    transformers computes from the file; llama.cpp's own kernels also round activations)."""
     tokenizer = getattr(calibration, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("gguf needs the tokenizer (the calibration object carries it)")
@@ -60,6 +67,7 @@ def apply_gguf(model: torch.nn.Module, config: GGUFConfig, calibration) -> Compr
         f32.unlink()
     stats = gguf_bits(out)
     sparsity = measure(model).sparsity  # zeros an earlier step (wanda, sparsegpt) left, before quantization
+    load_gguf_weights(model, out)
     return CompressionReport(
         method="gguf", config=config.model_dump(mode="json"), parameters=int(stats["parameters"]),
         bits_per_weight=float(stats["bits_per_weight"]), sparsity=float(sparsity),

@@ -195,6 +195,42 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
     return path
 
 
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`_permute_rope`: llama.cpp's interleaved pairs back to HF's rotate-half rows."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@torch.no_grad()
+def load_gguf_weights(model: torch.nn.Module, path: str | os.PathLike) -> int:
+    """Copy a GGUF's weights, dequantized to float by the ``gguf`` package, into `model` (the model the
+    file was written from: same architecture and names). Returns the tensors copied. Afterwards the
+    in-memory model computes what transformers computes from the file (``gguf_file=``)."""
+    import gguf
+    from gguf import GGUFReader
+
+    config = model.config
+    n_layer, n_head = int(config.num_hidden_layers), int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    tensors = {t.name: t for t in GGUFReader(str(path), "r").tensors}
+    state = model.state_dict()
+    copied = 0
+    for hf_name, target in state.items():
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None or gname not in tensors:
+            continue  # a tied head (the embedding's), rotary buffers
+        t = tensors[gname]
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(target.shape))
+        if hf_name.endswith("q_proj.weight"):
+            data = _unpermute_rope(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _unpermute_rope(data, n_kv)
+        target.copy_(torch.from_numpy(np.ascontiguousarray(data)).to(target.dtype))
+        copied += 1
+    return copied
+
+
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0",
                "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL")
 
