@@ -68,6 +68,8 @@ def check_shapes(steps: Sequence[Step], config: Mapping[str, Any]) -> None:
     for name, cfg in steps:
         if get_method(name).modifiers is None:
             continue
+        if getattr(cfg, "layers", None):  # per-layer schemes name each layer's Linears: they need the model;
+            cfg = cfg.model_copy(update={"layers": None})  # the step's own group size is checked here, the rest on load
         for mod in modifiers_for(name, cfg):
             for size in sorted(_group_sizes(mod)):
                 check_group_sizes(layers, size, setting=f"{name} group_size")
