@@ -169,6 +169,11 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
         if not special.merges:
             raise FlipcheckError("gguf: the tokenizer has no BPE merges; flipcheck's converter writes byte-level BPE vocabularies")
         special.add_to_gguf(writer)
+    # llama.cpp's default BOS handling differs by vocabulary type: say what the HF tokenizer does
+    if "tokenizer.ggml.add_bos_token" not in writer.kv_data[0]:
+        from flipcheck.evaluation.corpus import adds_bos
+
+        writer.add_add_bos_token(adds_bos(tokenizer))
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     tied = bool(getattr(config, "tie_word_embeddings", False))
