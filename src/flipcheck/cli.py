@@ -52,7 +52,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # the message is text: "[llamacpp]" in a pip command must not be read as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -37,10 +37,11 @@ class RunProgress:
         self._started = False
 
     def __enter__(self) -> RunProgress:
-        self.progress.start()
-        return self
+        return self  # drawn from the first step on: a command that fails its checks shows no bar
 
     def __exit__(self, *exc) -> None:
+        if not self._started:
+            return
         if exc[0] is None:
             self.progress.update(self.task, completed=self.progress.tasks[0].total, description="done")
         self.progress.stop()
@@ -48,5 +49,7 @@ class RunProgress:
     def step(self, label: str) -> None:
         if self._started:
             self.progress.advance(self.task)
-        self._started = True
+        else:
+            self.progress.start()
+            self._started = True
         self.progress.update(self.task, description=label)

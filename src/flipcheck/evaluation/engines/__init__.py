@@ -66,14 +66,16 @@ def engine_identity(source, name: str | None, dtype: torch.dtype) -> dict[str, A
     name = check_engine(name) or default_engine(source)
     gguf = getattr(source, "gguf", None)
     if name == "llama.cpp":
-        import llama_cpp
-
         from flipcheck.evaluation.engines.llamacpp import (
             DEFAULT_N_BATCH,
             DEFAULT_N_CTX,
             gguf_context_length,
             gguf_file_type,
+            require,
         )
+
+        require()  # without llama-cpp-python: one line naming the pip command
+        import llama_cpp
 
         path = source.gguf_path()
         return {"name": "llama.cpp", "version": getattr(llama_cpp, "__version__", "?"), "dtype": gguf_file_type(path),
