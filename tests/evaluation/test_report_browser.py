@@ -192,9 +192,9 @@ class _Dom(HTMLParser):
         if self._pre is not None:
             self.pre[self._pre] += data
 
-    def table_with(self, header: str) -> list[dict[str, str]]:
-        """The rows, as {column: text}, of the first table with a column named `header`."""
-        table = next(t for t in self.tables if t and header in t[0])
+    def table_with(self, *headers: str) -> list[dict[str, str]]:
+        """The rows, as {column: text}, of the first table with a column named each of `headers`."""
+        table = next(t for t in self.tables if t and all(h in t[0] for h in headers))
         return [dict(zip(table[0], r, strict=True)) for r in table[1:]]
 
 
@@ -288,7 +288,7 @@ def test_dumped_dom_has_the_figures_the_plots_and_the_flipped_questions(browser,
     # the flipped questions: every row whose correctness changed, with its direction and answers
     flipped = [r for r in rows if r["correct_P"] != r["correct_C"]]
     assert f"Flipped questions ({len(flipped)})" in text
-    listed = dom.table_with("question (end of prompt)")
+    listed = dom.table_with("question (end of prompt)", "child")  # the flipped list (the largest-KL list has no child column)
     assert [(r["child"], r["task"], r["doc_id"]) for r in listed] == [
         (r["child"], r["task"], str(r["doc_id"])) for r in flipped]
     for shown, r in zip(listed, flipped, strict=True):
