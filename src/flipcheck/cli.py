@@ -545,7 +545,11 @@ def demo_cmd(
             return run_real_demo(out or Path("runs/demo-real"), console=console)
         return run_demo(out or Path("runs/demo"), retrain=retrain, quick=quick, console=console)
 
-    _run(go)
+    from flipcheck.runlog import third_party_output
+
+    folder = out or Path("runs/demo-real" if real else "runs/demo")
+    with third_party_output(folder, verbose=verbose):  # third-party warnings and bars -> the run's run.log
+        _run(go)
 
 
 # --- deciding (issue 16): plan -------------------------------------------------------------------
