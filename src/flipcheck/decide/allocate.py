@@ -95,25 +95,25 @@ def smallest_within(sizes: Sequence[Sequence[float]], damages: Sequence[Sequence
     Raises FlipcheckError naming the least damage possible when no allocation meets the budget.
     """
     s, d = _check(sizes, damages)
-    if not math.isfinite(max_damage):
-        raise FlipcheckError(f"allocate: the damage budget must be a finite number (got {max_damage!r})")
-    least = float(sum(r.min() for r in d))
-    choice = _solve(s, d, max_damage)
-    if choice is None or least > max_damage * (1 + _SLACK) + _SLACK:
-        raise FlipcheckError(f"allocate: no allocation meets the damage budget {max_damage:.6g}: the least damaging "
-                             f"option of every layer already sums to {least:.6g}")
-    return _allocation(choice, s, d)
+    return _within(s, d, minimise=s, bound=d, budget=max_damage,
+                   what="damage budget", meets="meets", floor="the least damaging option")
 
 
 def least_damage_within(sizes: Sequence[Sequence[float]], damages: Sequence[Sequence[float]], max_size: float) -> Allocation:
     """The allocation of least total damage whose total size is <= max_size (exact, by MILP): the
     most faithful child of a given size, e.g. the size of a uniform scheme to compare it with."""
     s, d = _check(sizes, damages)
-    if not math.isfinite(max_size):
-        raise FlipcheckError(f"allocate: the size budget must be a finite number (got {max_size!r})")
-    least = float(sum(r.min() for r in s))
-    choice = _solve(d, s, max_size)
-    if choice is None or least > max_size * (1 + _SLACK) + _SLACK:
-        raise FlipcheckError(f"allocate: no allocation fits the size budget {max_size:.6g}: the smallest option of "
+    return _within(s, d, minimise=d, bound=s, budget=max_size,
+                   what="size budget", meets="fits", floor="the smallest option")
+
+
+def _within(s, d, *, minimise, bound, budget: float, what: str, meets: str, floor: str) -> Allocation:
+    """Minimise the sum of `minimise` with the sum of `bound` <= `budget`; one-line errors name `what`."""
+    if not math.isfinite(budget):
+        raise FlipcheckError(f"allocate: the {what} must be a finite number (got {budget!r})")
+    least = float(sum(r.min() for r in bound))
+    choice = _solve(minimise, bound, budget)
+    if choice is None or least > budget * (1 + _SLACK) + _SLACK:
+        raise FlipcheckError(f"allocate: no allocation {meets} the {what} {budget:.6g}: {floor} of "
                              f"every layer already sums to {least:.6g}")
     return _allocation(choice, s, d)
