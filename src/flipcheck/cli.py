@@ -523,7 +523,10 @@ def judge_cmd(
         if out is not None:
             console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, judge.jsonl)")
 
-    _run(go)
+    from flipcheck.runlog import third_party_output
+
+    with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
+        _run(go)
 
 
 @app.command("demo")
