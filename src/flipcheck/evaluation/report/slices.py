@@ -1,8 +1,8 @@
 """Where a task's damage concentrates, in report.md and report.html (never in the terminal table).
 
 Per child and named task: flips and Δacc by subtask or category, by prompt-length tercile and by
-the parent's margin decile (:func:`flipcheck.evaluation.samples.slice_summaries`), the questions with
-the largest KL, flipped or not (:func:`~flipcheck.evaluation.samples.top_kl`), and for generative
+the parent's margin decile (:func:`flipcheck.evaluation.slices.slice_summaries`), the questions with
+the largest KL, flipped or not (:func:`~flipcheck.evaluation.slices.top_kl`), and for generative
 tasks where the two outputs first differ.
 """
 
