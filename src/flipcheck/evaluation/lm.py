@@ -651,12 +651,11 @@ class FlipLM(TemplateLM):
         def stop_fn(toks: list[int]) -> bool:
             return bool(stops) and any(s in self.tokenizer.decode(toks, skip_special_tokens=True) for s in stops)
 
-        results = []
-        for ctx, new in zip(ctxs, engine.generate(ctxs, max_gen, stop_fn, eos_ids), strict=True):
-            del ctx
-            text = postprocess_generated_text(self.tokenizer.decode(new, skip_special_tokens=True), until, None)
-            results.append((text, self._stopped_tokens(list(new), eos_ids, until)))
-        return results
+        return [
+            (postprocess_generated_text(self.tokenizer.decode(new, skip_special_tokens=True), until, None),
+             self._stopped_tokens(list(new), eos_ids, until))
+            for new in engine.generate(ctxs, max_gen, stop_fn, eos_ids)
+        ]
 
     def _stopped_tokens(self, row: list[int], eos_ids: set[int], until: list[str]) -> list[int]:
         """The generated tokens up to the first eos (kept) or the first token completing a stop string."""

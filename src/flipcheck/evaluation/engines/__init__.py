@@ -66,21 +66,10 @@ def engine_identity(source, name: str | None, dtype: torch.dtype) -> dict[str, A
     name = check_engine(name) or default_engine(source)
     gguf = getattr(source, "gguf", None)
     if name == "llama.cpp":
-        from flipcheck.evaluation.engines.llamacpp import (
-            DEFAULT_N_BATCH,
-            DEFAULT_N_CTX,
-            gguf_context_length,
-            gguf_file_type,
-            require,
-        )
+        from flipcheck.evaluation.engines.llamacpp import llamacpp_identity, require
 
         require()  # without llama-cpp-python: one line naming the pip command
-        import llama_cpp
-
-        path = source.gguf_path()
-        return {"name": "llama.cpp", "version": getattr(llama_cpp, "__version__", "?"), "dtype": gguf_file_type(path),
-                "n_ctx": min(DEFAULT_N_CTX, gguf_context_length(path) or DEFAULT_N_CTX), "n_batch": DEFAULT_N_BATCH,
-                "kv_cache": "f32"}
+        return llamacpp_identity(source.gguf_path())
     import transformers
 
     ident: dict[str, Any] = {"name": "transformers", "version": transformers.__version__,

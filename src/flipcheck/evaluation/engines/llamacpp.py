@@ -75,6 +75,16 @@ def gguf_file_type(path: str | os.PathLike) -> str:
         return f"type{value}"
 
 
+def llamacpp_identity(path: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH) -> dict[str, Any]:
+    """The identity of a GGUF on this engine, read from the file's metadata (nothing loaded): what the
+    cache keys hold before the model is opened, and what the open engine reports."""
+    import llama_cpp
+
+    return {"name": LlamaCppEngine.name, "version": getattr(llama_cpp, "__version__", "?"),
+            "dtype": gguf_file_type(path), "n_ctx": min(int(n_ctx), gguf_context_length(path) or int(n_ctx)),
+            "n_batch": int(n_batch), "kv_cache": "f32"}
+
+
 class LlamaCppEngine(Engine):
     """A GGUF file loaded by llama.cpp (CPU here; ``n_gpu_layers`` offloads on a CUDA build)."""
 
@@ -101,7 +111,7 @@ class LlamaCppEngine(Engine):
         self.n_ctx = int(self.llm.n_ctx())
         self._max_length = self.n_ctx
         self._vocab = int(self.llm.n_vocab())
-        self._file_type = gguf_file_type(self.path)
+        self._identity = llamacpp_identity(self.path, self.n_ctx, self.n_batch)
         self._runner = ExternalRunner(self, self._logits_at)
 
     # -- identity ----------------------------------------------------------------------------------
@@ -110,10 +120,7 @@ class LlamaCppEngine(Engine):
         return self._vocab
 
     def identity(self) -> dict[str, Any]:
-        import llama_cpp
-
-        return {"name": self.name, "version": getattr(llama_cpp, "__version__", "?"), "dtype": self._file_type,
-                "n_ctx": self.n_ctx, "n_batch": self.n_batch, "kv_cache": "f32"}
+        return dict(self._identity)
 
     def max_length(self) -> int | None:
         return self._max_length
