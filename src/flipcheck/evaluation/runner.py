@@ -718,7 +718,7 @@ def child_ref(source: str | ModelSource, name: str | None = None, engine: str | 
         info["compression"] = prov.get("reports", [])
         info["strength"] = prov.get("strength")
     if ms.gguf:
-        info.setdefault("method", (prov or {}).get("recipe", [{}])[-1].get("method") if prov else "gguf")
+        info.setdefault("method", "gguf")  # a GGUF flipcheck did not make
         default = Path(ms.gguf).stem if not prov else Path(ms.folder).name  # type: ignore[arg-type]
     else:
         default = ms.hub_id or Path(ms.spec).name
