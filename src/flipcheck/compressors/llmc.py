@@ -58,7 +58,13 @@ from typing import Any
 import torch
 
 from flipcheck.compressors.calibration import Calibration
-from flipcheck.compressors.registry import CompressionReport, MethodConfig, get_method, methods
+from flipcheck.compressors.registry import (
+    CompressionReport,
+    MethodConfig,
+    get_method,
+    methods,
+    require_llmcompressor,
+)
 from flipcheck.compressors.stats import step_report, targeted_linears
 from flipcheck.errors import FlipcheckError
 
@@ -102,6 +108,8 @@ def modifiers_for(name: str, config: MethodConfig, model: torch.nn.Module | None
     :func:`run_oneshot`.
     """
     build = get_method(name).modifiers
+    if build is not None:
+        require_llmcompressor(name)
     if build is None:
         raise FlipcheckError(f"{name!r} is not an llm-compressor method; allowed: {', '.join(llmc_methods())}")
     # builders with per-layer settings take the model too, to name the Linears of each layer

@@ -151,6 +151,18 @@ def methods() -> dict[str, Method]:
     return dict(_METHODS)
 
 
+COMPRESS_HINT = 'pip install "flipcheck[compress]"'
+
+
+def require_llmcompressor(method: str) -> None:
+    """An llm-compressor method without llm-compressor installed fails in one line naming the pip command
+    (the `compress` extra: left out where vLLM pins another compressed-tensors)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llmcompressor") is None or importlib.util.find_spec("compressed_tensors") is None:
+        raise FlipcheckError(f"method {method!r} runs on llm-compressor, which is not installed: {COMPRESS_HINT}")
+
+
 def get_method(name: str) -> Method:
     all_methods = methods()
     if name not in all_methods:
@@ -163,6 +175,8 @@ def get_method(name: str) -> Method:
 def make_config(name: str, settings: Mapping[str, Any] | None = None) -> MethodConfig:
     """Validate `settings` (values may be strings from the command line) into `name`'s config."""
     method = get_method(name)
+    if method.modifiers is not None:
+        require_llmcompressor(name)
     settings = dict(settings or {})
     try:
         return method.config_cls(**settings)
