@@ -33,7 +33,7 @@ RUN_LOG = "run.log"
 
 # stdlib loggers of the libraries a command runs (their children inherit the handler)
 THIRD_PARTY = ("transformers", "datasets", "huggingface_hub", "lm_eval", "lm-eval", "accelerate", "llmcompressor",
-               "compressed_tensors", "urllib3", "filelock", "fsspec", "matplotlib", "PIL", "bitsandbytes", "py.warnings")
+               "compressed_tensors", "urllib3", "filelock", "fsspec", "matplotlib", "PIL", "bitsandbytes", "vllm", "openai", "httpx", "py.warnings")
 LEVELS = {"lm_eval": logging.INFO}  # what reaches the log: lm-eval's progress notes; warnings of the others
 # modules whose frames sit between a tqdm bar and the code that asked for it
 _TQDM_LAYERS = ("tqdm", "huggingface_hub.utils.tqdm", "huggingface_hub.utils._tqdm", "transformers.utils.logging",

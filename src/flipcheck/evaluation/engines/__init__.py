@@ -2,7 +2,10 @@
 
 - ``transformers`` (default for folders and hub models): the model in this process;
 - ``llama.cpp`` (default for GGUF files when llama-cpp-python is installed): llama.cpp's kernels;
-  without it a GGUF is dequantized by transformers and labelled so.
+  without it a GGUF is dequantized by transformers and labelled so;
+- ``vllm``: a folder or hub model run by ``vllm.LLM`` in this process;
+- a model already served behind an OpenAI-compatible ``/v1/completions``
+  (:class:`~flipcheck.evaluation.engines.served.ServedEngine`, ``--child-url``).
 
 :func:`as_engine` wraps an in-memory ``torch.nn.Module`` (what tests and the noise floor hand
 over); :func:`open_engine` opens a resolved model source with the engine asked for.
@@ -21,7 +24,7 @@ from flipcheck.models import load_model
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("transformers", "llama.cpp")
+ENGINES = ("transformers", "llama.cpp", "vllm")
 _ALIASES = {"hf": "transformers", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "gguf": "llama.cpp"}
 
 __all__ = ["ENGINES", "Engine", "ExternalRunner", "as_engine", "check_engine", "default_engine", "open_engine"]
@@ -70,6 +73,11 @@ def engine_identity(source, name: str | None, dtype: torch.dtype) -> dict[str, A
 
         require()  # without llama-cpp-python: one line naming the pip command
         return llamacpp_identity(source.gguf_path())
+    if name == "vllm":
+        from flipcheck.evaluation.engines.vllm import require, vllm_identity
+
+        require()
+        return vllm_identity(_vllm_folder(source, weights=False), str(dtype).replace("torch.", ""))
     import transformers
 
     ident: dict[str, Any] = {"name": "transformers", "version": transformers.__version__,
@@ -96,7 +104,22 @@ def open_engine(source, name: str | None, *, device: str | None = None, dtype: s
 
         n_gpu = -1 if device not in (None, "cpu") and torch.cuda.is_available() else 0
         return LlamaCppEngine(source.gguf_path(), n_gpu_layers=n_gpu)
+    if name == "vllm":
+        from flipcheck.evaluation.engines.vllm import VllmEngine
+
+        from flipcheck.models import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        return VllmEngine(_vllm_folder(source, weights=True), device=dev,
+                          dtype=str(resolve_dtype(dtype, dev)).replace("torch.", ""))
     from flipcheck.evaluation.engines.transformers import TransformersEngine
 
     model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return TransformersEngine(model, dequantized_from=gguf)
+
+
+def _vllm_folder(source, *, weights: bool):
+    if getattr(source, "gguf", None):
+        raise FlipcheckError(f"{source.spec}: the vllm engine runs model folders and hub models; score a GGUF "
+                             "with --engine llama.cpp")
+    return source.local_folder(weights=weights)

