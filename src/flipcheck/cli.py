@@ -76,7 +76,7 @@ Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (def
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
 Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate figure: acc or acc_norm (default: acc_norm where a task reports it)")]
 Filter = Annotated[str | None, typer.Option("--filter", help="lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)")]
-KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail) or exact (parent in lock-step, 2 passes per child)")]
+KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail), bound (its top-K + tail-bucket lower bound; what a served model allows) or exact (parent in lock-step, 2 passes per child)")]
 PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a group its own row and verdict (default: a group is one row, as named)")]
 Texts = Annotated[list[str] | None, typer.Option("--text", help="text corpus scored token by token (KL both ways, top-1, Δp, perplexity): a .txt/.jsonl file or hf:NAME[:CONFIG[:SPLIT]] (split test by default); repeat for several")]
 Ctx = Annotated[int, typer.Option("--ctx", help="tokens per corpus window (text corpora and perplexity tasks such as wikitext)")]
@@ -114,7 +114,7 @@ def _exit_if_failed(report: dict) -> None:
 @app.command("eval")
 def eval_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
-    children: Annotated[list[str], typer.Argument(help="one or more child models (hub ids or folders)")],
+    children: Annotated[list[str] | None, typer.Argument(help="one or more child models (hub ids, folders, .gguf files)")] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names; perplexity tasks (wikitext) are scored as text corpora (default: the demo tasks, none with --text)")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for report.json, samples.jsonl, report.md, report.html")] = None,
     include_path: Annotated[list[str] | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
@@ -139,6 +139,8 @@ def eval_cmd(
     parent_engine: ParentEngine = None,
     child_engine: ChildEngine = None,
     engine_floor: EngineFloor = False,
+    child_url: Annotated[list[str] | None, typer.Option("--child-url", help="a child already served behind an OpenAI-compatible /v1/completions (vLLM: python -m vllm.entrypoints.openai.api_server); API key from $FLIPCHECK_API_KEY or $OPENAI_API_KEY")] = None,
+    child_model: Annotated[list[str] | None, typer.Option("--child-model", help="the served child's model name, one per --child-url")] = None,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
@@ -154,12 +156,15 @@ def eval_cmd(
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
         _engine_choices(engine, parent_engine, child_engine)
+        served = _served(child_url, child_model)
+        if not children and not served:
+            raise FlipcheckError("give at least one CHILD, or a served child with --child-url URL --child-model NAME")
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         lim = None if limit is None else (int(limit) if limit >= 1 else limit)
         chosen = tasks if tasks is not None else ("" if text else DEMO_TASKS)
-        with _progress(len(children), tasks=bool(chosen), texts=bool(text), title="flipcheck eval") as bar:
+        with _progress(len(children or []) + len(served), tasks=bool(chosen), texts=bool(text), title="flipcheck eval") as bar:
             report = evaluate(
-                None if parent == "-" else parent, children, tasks=chosen, out=out, include_path=include_path,
+                None if parent == "-" else parent, children or [], served=served, tasks=chosen, out=out, include_path=include_path,
                 num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
                 trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
                 metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
@@ -398,6 +403,15 @@ def _engine_choices(engine, parent_engine, child_engine) -> dict[str, str | None
 
     return {"engine": check_engine(engine), "parent_engine": check_engine(parent_engine),
             "child_engine": check_engine(child_engine)}
+
+
+def _served(urls: list[str] | None, models: list[str] | None) -> list[tuple[str, str]]:
+    """(url, model name) pairs of --child-url / --child-model, one name per URL."""
+    urls, models = list(urls or []), list(models or [])
+    if len(urls) != len(models):
+        raise FlipcheckError(f"--child-url given {len(urls)} times and --child-model {len(models)} times; "
+                             "name the served model of each URL (its id in the server's /v1/models)")
+    return list(zip(urls, models, strict=True))
 
 
 def _kl_choice(kl: str | None) -> str | None:

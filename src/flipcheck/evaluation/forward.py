@@ -21,6 +21,7 @@ import torch
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.kl import (
     TAIL_SEED,
+    kl_bucket_bound,
     kl_exact_both,
     kl_reverse_topk_tail_tensors,
     kl_topk_tail_tensors,
@@ -259,6 +260,7 @@ class ScoreSetup:
     batch_size: int
     topk: int
     tail_samples: int = 0  # tokens sampled per position from outside the top-K (for use as a reference)
+    ref_tail: bool = True  # use the cached reference's tail samples (False: the top-K + tail-bucket bound)
 
 
 @dataclass
@@ -348,6 +350,9 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
     sel = runner.selected(runner.inputs(batch, setup.pad_id, setup.window), rows_idx, pos_idx)
     ref_sel = ref.selected(ref.inputs(batch, setup.pad_id, setup.window), rows_idx, pos_idx) if ref else None
     ref_rows = _reference_rows(layout, ref_topk, dev) if ref_topk is not None else None
+    if ref_rows is not None and not setup.ref_tail:
+        ref_rows = ref_rows[:2]
+    topk_only = getattr(runner, "topk_only", None)  # a served model: its top-k only (0: no distribution)
     n_pos, n_pairs = layout.n_pos, len(layout.pair_pos)
     p_pos = torch.tensor(layout.pair_pos, device=dev)
     p_tok = torch.tensor(layout.pair_tok, device=dev)
@@ -369,7 +374,10 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
             bad = own["nonfinite"][s:e] | theirs["nonfinite"][s:e]
         elif ref_rows is not None:
             ref_lp, ref_ids = ref_rows[0][s:e], ref_rows[1][s:e]
-            if len(ref_rows) == 4:
+            if topk_only is not None:
+                if topk_only:
+                    kl[s:e], kl_rev[s:e] = kl_bucket_bound(ref_lp, ref_ids, logq, topk_only)
+            elif len(ref_rows) == 4:
                 kl[s:e] = kl_topk_tail_tensors(ref_lp, ref_ids, ref_rows[2][s:e], ref_rows[3][s:e], logq)
                 kl_rev[s:e] = kl_reverse_topk_tail_tensors(ref_lp, ref_ids, ref_rows[2][s:e], ref_rows[3][s:e], logq)
             else:
@@ -377,6 +385,8 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
                 kl_rev[s:e] = kl_reverse_topk_tail_tensors(ref_lp, ref_ids, ref_lp[:, :0], ref_ids[:, :0], logq)
             agree[s:e] = ref_ids[:, 0] == own["argmax"][s:e]
             bad = own["nonfinite"][s:e] | ~torch.isfinite(ref_lp[:, 0])
+            if topk_only == 0:  # echo + logprobs: the actual tokens' log-probs only, no distribution to compare
+                bad = torch.ones_like(bad)
         if kl is not None:  # positions where either model is non-finite: no KL, no agreement
             kl[s:e] = kl[s:e].masked_fill(bad, float("nan"))
             kl_rev[s:e] = kl_rev[s:e].masked_fill(bad, float("nan"))

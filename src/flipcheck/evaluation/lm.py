@@ -83,6 +83,7 @@ class FlipLM(TemplateLM):
         progress: bool = True,
         reference_tokenizer=None,
         add_bos_token: bool | None = None,
+        ref_tail: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -112,6 +113,7 @@ class FlipLM(TemplateLM):
         self._max_gen_toks = max_gen_toks
         self.progress = progress
         self.add_bos_token = add_bos_token
+        self.ref_tail = ref_tail  # False: the vocabulary KL is the top-K + tail-bucket bound (kl="bound")
         self.records: dict[InstanceKey, Record] = {}
         self.reference_records: dict[InstanceKey, Record] = {}
         self._runner = self.engine.runner()
@@ -251,6 +253,7 @@ class FlipLM(TemplateLM):
         return ScoreSetup(
             runner=self._runner, max_length=self.max_length, pack=self._pack, window=self._window,
             pad_id=self._pad_id, batch_size=self.batch_size, topk=self.topk, tail_samples=self.tail_samples,
+            ref_tail=self.ref_tail,
         )
 
     def _score(

@@ -250,11 +250,16 @@ class ModelRef:
 
     def ensure_identity(self, settings: EvalSettings) -> None:
         """Tokenizer, fingerprint and engine identity, without loading the weights."""
-        if self.tokenizer is None:
+        if self.tokenizer is None and not self.served:  # a served model is encoded with the parent's tokenizer
             self.tokenizer = load_tokenizer(self.src(), trust_remote_code=settings.trust_remote_code)
         if self.fingerprint is None:
             self.fingerprint = cached_fingerprint(self.resolved or self.source, self.model)
         self.engine_identity(settings)
+
+    @property
+    def served(self) -> bool:
+        """An already served model (no weights here; the parent's tokenizer encodes for it)."""
+        return self.source is None and getattr(self.model, "name", None) == "served"
 
     def ensure_loaded(self, settings: EvalSettings) -> None:
         """The weights, behind the engine asked for: a torch model (transformers) or an engine object."""
@@ -459,6 +464,9 @@ class Evaluator:
         """Before any scoring: the child's vocabulary must equal the parent's, and both sides get the
         same token ids (a GGUF child is encoded with the parent's tokenizer once the vocabularies match)."""
         self.parent.ensure_identity(self.settings)
+        if child.served:  # the parent's token ids go to the server as they are; its distributions are V wide
+            child.tokenizer = self.parent.tokenizer
+            child.model.bind(_vocab_width(self.parent))
         child.ensure_identity(self.settings)
         if tokenizer_hash(child.tokenizer) != tokenizer_hash(self.parent.tokenizer):
             raise FlipcheckError(
@@ -592,7 +600,7 @@ class Evaluator:
         lm = FlipLM(
             child.model, child.tokenizer, batch_size=batch_size or self.settings.batch_size,
             reference=reference, topk=self.settings.topk,
-            reference_tokenizer=self.parent.tokenizer if method == "exact" else None,
+            reference_tokenizer=self.parent.tokenizer if method == "exact" else None, ref_tail=method != "bound",
         )
         samples, _ = _lm_eval_samples(lm, unit, self.settings)
         self.cache.put(ckey, samples, lm.records, {"unit": unit, "child": child.source, "kl": method})
@@ -632,6 +640,25 @@ class Evaluator:
             parent, self.settings.public(),
             children_entries, noise_floor, kl_method=method,
         )
+
+
+def _vocab_width(ref: ModelRef) -> int:
+    """The width of `ref`'s distributions without loading it: the config's vocab_size (the tokenizer's
+    length where no config is there)."""
+    if isinstance(ref.model, torch.nn.Module):
+        from flipcheck.evaluation.engines import as_engine
+
+        return as_engine(ref.model).vocab
+    try:
+        src = ref.src()
+        if not src.gguf:
+            cfg = json.loads((src.local_folder(weights=False) / "config.json").read_text())
+            size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+            if size:
+                return int(size)
+    except (OSError, ValueError, FlipcheckError):
+        pass
+    return len(ref.tokenizer)
 
 
 def _record_cls() -> type:
@@ -706,6 +733,31 @@ def _row_dict(row) -> dict:
     return asdict(row) if is_dataclass(row) else dict(row)
 
 
+def served_kl(kl: str, served, texts) -> str:
+    """The vocabulary-KL method of an evaluation with served children (`served`: (url, model) pairs):
+    a server returns its top-K only, so every child of the report gets the top-K + tail-bucket bound."""
+    if not served:
+        return kl
+    if kl == "exact":
+        raise FlipcheckError("--kl exact runs the parent in lock-step with each child, which a served model "
+                             "cannot do; allowed with a served child: topk, bound")
+    if texts:
+        raise FlipcheckError("--text with a served child is not supported yet; score text with the model in "
+                             "process (--engine vllm or transformers)")
+    if kl == "topk":
+        log.info("a served child returns its top-K log-probs only: every child's vocabulary KL is the "
+                 "top-K + tail-bucket lower bound (kl=bound)")
+    return "bound"
+
+
+def served_ref(url: str, model: str, settings: EvalSettings) -> ModelRef:
+    """A child that is already served (OpenAI-compatible /v1/completions); nothing is contacted yet."""
+    from flipcheck.evaluation.engines.served import ServedEngine
+
+    eng = ServedEngine(url, model, topk=settings.topk)
+    return ModelRef(name=model, source=None, model=eng, fingerprint=eng.fingerprint(), info={"served": eng.url})
+
+
 def child_ref(source: str | ModelSource, name: str | None = None, engine: str | None = None) -> ModelRef:
     """A child (folder or hub id); method and settings from its flipcheck.json when flipcheck made it."""
     ms = resolve_source(source)
@@ -766,6 +818,7 @@ def evaluate(
     parent_engine: str | None = None,
     child_engine: str | None = None,
     engine_floor: bool = False,
+    served: list[tuple[str, str]] | None = None,
     on_step: Any = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
@@ -777,11 +830,14 @@ def evaluate(
     every child's vocabulary KL as the top-K + tail lower bound against the parent's stored top-K
     (``"topk"``, K+1 model passes for K children) or exact with the parent in lock-step (``"exact"``).
     """
-    children = [child] if isinstance(child, str) else list(child)
-    if not children:
+    children = [child] if isinstance(child, str) else list(child or [])
+    if not children and not served:
         raise FlipcheckError("no child model given")
     child_sources = [resolve_source(c) for c in children]  # a missing path or hub id fails before any loading
+    if parent is None and not child_sources:
+        raise FlipcheckError("a served child needs the parent named (its flipcheck.json is not here to read)")
     parent_src = resolve_source(parent or parent_source_for(child_sources[0]))
+    kl = served_kl(kl, served, texts)
     settings = EvalSettings(
         tasks=tasks if isinstance(tasks, list) else [t for t in tasks.split(",") if t.strip()],
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
@@ -793,6 +849,7 @@ def evaluate(
                    cache_mod.ResultCache(cache_dir, enabled=use_cache))
     ev.on_step = on_step  # progress: "CHILD: tasks", "CHILD: texts" (the CLI draws them)
     refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
+    refs += [served_ref(url, name, settings) for url, name in served or []]
     for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
         ev.check_child(ref)
     from flipcheck.executors import finish_report, get_executor

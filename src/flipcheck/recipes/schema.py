@@ -123,7 +123,7 @@ class EvaluationSpec(_Strict):
     metric: Literal["acc", "acc_norm"] | None = None  # headline and gate figure (default: acc_norm where reported)
     filter: str | None = None  # lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)
     per_subtask: bool = False  # every task of a group its own row and verdict (default: the group as named)
-    kl: Literal["topk", "exact"] = "topk"  # vocabulary KL: vs the cached parent's top-K + sampled tail, or exact (lock-step)
+    kl: Literal["topk", "bound", "exact"] = "topk"  # vocabulary KL: vs the cached parent's top-K + sampled tail, its top-K + tail-bucket lower bound, or exact (lock-step)
     texts: list[str] = Field(default_factory=list)  # text corpora scored token by token: files or hf:NAME[:CONFIG[:SPLIT]]
     ctx: int = Field(512, ge=4)  # tokens per corpus window
     scoring: Literal["all", "half"] = "all"  # corpus positions scored per window (half: llama.cpp's convention)

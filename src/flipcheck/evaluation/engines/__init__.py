@@ -106,7 +106,6 @@ def open_engine(source, name: str | None, *, device: str | None = None, dtype: s
         return LlamaCppEngine(source.gguf_path(), n_gpu_layers=n_gpu)
     if name == "vllm":
         from flipcheck.evaluation.engines.vllm import VllmEngine
-
         from flipcheck.models import resolve_device, resolve_dtype
 
         dev = resolve_device(device)

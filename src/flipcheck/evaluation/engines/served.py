@@ -1,0 +1,241 @@
+"""A model already served behind an OpenAI-compatible ``/v1/completions`` (``vllm serve`` and the like).
+
+Requests carry token-id prompts, so the served model sees exactly the ids the parent saw. Two ways a
+server can return what scoring needs, found by a preflight before any work:
+
+- ``prompt_logprobs`` (vLLM's extra field): for every prompt position the log-probability of the
+  actual token and of the top-K tokens, keyed by token id. Option log-likelihoods, flips, option KL,
+  margins and top-1 agreement are exact; the vocabulary KL is the top-K + tail-bucket lower bound
+  (:func:`flipcheck.evaluation.kl.kl_bucket_bound`).
+- ``echo`` + ``logprobs`` (the OpenAI completions API): the actual tokens' log-probabilities only,
+  which still give option log-likelihoods and flips; the distribution-based figures are not there.
+
+A server with neither is refused in one line, as is a server that cannot be reached. The API key comes
+from the environment only (``FLIPCHECK_API_KEY``, else ``OPENAI_API_KEY``), never from the command
+line, and is never written anywhere. The server is contacted only when a served model must be scored:
+a re-run whose results are cached works with the server down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines.base import Engine
+from flipcheck.evaluation.engines.vllm import _BatchRunner, cut_at_stop
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENVS = ("FLIPCHECK_API_KEY", "OPENAI_API_KEY")
+INSTALL_HINT = 'pip install "flipcheck[judge]"  (the openai client)'
+MODES = ("prompt_logprobs", "echo")
+REQUEST_BATCH = 32  # prompts per HTTP request
+
+
+def api_key() -> str:
+    for name in API_KEY_ENVS:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return "EMPTY"  # vLLM without --api-key accepts any
+
+
+def base_url(url: str) -> str:
+    """``http://host:port`` or ``.../v1`` -> the OpenAI client's base URL (ending in /v1)."""
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise FlipcheckError(f"--child-url {url!r}: give an http:// or https:// URL of an OpenAI-compatible server")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class ServedEngine(Engine):
+    """A served model, named by the server's URL and its model name; `topk` log-probs per position."""
+
+    name = "served"
+    exact = False
+
+    def __init__(self, url: str, model: str, *, topk: int, timeout: float = 600.0) -> None:
+        self.url = base_url(url)
+        self.model_name = model
+        self.topk = int(topk)
+        self.timeout = float(timeout)
+        self._vocab: int | None = None
+        self._client = None
+        self.mode: str | None = None  # found by the preflight
+        self.server: dict[str, Any] = {}
+        self._runner = None
+
+    # -- identity ----------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """Known without contacting the server (it enters the cache keys: a cached re-run needs no server)."""
+        return {"name": self.name, "api": "openai /v1/completions", "url": self.url, "model": self.model_name,
+                "logprobs": self.topk}
+
+    def fingerprint(self) -> str:
+        return "served:" + hashlib.sha256(f"{self.url}\n{self.model_name}".encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        return f"served {self.model_name} at {self.url}"
+
+    def bind(self, vocab: int) -> None:
+        """The width of a distribution: the parent's vocabulary (the server's model must share it)."""
+        self._vocab = int(vocab)
+
+    @property
+    def vocab(self) -> int:
+        if self._vocab is None:
+            raise FlipcheckError(f"{self.label()}: its vocabulary width is not known (bind it to the parent's)")
+        return self._vocab
+
+    def runner(self):
+        self.connect()
+        if self._runner is None:
+            self._runner = _BatchRunner(self, None)
+            self._runner.topk_only = self.topk if self.mode == "prompt_logprobs" else 0
+        return self._runner
+
+    # -- the server --------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Reach the server and find what it returns (prompt_logprobs, else echo + logprobs); one line
+        and exit 2 when it is down, does not serve the model, or returns neither."""
+        if self.mode is not None:
+            return
+        try:
+            import openai
+        except ImportError as err:
+            raise FlipcheckError(f"a served model needs the openai client, which is not installed: {INSTALL_HINT}") from err
+        self._client = openai.OpenAI(base_url=self.url, api_key=api_key(), timeout=self.timeout, max_retries=0)
+        try:
+            models = [m.id for m in self._client.models.list().data]
+        except openai.APIConnectionError as err:
+            raise FlipcheckError(f"cannot reach the server at {self.url}: {_first(err)} (is it running?)") from err
+        except openai.APIStatusError as err:
+            raise FlipcheckError(f"the server at {self.url} refused /models: HTTP {err.status_code} {_first(err)}") from err
+        if self.model_name not in models:
+            raise FlipcheckError(f"the server at {self.url} does not serve {self.model_name!r}; it serves: {', '.join(models)}")
+        probe = [1, 2, 3]
+        try:
+            choice = self._complete([probe], prompt_logprobs=self.topk)[0]
+            rows = _extra(choice, "prompt_logprobs")
+            if isinstance(rows, list) and len(rows) == len(probe):
+                self.mode = "prompt_logprobs"
+                return
+        except openai.BadRequestError as err:
+            log.info("%s: prompt_logprobs refused (%s); trying echo + logprobs", self.url, _first(err))
+        try:
+            choice = self._complete([probe], echo=True, logprobs=1)[0]
+            lp = getattr(choice, "logprobs", None)
+            if lp is not None and len(lp.token_logprobs or []) >= len(probe):
+                self.mode = "echo"
+                log.warning("%s serves echo + logprobs only: option scores and flips are exact, the "
+                            "distribution figures (KL, top-1 agreement) are not available", self.label())
+                return
+        except openai.BadRequestError as err:
+            log.info("%s: echo + logprobs refused (%s)", self.url, _first(err))
+        raise FlipcheckError(
+            f"the server at {self.url} returns neither prompt_logprobs nor echo + logprobs for token-id prompts; "
+            f"flipcheck needs one of them (vLLM: start it with --max-logprobs {self.topk} or more)"
+        )
+
+    def _complete(self, prompts: list[list[int]], **kw) -> list[Any]:
+        import openai
+
+        extra = {k: kw.pop(k) for k in ("prompt_logprobs", "return_tokens_as_token_ids") if k in kw}
+        kw.setdefault("max_tokens", 1)
+        try:
+            resp = self._client.completions.create(model=self.model_name, prompt=prompts, temperature=0.0,
+                                                   extra_body=extra or None, **kw)
+        except openai.APIConnectionError as err:
+            raise FlipcheckError(f"lost the server at {self.url}: {_first(err)}") from err
+        except openai.BadRequestError:
+            raise
+        except openai.APIStatusError as err:
+            raise FlipcheckError(f"the server at {self.url} answered HTTP {err.status_code}: {_first(err)}") from err
+        return sorted(resp.choices, key=lambda c: c.index)
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def rows_at(self, seqs: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+        self.connect()
+        blocks: list[torch.Tensor] = []
+        for s in range(0, len(seqs), REQUEST_BATCH):
+            part, pos = seqs[s : s + REQUEST_BATCH], positions[s : s + REQUEST_BATCH]
+            if any(len(q) - 1 in ps for q, ps in zip(part, pos, strict=True)):
+                raise FlipcheckError(f"{self.label()}: scoring after the last prompt token is not supported")
+            if self.mode == "prompt_logprobs":
+                choices = self._complete(part, prompt_logprobs=self.topk)
+                blocks += [self._sparse_rows(_extra(c, "prompt_logprobs"), q, ps) for c, q, ps in zip(choices, part, pos, strict=True)]
+            else:
+                choices = self._complete(part, echo=True, logprobs=1, max_tokens=0 if False else 1)
+                blocks += [self._echo_rows(c, q, ps) for c, q, ps in zip(choices, part, pos, strict=True)]
+        return blocks
+
+    def _sparse_rows(self, plp: list, seq: list[int], ps: list[int]) -> torch.Tensor:
+        """Dense rows from a position's top-K (and actual token) log-probs; the rest of the mass spread
+        evenly over the unlisted tokens, so each row is a distribution whose listed entries are exact
+        and whose top-K are the server's top-K (each unlisted token gets at most the K-th listed one's mass)."""
+        out = np.full((len(ps), self.vocab), -np.inf, dtype=np.float64)
+        for j, p in enumerate(ps):
+            entry = plp[p + 1] or {}
+            ids = np.fromiter((int(t) for t in entry), dtype=np.int64, count=len(entry))
+            lps = np.fromiter((float(v["logprob"] if isinstance(v, dict) else v) for v in entry.values()),
+                              dtype=np.float64, count=len(entry))
+            out[j, ids] = lps
+            rest = -math.expm1(float(np.logaddexp.reduce(lps))) if len(lps) else 1.0
+            unlisted = self.vocab - len(ids)
+            if rest > 0 and unlisted > 0:
+                fill = math.log(rest / unlisted)
+                mask = np.ones(self.vocab, dtype=bool)
+                mask[ids] = False
+                out[j, mask] = fill
+        return torch.from_numpy(out.astype(np.float32))
+
+    def _echo_rows(self, choice, seq: list[int], ps: list[int]) -> torch.Tensor:
+        """Rows that hold the actual next token's log-prob (echo + logprobs); the rest of the mass spread evenly."""
+        lp = choice.logprobs.token_logprobs
+        out = np.full((len(ps), self.vocab), -np.inf, dtype=np.float64)
+        for j, p in enumerate(ps):
+            value = float(lp[p + 1])
+            out[j, seq[p + 1]] = value
+            rest = -math.expm1(value)
+            if rest > 0:
+                mask = np.ones(self.vocab, dtype=bool)
+                mask[seq[p + 1]] = False
+                out[j, mask] = math.log(rest / (self.vocab - 1))
+        return torch.from_numpy(out.astype(np.float32))
+
+    def window_log_probs(self, ids: torch.Tensor, start: int, stop: int):
+        raise FlipcheckError(f"{self.label()}: text corpora (--text) of a served model are not supported yet; "
+                             "run the model in process (--engine vllm or transformers)")
+
+    def generate(self, ctxs: list[list[int]], max_new: int, stop_fn, eos_ids: set[int]) -> list[list[int]]:
+        """Greedy continuations; token ids back through vLLM's ``return_tokens_as_token_ids``."""
+        self.connect()
+        out = []
+        for ctx in ctxs:
+            choice = self._complete([list(ctx)], max_tokens=max_new, logprobs=1, return_tokens_as_token_ids=True)[0]
+            tokens = [int(str(t).rsplit(":", 1)[-1]) for t in (choice.logprobs.tokens if choice.logprobs else [])]
+            out.append(cut_at_stop(tokens, stop_fn, eos_ids))
+        return out
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _extra(choice, name: str):
+    value = getattr(choice, name, None)
+    if value is None and getattr(choice, "model_extra", None):
+        value = choice.model_extra.get(name)
+    return value
+
+
+def _first(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
