@@ -347,7 +347,10 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
     runner, dev, k = setup.runner, setup.runner.device, setup.topk
     rows_idx = torch.tensor([b for b, _ in layout.pos_index])
     pos_idx = torch.tensor([t for _, t in layout.pos_index])
-    sel = runner.selected(runner.inputs(batch, setup.pad_id, setup.window), rows_idx, pos_idx)
+    inputs = runner.inputs(batch, setup.pad_id, setup.window)
+    if getattr(runner, "needs_targets", False):  # a served model reads a target's log-prob only from a prompt that holds it
+        inputs["targets"] = _targets_at(layout)
+    sel = runner.selected(inputs, rows_idx, pos_idx)
     ref_sel = ref.selected(ref.inputs(batch, setup.pad_id, setup.window), rows_idx, pos_idx) if ref else None
     ref_rows = _reference_rows(layout, ref_topk, dev) if ref_topk is not None else None
     if ref_rows is not None and not setup.ref_tail:
@@ -392,6 +395,15 @@ def _score_batch(setup, batch, items, layout: _Layout, ref, ref_topk, gen) -> li
             kl_rev[s:e] = kl_rev[s:e].masked_fill(bad, float("nan"))
             agree[s:e] = agree[s:e] & ~bad
     return _collect(layout, items, own, theirs, kl, agree, kl_rev)
+
+
+def _targets_at(layout: _Layout) -> dict[tuple[int, int], list[int]]:
+    """(row, node) -> the distinct target tokens scored after that node."""
+    nodes = list(layout.pos_index)  # distinct position u -> (row, node)
+    out: dict[tuple[int, int], set[int]] = {}
+    for u, tok in zip(layout.pair_pos, layout.pair_tok, strict=True):
+        out.setdefault(nodes[u], set()).add(int(tok))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _collect(layout: _Layout, items, own, theirs, kl, agree, kl_rev=None) -> list[tuple[int, Scored]]:

@@ -99,6 +99,7 @@ class ServedEngine(Engine):
         if self._runner is None:
             self._runner = _BatchRunner(self, None)
             self._runner.topk_only = self.topk if self.mode == "prompt_logprobs" else 0
+            self._runner.needs_targets = True
         return self._runner
 
     # -- the server --------------------------------------------------------------------------------
@@ -161,54 +162,58 @@ class ServedEngine(Engine):
         return sorted(resp.choices, key=lambda c: c.index)
 
     # -- scoring -----------------------------------------------------------------------------------
-    def rows_at(self, seqs: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+    def rows_at(self, seqs: list[list[int]], positions: list[list[int]],
+                targets: list[dict[int, list[int]]] | None = None) -> list[torch.Tensor]:
+        """Rows at `positions` of each sequence. The distribution after a sequence's last token is read
+        from prompts that end in each target scored there (`targets`), so every target's log-prob is
+        exact even outside the server's top-K (lm-eval's inputs end one token before the continuation's
+        last); the listed entries of those prompts are merged."""
         self.connect()
-        blocks: list[torch.Tensor] = []
-        for s in range(0, len(seqs), REQUEST_BATCH):
-            part, pos = seqs[s : s + REQUEST_BATCH], positions[s : s + REQUEST_BATCH]
-            if any(len(q) - 1 in ps for q, ps in zip(part, pos, strict=True)):
-                raise FlipcheckError(f"{self.label()}: scoring after the last prompt token is not supported")
+        prompts: list[list[int]] = []
+        plan: list[list[int]] = []  # per sequence: the prompts it reads
+        for i, (seq, ps) in enumerate(zip(seqs, positions, strict=True)):
+            last = [t for p in ps if p == len(seq) - 1 for t in (targets[i].get(p, []) if targets else [])]
+            if any(p == len(seq) - 1 for p in ps) and not last:
+                raise FlipcheckError(f"{self.label()}: scoring after the last prompt token needs the target tokens")
+            ends = [list(seq) + [t] for t in dict.fromkeys(last)] or [list(seq)]
+            plan.append(list(range(len(prompts), len(prompts) + len(ends))))
+            prompts += ends
+        entries: list[list] = []
+        for s in range(0, len(prompts), REQUEST_BATCH):
+            part = prompts[s : s + REQUEST_BATCH]
             if self.mode == "prompt_logprobs":
-                choices = self._complete(part, prompt_logprobs=self.topk)
-                blocks += [self._sparse_rows(_extra(c, "prompt_logprobs"), q, ps) for c, q, ps in zip(choices, part, pos, strict=True)]
-            else:
-                choices = self._complete(part, echo=True, logprobs=1, max_tokens=0 if False else 1)
-                blocks += [self._echo_rows(c, q, ps) for c, q, ps in zip(choices, part, pos, strict=True)]
+                entries += [_extra(c, "prompt_logprobs") for c in self._complete(part, prompt_logprobs=self.topk)]
+            else:  # echo: the actual tokens' log-probs only
+                entries += [[None] + [{str(t): v} for t, v in zip(q[1:], c.logprobs.token_logprobs[1:], strict=True)]
+                            for q, c in zip(part, self._complete(part, echo=True, logprobs=1), strict=True)]
+        blocks = []
+        for ps, reads in zip(positions, plan, strict=True):
+            rows = []
+            for p in ps:
+                listed: dict[int, float] = {}
+                for r in reads:
+                    for tok, v in (entries[r][p + 1] or {}).items():
+                        listed[int(tok)] = float(v["logprob"] if isinstance(v, dict) else v)
+                rows.append(self._dense(listed))
+            blocks.append(torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, self.vocab)))
         return blocks
 
-    def _sparse_rows(self, plp: list, seq: list[int], ps: list[int]) -> torch.Tensor:
-        """Dense rows from a position's top-K (and actual token) log-probs; the rest of the mass spread
-        evenly over the unlisted tokens, so each row is a distribution whose listed entries are exact
-        and whose top-K are the server's top-K (each unlisted token gets at most the K-th listed one's mass)."""
-        out = np.full((len(ps), self.vocab), -np.inf, dtype=np.float64)
-        for j, p in enumerate(ps):
-            entry = plp[p + 1] or {}
-            ids = np.fromiter((int(t) for t in entry), dtype=np.int64, count=len(entry))
-            lps = np.fromiter((float(v["logprob"] if isinstance(v, dict) else v) for v in entry.values()),
-                              dtype=np.float64, count=len(entry))
-            out[j, ids] = lps
-            rest = -math.expm1(float(np.logaddexp.reduce(lps))) if len(lps) else 1.0
-            unlisted = self.vocab - len(ids)
-            if rest > 0 and unlisted > 0:
-                fill = math.log(rest / unlisted)
-                mask = np.ones(self.vocab, dtype=bool)
-                mask[ids] = False
-                out[j, mask] = fill
-        return torch.from_numpy(out.astype(np.float32))
-
-    def _echo_rows(self, choice, seq: list[int], ps: list[int]) -> torch.Tensor:
-        """Rows that hold the actual next token's log-prob (echo + logprobs); the rest of the mass spread evenly."""
-        lp = choice.logprobs.token_logprobs
-        out = np.full((len(ps), self.vocab), -np.inf, dtype=np.float64)
-        for j, p in enumerate(ps):
-            value = float(lp[p + 1])
-            out[j, seq[p + 1]] = value
-            rest = -math.expm1(value)
-            if rest > 0:
-                mask = np.ones(self.vocab, dtype=bool)
-                mask[seq[p + 1]] = False
-                out[j, mask] = math.log(rest / (self.vocab - 1))
-        return torch.from_numpy(out.astype(np.float32))
+    def _dense(self, listed: dict[int, float]) -> np.ndarray:
+        """A float32 row from the listed log-probs; the rest of the mass spread evenly over the unlisted
+        tokens, so the row is a distribution whose listed entries are exact and whose top-k are the
+        server's (an unlisted token gets at most the k-th listed one's mass)."""
+        row = np.full(self.vocab, -np.inf, dtype=np.float64)
+        ids = np.fromiter(listed, dtype=np.int64, count=len(listed))
+        lps = np.fromiter(listed.values(), dtype=np.float64, count=len(listed))
+        if len(ids) and int(ids.max()) >= self.vocab:
+            raise FlipcheckError(f"{self.label()}: token id {int(ids.max())} is outside the parent's vocabulary "
+                                 f"({self.vocab}); the served model's vocabulary differs")
+        rest = -math.expm1(float(np.logaddexp.reduce(lps))) if len(lps) else 1.0
+        unlisted = self.vocab - len(ids)
+        if rest > 0 and unlisted > 0:
+            row[:] = math.log(rest / unlisted)
+        row[ids] = lps
+        return row.astype(np.float32)
 
     def window_log_probs(self, ids: torch.Tensor, start: int, stop: int):
         raise FlipcheckError(f"{self.label()}: text corpora (--text) of a served model are not supported yet; "

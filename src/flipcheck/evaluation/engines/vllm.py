@@ -91,8 +91,11 @@ class _BatchRunner(ExternalRunner):
             by_row.setdefault(r, []).append(j)
         order = list(by_row)
         p_list = pos_idx.tolist()
+        kw = {}
+        if "targets" in inputs:  # (row, node) -> target tokens, for engines that must see them in the prompt
+            kw["targets"] = [{p_list[j]: inputs["targets"].get((r, p_list[j]), []) for j in by_row[r]} for r in order]
         blocks = self.engine.rows_at([list(rows[r].tokens) for r in order],
-                                     [[p_list[j] for j in by_row[r]] for r in order])
+                                     [[p_list[j] for j in by_row[r]] for r in order], **kw)
         out = torch.empty((len(p_list), self.vocab), dtype=torch.float32)
         for r, block in zip(order, blocks, strict=True):
             out[by_row[r]] = block

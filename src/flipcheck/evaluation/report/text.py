@@ -305,6 +305,8 @@ def engine_text(ident: Mapping[str, Any] | None) -> str:
     text = " ".join(str(ident[k]) for k in ("name", "version", "dtype") if ident.get(k))
     if ident.get("dequantized_from"):
         text += f" (dequantized {ident['dequantized_from']})"
+    if ident.get("url"):  # an already served model
+        text += f" {ident.get('model')} at {ident['url']} (top-{ident.get('logprobs')} log-probs)"
     return text
 
 
