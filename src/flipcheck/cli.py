@@ -84,7 +84,7 @@ Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored
 EngineOpt = Annotated[str | None, typer.Option("--engine", help="scoring engine of every model: transformers, llama.cpp (GGUF files) (default: transformers; llama.cpp for .gguf when installed)")]
 ParentEngine = Annotated[str | None, typer.Option("--parent-engine", help="the parent's scoring engine, instead of --engine")]
 ChildEngine = Annotated[str | None, typer.Option("--child-engine", help="every child's scoring engine, instead of --engine")]
-EngineFloor = Annotated[bool, typer.Option("--engine-floor", help="also score the parent on another engine, same weights: llama.cpp on an F32 GGUF of it (transformers for a GGUF parent)")]
+EngineFloor = Annotated[bool, typer.Option("--engine-floor", help="also score the parent on another engine, same weights: llama.cpp on an F32 GGUF of it (transformers for a GGUF or vLLM parent)")]
 NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
 Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
 RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else auto; none running: a local one)")]

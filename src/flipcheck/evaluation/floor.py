@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 def engine_floor(ev: Evaluator) -> dict:
     """The parent against itself on another engine, the same weights: llama.cpp on a float32 GGUF
-    written from the parent (kept in the cache, keyed by the parent's fingerprint), or, for a GGUF
-    parent scored by llama.cpp, transformers' dequantization of the same file. What remains is the
+    written from the parent (kept in the cache, keyed by the parent's fingerprint); for a GGUF
+    parent scored by llama.cpp, transformers' dequantization of the same file; for a parent on vLLM,
+    transformers on the same folder. What remains is the
     engines' numerics (kernels, reduction order), the floor under any engine-vs-engine comparison."""
     from flipcheck.errors import FlipcheckError
     from flipcheck.evaluation.engines import as_engine, open_engine
@@ -32,6 +33,9 @@ def engine_floor(ev: Evaluator) -> dict:
     if src is not None and src.gguf and parent_engine.name == "llama.cpp":
         other = open_engine(src, "transformers", device=ev.settings.device, dtype="float32")
         key, label = "engine-transformers", "transformers (dequantized GGUF)"
+    elif src is not None and parent_engine.name == "vllm":
+        other = open_engine(src, "transformers", device=ev.settings.device, dtype=parent_engine.identity()["dtype"])
+        key, label = "engine-transformers", "transformers engine"
     else:
         lc.require()
         if not hasattr(ev.parent.model, "state_dict"):

@@ -123,29 +123,29 @@ class ServedEngine(Engine):
             raise FlipcheckError(f"the server at {self.url} does not serve {self.model_name!r}; it serves: {', '.join(models)}")
         probe = [1, 2, 3]
         try:
-            choice = self._complete([probe], prompt_logprobs=self.topk)[0]
+            choice = self._complete([probe], probing=True, prompt_logprobs=self.topk)[0]
             rows = _extra(choice, "prompt_logprobs")
             if isinstance(rows, list) and len(rows) == len(probe):
                 self.mode = "prompt_logprobs"
                 return
-        except openai.BadRequestError as err:
+        except openai.APIStatusError as err:
             log.info("%s: prompt_logprobs refused (%s); trying echo + logprobs", self.url, _first(err))
         try:
-            choice = self._complete([probe], echo=True, logprobs=1)[0]
+            choice = self._complete([probe], probing=True, echo=True, logprobs=1)[0]
             lp = getattr(choice, "logprobs", None)
             if lp is not None and len(lp.token_logprobs or []) >= len(probe):
                 self.mode = "echo"
                 log.warning("%s serves echo + logprobs only: option scores and flips are exact, the "
                             "distribution figures (KL, top-1 agreement) are not available", self.label())
                 return
-        except openai.BadRequestError as err:
+        except openai.APIStatusError as err:
             log.info("%s: echo + logprobs refused (%s)", self.url, _first(err))
         raise FlipcheckError(
             f"the server at {self.url} returns neither prompt_logprobs nor echo + logprobs for token-id prompts; "
             f"flipcheck needs one of them (vLLM: start it with --max-logprobs {self.topk} or more)"
         )
 
-    def _complete(self, prompts: list[list[int]], **kw) -> list[Any]:
+    def _complete(self, prompts: list[list[int]], probing: bool = False, **kw) -> list[Any]:
         import openai
 
         extra = {k: kw.pop(k) for k in ("prompt_logprobs", "return_tokens_as_token_ids") if k in kw}
@@ -155,9 +155,9 @@ class ServedEngine(Engine):
                                                    extra_body=extra or None, **kw)
         except openai.APIConnectionError as err:
             raise FlipcheckError(f"lost the server at {self.url}: {_first(err)}") from err
-        except openai.BadRequestError:
-            raise
         except openai.APIStatusError as err:
+            if probing:
+                raise
             raise FlipcheckError(f"the server at {self.url} answered HTTP {err.status_code}: {_first(err)}") from err
         return sorted(resp.choices, key=lambda c: c.index)
 
