@@ -250,9 +250,15 @@ def kl_bucket_bound(ref_lp: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Ten
     zero = torch.zeros((), dtype=torch.float64, device=lp.device)
     p, q = torch.where(in_s, lp.exp(), zero), torch.where(in_s, lq.exp(), zero)
     d = torch.where(in_s, lp - lq, zero)
-    p_r = (1.0 - p.sum(-1)).clamp_min(0.0)
-    q_r = (1.0 - q.sum(-1)).clamp_min(0.0)
-    tiny = 1e-300
-    fwd = (p * d).sum(-1) + torch.where(p_r > 0, p_r * (torch.log(p_r.clamp_min(tiny)) - torch.log(q_r.clamp_min(tiny))), zero)
-    rev = -(q * d).sum(-1) + torch.where(q_r > 0, q_r * (torch.log(q_r.clamp_min(tiny)) - torch.log(p_r.clamp_min(tiny))), zero)
+    neg_inf = torch.full((), float("-inf"), dtype=torch.float64, device=lp.device)
+    p_r = (-torch.expm1(torch.where(in_s, lp, neg_inf).logsumexp(-1))).clamp_min(0.0)
+    # the child's mass outside S, summed directly (accurate when tiny), as _bound does
+    s_mask = torch.zeros(logq.shape, dtype=torch.bool, device=logq.device).scatter_(-1, ids, in_s)
+    log_q_r = logq.float().masked_fill(s_mask, float("-inf")).logsumexp(-1).to(torch.float64)
+    q_r = log_q_r.exp()
+    log_p_r = torch.log(p_r.clamp_min(1e-300))
+    log_q_r = log_q_r.clamp_min(math.log(1e-300))
+    rest = s_mask.sum(-1) < logq.shape[-1]  # S is the whole vocabulary: the rest bucket is rounding, not mass
+    fwd = (p * d).sum(-1) + torch.where(rest & (p_r > 0), p_r * (log_p_r - log_q_r), zero)
+    rev = -(q * d).sum(-1) + torch.where(rest & (q_r > 0), q_r * (log_q_r - log_p_r), zero)
     return fwd.clamp_min(0.0).float(), rev.clamp_min(0.0).float()

@@ -184,7 +184,7 @@ class ServedEngine(Engine):
             if self.mode == "prompt_logprobs":
                 entries += [_extra(c, "prompt_logprobs") for c in self._complete(part, prompt_logprobs=self.topk)]
             else:  # echo: the actual tokens' log-probs only
-                entries += [[None] + [{str(t): v} for t, v in zip(q[1:], c.logprobs.token_logprobs[1:], strict=True)]
+                entries += [[None] + [{str(t): v} for t, v in zip(q[1:], c.logprobs.token_logprobs[1 : len(q)], strict=True)]
                             for q, c in zip(part, self._complete(part, echo=True, logprobs=1), strict=True)]
         blocks = []
         for ps, reads in zip(positions, plan, strict=True):
