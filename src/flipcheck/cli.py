@@ -141,6 +141,8 @@ def eval_cmd(
     engine_floor: EngineFloor = False,
     child_url: Annotated[list[str] | None, typer.Option("--child-url", help="a child already served behind an OpenAI-compatible /v1/completions (vLLM: python -m vllm.entrypoints.openai.api_server); API key from $FLIPCHECK_API_KEY or $OPENAI_API_KEY")] = None,
     child_model: Annotated[list[str] | None, typer.Option("--child-model", help="the served child's model name, one per --child-url")] = None,
+    parent_url: Annotated[str | None, typer.Option("--parent-url", help="score the parent through this OpenAI-compatible server instead of loading it (PARENT then gives the tokenizer)")] = None,
+    parent_model: Annotated[str | None, typer.Option("--parent-model", help="the served parent's model name")] = None,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
@@ -157,6 +159,7 @@ def eval_cmd(
         check_metric(metric)  # a bad value fails before any model is looked up
         _engine_choices(engine, parent_engine, child_engine)
         served = _served(child_url, child_model)
+        served_parent = _served([parent_url] if parent_url else [], [parent_model] if parent_model else [])
         if not children and not served:
             raise FlipcheckError("give at least one CHILD, or a served child with --child-url URL --child-model NAME")
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, shards)
@@ -164,7 +167,8 @@ def eval_cmd(
         chosen = tasks if tasks is not None else ("" if text else DEMO_TASKS)
         with _progress(len(children or []) + len(served), tasks=bool(chosen), texts=bool(text), title="flipcheck eval") as bar:
             report = evaluate(
-                None if parent == "-" else parent, children or [], served=served, tasks=chosen, out=out, include_path=include_path,
+                None if parent == "-" else parent, children or [], served=served,
+                served_parent=served_parent[0] if served_parent else None, tasks=chosen, out=out, include_path=include_path,
                 num_fewshot=num_fewshot, limit=lim, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
                 trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
                 metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
@@ -409,8 +413,8 @@ def _served(urls: list[str] | None, models: list[str] | None) -> list[tuple[str,
     """(url, model name) pairs of --child-url / --child-model, one name per URL."""
     urls, models = list(urls or []), list(models or [])
     if len(urls) != len(models):
-        raise FlipcheckError(f"--child-url given {len(urls)} times and --child-model {len(models)} times; "
-                             "name the served model of each URL (its id in the server's /v1/models)")
+        raise FlipcheckError(f"{len(urls)} server URL(s) and {len(models)} model name(s): name the served model "
+                             "of each --child-url / --parent-url with --child-model / --parent-model (its id in /v1/models)")
     return list(zip(urls, models, strict=True))
 
 

@@ -139,6 +139,19 @@ def test_served_child_matches_in_process_vllm(tiny_model_dir, noisy_child, task_
         served = _flipcheck(here, [*served_args, "--out", tmp_path / "served"], _env(cache, FLIPCHECK_API_KEY=API_KEY))
         assert served.returncode == 0, served.stderr[-3000:]
 
+        # a served parent (PARENT gives the tokenizer) against the same weights here on transformers
+        sp = _flipcheck(here, ["eval", noisy_child, noisy_child, "--parent-url", url, "--parent-model", "noisy",
+                               "--tasks", TASKS, "--include-path", task_dir, "--out", tmp_path / "served-parent"],
+                        _env(tmp_path / "cache-sp", OPENAI_API_KEY=API_KEY))
+        assert sp.returncode == 0, sp.stderr[-3000:]
+        rep_sp = json.loads((tmp_path / "served-parent" / "report.json").read_text())
+        assert rep_sp["parent"]["engine"]["name"] == "served" and rep_sp["children"][0]["engine"]["name"] == "transformers"
+        assert rep_sp["children"][0]["micro"]["answer_changes"] == 0
+        assert rep_sp["children"][0]["micro"]["kl_vocab"]["mean"] <= 1e-5
+        gaps = [np.max(np.abs(np.subtract(r["ll_P"], r["ll_C"]))) for r in _samples(tmp_path / "served-parent").values()
+                if r.get("ll_P")]
+        assert len(gaps) == 40 and max(gaps) <= 1e-4
+
         # the echo + logprobs way (what a server without prompt_logprobs offers) gives the same option scores
         from flipcheck.evaluation.engines.served import ServedEngine
 

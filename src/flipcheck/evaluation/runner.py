@@ -466,7 +466,7 @@ class Evaluator:
         self.parent.ensure_identity(self.settings)
         if child.served:  # the parent's token ids go to the server as they are; its distributions are V wide
             child.tokenizer = self.parent.tokenizer
-            child.model.bind(_vocab_width(self.parent))
+            child.model.bind(self.parent.model.vocab if self.parent.served else _vocab_width(self.parent))
         child.ensure_identity(self.settings)
         if tokenizer_hash(child.tokenizer) != tokenizer_hash(self.parent.tokenizer):
             raise FlipcheckError(
@@ -750,12 +750,20 @@ def served_kl(kl: str, served, texts) -> str:
     return "bound"
 
 
-def served_ref(url: str, model: str, settings: EvalSettings) -> ModelRef:
-    """A child that is already served (OpenAI-compatible /v1/completions); nothing is contacted yet."""
+def served_ref(url: str, model: str, settings: EvalSettings, tokenizer_from: ModelSource | None = None) -> ModelRef:
+    """A model that is already served (OpenAI-compatible /v1/completions); nothing is contacted yet. A
+    served child is encoded with the parent's tokenizer; a served parent with `tokenizer_from`'s (the
+    PARENT the user named, whose config also gives the vocabulary width)."""
     from flipcheck.evaluation.engines.served import ServedEngine
 
     eng = ServedEngine(url, model, topk=settings.topk)
-    return ModelRef(name=model, source=None, model=eng, fingerprint=eng.fingerprint(), info={"served": eng.url})
+    ref = ModelRef(name="parent" if tokenizer_from else model, source=None, model=eng,
+                   fingerprint=eng.fingerprint(), info={"served": eng.url})
+    if tokenizer_from is not None:
+        local = ModelRef("tokenizer", tokenizer_from)
+        local.tokenizer = ref.tokenizer = load_tokenizer(tokenizer_from, trust_remote_code=settings.trust_remote_code)
+        eng.bind(_vocab_width(local))
+    return ref
 
 
 def child_ref(source: str | ModelSource, name: str | None = None, engine: str | None = None) -> ModelRef:
@@ -819,6 +827,7 @@ def evaluate(
     child_engine: str | None = None,
     engine_floor: bool = False,
     served: list[tuple[str, str]] | None = None,
+    served_parent: tuple[str, str] | None = None,
     on_step: Any = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
@@ -837,7 +846,9 @@ def evaluate(
     if parent is None and not child_sources:
         raise FlipcheckError("a served child needs the parent named (its flipcheck.json is not here to read)")
     parent_src = resolve_source(parent or parent_source_for(child_sources[0]))
-    kl = served_kl(kl, served, texts)
+    kl = served_kl(kl, list(served or []) + ([served_parent] if served_parent else []), texts)
+    if served_parent and (noise_floor or engine_floor):
+        raise FlipcheckError("--noise-floor and --engine-floor run the parent's weights here; a served parent has none")
     settings = EvalSettings(
         tasks=tasks if isinstance(tasks, list) else [t for t in tasks.split(",") if t.strip()],
         include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
@@ -845,8 +856,9 @@ def evaluate(
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
         engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
     )
-    ev = Evaluator(ModelRef("parent", parent_src, engine=settings.engine_of("parent")), settings,
-                   cache_mod.ResultCache(cache_dir, enabled=use_cache))
+    parent_ref = (ModelRef("parent", parent_src, engine=settings.engine_of("parent")) if not served_parent
+                  else served_ref(*served_parent, settings, tokenizer_from=parent_src))
+    ev = Evaluator(parent_ref, settings, cache_mod.ResultCache(cache_dir, enabled=use_cache))
     ev.on_step = on_step  # progress: "CHILD: tasks", "CHILD: texts" (the CLI draws them)
     refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
     refs += [served_ref(url, name, settings) for url, name in served or []]
