@@ -68,6 +68,22 @@ def test_bad_input_exits_2_with_one_line(parent_dir, task_dir, tmp_path):
     assert res.exit_code == 2 and "does not exist" in out
     res, out = invoke("gate", tmp_path)
     assert res.exit_code == 2
+    # served models: names paired with URLs, no lock-step KL, no text yet, no child at all; nothing contacted
+    res, out = invoke("eval", parent_dir, "--child-url", "http://127.0.0.1:9", "--tasks", "tiny_letters")
+    assert res.exit_code == 2 and "--child-model" in out
+    res, out = invoke("eval", parent_dir, "--child-url", "http://127.0.0.1:9", "--child-model", "m", "--kl", "exact",
+                      "--tasks", "tiny_letters", "--include-path", task_dir)
+    assert res.exit_code == 2 and "lock-step" in out and "topk, bound" in out
+    res, out = invoke("eval", parent_dir, "--child-url", "http://127.0.0.1:9", "--child-model", "m", "--text",
+                      str(task_dir / "tiny_letters.yaml"))
+    assert res.exit_code == 2 and "--text with a served child" in out
+    res, out = invoke("eval", parent_dir, "--child-url", "ftp://x", "--child-model", "m", "--tasks", "tiny_letters",
+                      "--include-path", task_dir)
+    assert res.exit_code == 2 and "http://" in out
+    res, out = invoke("eval", parent_dir, "--tasks", "tiny_letters")
+    assert res.exit_code == 2 and "--child-url" in out
+    res, out = invoke("eval", parent_dir, parent_dir, "--engine", "vlm", "--tasks", "tiny_letters")
+    assert res.exit_code == 2 and "transformers, llama.cpp, vllm" in out
 
 
 def test_list_shows_methods_and_settings():
