@@ -39,7 +39,7 @@ def _vllm_python() -> Path:
 
 
 def _env(cache: Path, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FLIPCHECK_API_KEY", "OPENAI_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FLIPCHECK_API_KEY", "OPENAI_API_KEY", "HF_HUB_CACHE")}
     env.update({"FLIPCHECK_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "VLLM_NO_USAGE_STATS": "1",
                 "DO_NOT_TRACK": "1", "COLUMNS": "200"})
@@ -75,14 +75,21 @@ def noisy_child(tiny_model_dir, tmp_path_factory) -> Path:
 
 def test_vllm_engine_floor(tiny_model_dir, task_dir, tmp_path):
     """The same weights on vLLM (in process) and on transformers: identical answers and generations,
-    option log-likelihoods within 1e-4, vocabulary KL <= 1e-5, also as the report's engine-floor row."""
+    option log-likelihoods within 1e-4, vocabulary KL <= 1e-5, also as the report's engine-floor row.
+    The model is named by a hub id, resolved offline from a local Hugging Face cache, as a user's is."""
+    from test_hub import put_in_hub_cache
+
     python = _vllm_python()
+    hf = tmp_path / "hf"
+    put_in_hub_cache(hf, "acme/tiny-llama", tiny_model_dir)
     out = tmp_path / "out"
-    res = _flipcheck(python, ["eval", tiny_model_dir, tiny_model_dir, "--parent-engine", "vllm",
+    res = _flipcheck(python, ["eval", "acme/tiny-llama", "acme/tiny-llama", "--parent-engine", "vllm",
                               "--child-engine", "transformers", "--kl", "exact", "--engine-floor",
-                              "--tasks", TASKS, "--include-path", task_dir, "--out", out], _env(tmp_path / "cache"))
+                              "--tasks", TASKS, "--include-path", task_dir, "--out", out],
+                     _env(tmp_path / "cache", HF_HOME=str(hf)))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
+    assert report["parent"]["source"] == "acme/tiny-llama" and report["parent"]["revision"]
     assert report["parent"]["engine"]["name"] == "vllm" and report["parent"]["engine"]["logprobs"] == "all"
     child = report["children"][0]
     assert child["engine"]["name"] == "transformers"

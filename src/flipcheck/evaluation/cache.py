@@ -67,6 +67,10 @@ class ResultCache:
     def path(self, key: str) -> Path:
         return self.root / "results" / key[:2] / f"{key}.safetensors"
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is there (without reading it)."""
+        return self.path(key).is_file() if self.enabled else key in self._mem
+
     def get(self, key: str, record_cls: type) -> tuple[dict, dict] | None:
         """(samples by task name, records by instance key) or None."""
         if not self.enabled:

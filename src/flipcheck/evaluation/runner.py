@@ -479,6 +479,15 @@ class Evaluator:
             child.tokenizer = self.parent.tokenizer
 
 
+    def preflight(self, refs: list[ModelRef]) -> None:
+        """Before any scoring: reach every served model that has something left to score (a cached
+        re-run needs no server; a server that is down or returns no log-probs is one line, exit 2)."""
+        if self.parent.served and any(not self.cache.has(self._parent_key(u)) for u in self.units):
+            self.parent.model.connect()
+        for ref in refs:
+            if ref.served and any(not self.cache.has(self._child_key(ref, u)) for u in self.units):
+                ref.model.connect()
+
     def evaluate_child(
         self, child: ModelRef, *, batch_size: int | None = None, kl: str | None = None
     ) -> tuple[dict, list[dict]]:
@@ -864,6 +873,7 @@ def evaluate(
     refs += [served_ref(url, name, settings) for url, name in served or []]
     for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
         ev.check_child(ref)
+    ev.preflight(refs)
     from flipcheck.executors import finish_report, get_executor
 
     done = get_executor(executor).evaluate_children(ev, refs, Path(out) if out is not None else None,

@@ -129,6 +129,10 @@ class ServedEngine(Engine):
                 self.mode = "prompt_logprobs"
                 return
         except openai.APIStatusError as err:
+            if err.status_code == 400 and "logprobs" in str(err).lower() and "max" in str(err).lower():
+                raise FlipcheckError(
+                    f"the server at {self.url} returns fewer log-probs per position than the {self.topk} flipcheck "
+                    f"keeps of the parent: start vLLM with --max-logprobs {self.topk} ({_first(err)})") from err
             log.info("%s: prompt_logprobs refused (%s); trying echo + logprobs", self.url, _first(err))
         try:
             choice = self._complete([probe], probing=True, echo=True, logprobs=1)[0]
