@@ -845,8 +845,11 @@ def evaluate(
     report.json, samples.jsonl, report.md and report.html there. `metric` ("acc" or "acc_norm")
     picks the headline figures (default: acc_norm where a task reports it), `filter` a generative
     task's lm-eval filter, and `per_subtask` reports every task of a group as its own row. `kl`:
-    every child's vocabulary KL as the top-K + tail lower bound against the parent's stored top-K
-    (``"topk"``, K+1 model passes for K children) or exact with the parent in lock-step (``"exact"``).
+    every child's vocabulary KL estimated from the parent's stored top-K and sampled tail (``"topk"``,
+    K+1 model passes for K children), the top-K + tail-bucket lower bound (``"bound"``) or exact with
+    the parent in lock-step (``"exact"``). `served`: (URL, model name) of children already served behind
+    an OpenAI-compatible /v1/completions; `served_parent`: the parent's (`parent` then gives the
+    tokenizer). A report with a served model has the bound as its KL method.
     """
     children = [child] if isinstance(child, str) else list(child or [])
     if not children and not served:
