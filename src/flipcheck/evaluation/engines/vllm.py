@@ -72,50 +72,61 @@ _KEEP_TENSORS = False  # True while this engine's own requests run: prompt log-p
 
 
 def _keep_prompt_tensors() -> bool:
-    """Let vLLM's output processing keep prompt log-probs as the tensors its engine core made, instead of
-    turning every (position, token) pair into Python objects: for the whole vocabulary that turning
-    is ~80 % of the time (about 30 ms a position for 49k tokens on a 2-core CPU; the model's forward
-    is 3). A hook on ``LogprobsProcessor._update_prompt_logprobs`` (vLLM 0.32's output processor), active
-    only inside :meth:`VllmEngine.rows_at`; where vLLM is laid out otherwise nothing is hooked and the
-    public lists are read (same numbers, slower). Returns whether the hook is in place."""
+    """Let vLLM's output processing keep log-probs as the arrays its engine core made, instead of turning
+    every (position, token) pair into Python objects: for the whole vocabulary that turning is ~80 %
+    of the time (about 30 ms a position for 49k tokens on a 2-core CPU; the model's forward is 3).
+    Hooks on ``LogprobsProcessor._update_prompt_logprobs`` and ``_update_sample_logprobs`` (vLLM 0.32's
+    output processor), active only inside :meth:`VllmEngine.rows_at`; where vLLM is laid out otherwise
+    nothing is hooked and the public lists are read (same numbers, slower). Returns whether the hooks
+    are in place."""
     try:
         from vllm.v1.engine.logprobs import LogprobsProcessor
     except ImportError:
         return False
-    original = getattr(LogprobsProcessor, "_update_prompt_logprobs", None)
-    if original is None:
+    hooks = {"_update_prompt_logprobs": "prompt_logprobs", "_update_sample_logprobs": "logprobs"}
+    originals = {name: getattr(LogprobsProcessor, name, None) for name in hooks}
+    if any(f is None for f in originals.values()):
         return False
-    if getattr(original, "_flipcheck", False):
+    if all(getattr(f, "_flipcheck", False) for f in originals.values()):
         return True
 
-    def update(self, tensors):
-        if not _KEEP_TENSORS:
-            return original(self, tensors)
-        kept = getattr(self.prompt_logprobs, "flipcheck_tensors", None)
-        if kept is None:
-            kept = self.prompt_logprobs.flipcheck_tensors = []
-        kept.append((tensors[0].clone(), tensors[1].clone()))  # (positions, k) token ids and log-probs
+    def hook(name: str, container: str):
+        original = originals[name]
 
-    update._flipcheck = True  # type: ignore[attr-defined]
-    LogprobsProcessor._update_prompt_logprobs = update
+        def update(self, arrays):
+            if not _KEEP_TENSORS:
+                return original(self, arrays)
+            target = getattr(self, container)
+            kept = getattr(target, "flipcheck_tensors", None)
+            if kept is None:
+                kept = target.flipcheck_tensors = []
+            # (positions, k) token ids and log-probs: torch tensors (prompt) or numpy arrays (sample)
+            kept.append((torch.as_tensor(arrays[0]).clone(), torch.as_tensor(arrays[1]).clone()))
+
+        update._flipcheck = True  # type: ignore[attr-defined]
+        return update
+
+    for name, container in hooks.items():
+        setattr(LogprobsProcessor, name, hook(name, container))
     return True
 
 
-def tensor_rows(kept, indices: list[int], vocab: int) -> torch.Tensor:
-    """Dense float32 rows from prompt log-probs kept as tensors; index i is prompt position i (>= 1)."""
+def tensor_rows(kept, indices: list[int], vocab: int, first: int) -> torch.Tensor:
+    """Dense float32 rows from log-probs kept as tensors; index `first` is their first row (prompt
+    log-probs start at prompt position 1, sample log-probs at generated token 0)."""
     ids = torch.cat([t[0] for t in kept]).long()
     lps = torch.cat([t[1] for t in kept]).float()
-    at = torch.tensor([i - 1 for i in indices], dtype=torch.long)
+    at = torch.tensor([i - first for i in indices], dtype=torch.long)
     out = torch.full((len(indices), vocab), float("-inf"), dtype=torch.float32)
     return out.scatter_(1, ids[at], lps[at])
 
 
-def scatter_rows(flat, indices: list[int], vocab: int) -> torch.Tensor:
+def scatter_rows(flat, indices: list[int], vocab: int, first: int = 1) -> torch.Tensor:
     """Dense float32 log-prob rows (len(indices), vocab) from vLLM's FlatLogprobs at `indices`
-    (entries a position does not list stay -inf)."""
+    (entries a position does not list stay -inf); `first`: the index of kept tensors' first row."""
     kept = getattr(flat, "flipcheck_tensors", None)
     if kept is not None:
-        return tensor_rows(kept, indices, vocab)
+        return tensor_rows(kept, indices, vocab, first)
     out = np.full((len(indices), vocab), -np.inf, dtype=np.float32)
     for j, i in enumerate(indices):
         s, e = flat.start_indices[i], flat.end_indices[i]
@@ -222,7 +233,7 @@ class VllmEngine(Engine):
             inner = [p + 1 for p in ps if p + 1 < len(seq)]  # prompt_logprobs[i]: the distribution of token i
             rows = scatter_rows(out.prompt_logprobs, inner, self.vocab) if inner else torch.zeros((0, self.vocab))
             if len(inner) < len(ps):  # the last position: the distribution of the first generated token
-                tail = scatter_rows(out.outputs[0].logprobs, [0], self.vocab)
+                tail = scatter_rows(out.outputs[0].logprobs, [0], self.vocab, first=0)
                 rows = torch.cat([rows, tail])
             blocks.append(rows)
         return blocks
