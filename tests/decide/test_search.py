@@ -176,3 +176,24 @@ def test_swap_in_kl_is_zero_for_the_parents_own_layer_and_a_skip_equals_the_drop
         logp = torch.log_softmax(tiny_model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
         kl, n = _mean_kl(logp, dropped(input_ids=ids, use_cache=False).logits)
     assert skip > 0 and skip == pytest.approx(kl / n, rel=1e-4)
+
+
+def test_layer_drop_search_drops_the_layers_the_budget_allows(parent4, task_dir, tmp_path):
+    """On a random model one dropped layer already flips half of tiny_letters: with a 60 % budget the
+    search drops more than one layer, and every child it verified really has those layers removed."""
+    from flipcheck.recipes.schema import load_recipe
+
+    res = CliRunner().invoke(app, ["search", str(parent4), "--method", "layer_drop", "--max-flips", "60%", "--tasks", TASKS,
+                                   "--include-path", str(task_dir), "--out", str(tmp_path / "run"),
+                                   "--cache-dir", str(tmp_path / "cache"), "--calibration", "demo", "--probe-windows", "2",
+                                   "--probe-ctx", "32", "--batch-size", "8"])
+    assert res.exit_code == 0, res.output
+    block = json.loads((tmp_path / "run" / "report.json").read_text())["search"]
+    winner = next(c for c in block["candidates"] if c["winner"])
+    dropped = [i for i, a in enumerate(winner["allocation"]) if a == "drop"]
+    assert winner["passed"] and len(dropped) >= 2 and winner["settings"]["layers"] == dropped
+    for c in block["candidates"]:
+        config = json.loads((tmp_path / "run" / "candidates" / "children" / c["name"] / "config.json").read_text())
+        assert config["num_hidden_layers"] == 4 - c["allocation"].count("drop")
+    [step] = load_recipe(tmp_path / "run" / "recipe.yaml").steps
+    assert step.method == "layer_drop" and step.config().layers == dropped

@@ -467,11 +467,14 @@ class Search:
                 lo = target
                 continue
             if t.size(alloc) >= cap - 1e-9:
+                if target >= hi:
+                    break  # not even the least constrained allocation is smaller than the best child
                 lo = max(lo, target)  # nothing smaller than the best child at this damage: go higher
-                if hi_c is None:
-                    break
                 continue
-            if alloc in self.seen or alloc in [a for a, _, _ in out] or self.space.settings(alloc) is None:
+            if self.space.settings(alloc) is None:  # no child: the parent itself (go higher) or every layer dropped
+                lo, hi = (target, hi) if t.damage(alloc) <= lo + 1e-15 else (lo, target)
+                continue
+            if alloc in self.seen or alloc in [a for a, _, _ in out]:
                 hi = min(hi, t.damage(alloc)) if alloc in self.seen else target  # verified (and failed), or taken
                 continue
             out.append((alloc, "milp", target))
@@ -660,7 +663,9 @@ def search(
         raise FlipcheckError(f"--max-candidates {max_candidates}: must be >= 1")
     if per_round is not None and per_round < 1:
         raise FlipcheckError(f"--per-round {per_round}: must be >= 1")
-    first = space.settings([next(k for k, c in enumerate(space.choices) if not c.keep)])  # a placeholder child
+    k = next(k for k, c in enumerate(space.choices) if not c.keep)
+    keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
+    first = space.settings([k]) or space.settings([k, *keep])  # a placeholder child (layer_drop: drop layer 0 of 2)
     try:
         recipe = Recipe(
             name="search", parent=parent, calibration=CalibrationConfig(**(calibration or {})),
