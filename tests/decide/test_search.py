@@ -197,3 +197,19 @@ def test_layer_drop_search_drops_the_layers_the_budget_allows(parent4, task_dir,
         assert config["num_hidden_layers"] == 4 - c["allocation"].count("drop")
     [step] = load_recipe(tmp_path / "run" / "recipe.yaml").steps
     assert step.method == "layer_drop" and step.config().layers == dropped
+
+
+def test_search_command_and_function_offer_every_evaluation_setting():
+    """EvalSettings is the one declaration (tests/test_settings_declared_once.py); search takes all of
+    it but engine_floor (a floor row is no candidate) and the library-only knobs."""
+    import dataclasses
+    import inspect
+
+    from flipcheck.decide.search import search
+    from flipcheck.evaluation.runner import EvalSettings
+
+    declared = {f.name for f in dataclasses.fields(EvalSettings)} - {"n_boot", "topk", "engine_floor"}
+    cmd = next(c for c in app.registered_commands if c.name == "search")
+    cli = set(inspect.signature(cmd.callback).parameters)
+    assert not {{"texts": "text", "filter": "filter_"}.get(n, n) for n in declared} - cli
+    assert not declared - set(inspect.signature(search).parameters)

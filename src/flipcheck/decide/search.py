@@ -635,7 +635,13 @@ def search(
     seed: int = 1234,
     texts: Sequence[str] = (),
     ctx: int = 512,
+    scoring: str = "all",
     kl: str = "topk",
+    filter: str | None = None,  # noqa: A002 - EvalSettings' name
+    per_subtask: bool = False,
+    engine: str | None = None,
+    parent_engine: str | None = None,
+    child_engine: str | None = None,
     calibration: Mapping[str, Any] | None = None,
     probe_windows: int = 8,
     probe_ctx: int = 256,
@@ -671,7 +677,9 @@ def search(
             name="search", parent=parent, calibration=CalibrationConfig(**(calibration or {})),
             children=[ChildSpec(name="search-placeholder", steps=[StepSpec(method=method, settings=first)])],
             evaluation=EvaluationSpec(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
-                                      batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl),
+                                      batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl,
+                                      scoring=scoring, filter=filter, per_subtask=per_subtask, engine=engine,
+                                      parent_engine=parent_engine, child_engine=child_engine),
             device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     except FlipcheckError:
         raise
