@@ -26,7 +26,9 @@
    winner is the smallest verified child that passes, so it is never larger than the smallest
    uniform child that passes.
 
-Each verified candidate is kept in ``DIR/search-state.json`` as it finishes, keyed by everything
+Each verified candidate is kept in ``DIR/search-state.json`` as it finishes (on Ray: as its round
+finishes; a child finished within an interrupted round is not compressed again either, its folder's
+``made_with`` matches, and its evaluation comes from the cache), keyed by everything
 that made and scored it (the child's ``made_with``: parent fingerprint, step settings, calibration,
 dtype, version; and the evaluation settings); the sensitivities likewise (by their child and the
 probe text). A search run again with the same arguments re-verifies nothing; with other budgets it
@@ -319,7 +321,8 @@ class Search:
                 if c.name not in by_name:
                     continue
                 c.entry = by_name[c.name]
-                c.seconds = {**split, "wall": round(wall, 3)} if len(group) == 1 else {"wall_round": round(wall, 3)}
+                c.seconds = ({**split, "wall": round(wall, 3)} if len(group) == 1 else  # a Ray round: its workers' phases
+                             {"wall_round": round(wall, 3), "workers_round": (outcome.info or {}).get("worker_seconds")})
                 self.state.candidates[c.key] = c.stored()
                 done.append(self._judge(c))
             self.state.save()
