@@ -638,5 +638,93 @@ def localize_cmd(
     _run(go)
 
 
+# --- deciding (issue 16): search -----------------------------------------------------------------
+
+
+@app.command("search")
+def search_cmd(
+    parent: Annotated[str, typer.Argument(help="parent model: hub id or folder")],
+    method: Annotated[str, typer.Option("--method", "-m", help="rtn, gptq (a scheme per layer), wanda, sparsegpt (a sparsity per layer) or layer_drop (which layers to drop)")],
+    out: Annotated[Path, typer.Option(help="folder for report.json/md/html, recipe.yaml (the winner), candidates/ and the resumable search-state.json")],
+    choices: Annotated[str | None, typer.Option(help="per-layer options: scheme=W4A16,W8A16[,none] (rtn, gptq) or sparsity=0.3,0.5[,0] (wanda, sparsegpt); none for layer_drop")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="fixed key=value settings of every candidate, e.g. group_size=64")] = None,
+    max_flips: Annotated[str | None, typer.Option(help="largest allowed flip rate, e.g. 2%")] = None,
+    max_kl: Annotated[str | None, typer.Option(help="largest allowed mean KL over options, e.g. 0.02")] = None,
+    max_kl_text: Annotated[str | None, typer.Option(help="largest allowed mean KL(P‖C) per token on each --text corpus")] = None,
+    max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each --text corpus")] = None,
+    min_acc_delta: Annotated[str | None, typer.Option(help="smallest allowed accuracy change, e.g. -1%")] = None,
+    min_acc: Annotated[str | None, typer.Option(help="smallest allowed child accuracy, e.g. 60%")] = None,
+    confidence: Annotated[str | None, typer.Option(help="judge flips by their one-sided Clopper-Pearson upper bound and Δacc by its lower bound at this level, e.g. 0.95")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names (default: none with --text, else the demo tasks)")] = None,
+    include_path: Annotated[str | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
+    num_fewshot: int | None = None,
+    limit: Annotated[float | None, typer.Option(help="questions per task (count, or fraction if < 1)")] = None,
+    batch_size: Annotated[str, typer.Option(help="sequences per forward, or auto")] = "16",
+    seed: int = 1234,
+    metric: Metric = None,
+    filter_: Filter = None,
+    per_subtask: PerSubtask = False,
+    kl: KlMethod = "topk",
+    text: Texts = None,
+    ctx: Ctx = 512,
+    scoring: Scoring = "all",
+    engine: EngineOpt = None,
+    parent_engine: ParentEngine = None,
+    child_engine: ChildEngine = None,
+    calibration: Annotated[str | None, typer.Option(help="calibration source of the compressors and the sensitivity probe (default: the parent's own, else wikitext-2 train)")] = None,
+    calibration_samples: int = 32,
+    calibration_len: int = 256,
+    probe_windows: Annotated[int, typer.Option(min=1, help="text windows the per-layer sensitivities are measured on")] = 8,
+    probe_ctx: Annotated[int, typer.Option(min=8, help="tokens per sensitivity window")] = 256,
+    max_candidates: Annotated[int, typer.Option(min=1, help="most children verified (uniform ones included)")] = 8,
+    per_round: Annotated[int | None, typer.Option(min=1, help="proposals verified at once (default 1 local, 2 on Ray)")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    trust_remote_code: TrustRemote = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="result cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+    gpus_per_child: GpusPerChild = None,
+    cpus_per_child: CpusPerChild = None,
+    verbose: Verbose = False,
+) -> None:
+    """The most compressed child (per-layer choices) whose verified distance meets every budget: per-layer
+    sensitivities on text, knapsack proposals, each one compressed and evaluated for real. Exit 0 with a
+    winner (OUT/recipe.yaml), 1 when no candidate meets the budgets."""
+    _setup_logging(verbose)
+    from flipcheck.compressors.registry import parse_set_options
+    from flipcheck.decide.search import search
+    from flipcheck.decide.search_report import search_table, summary_lines
+    from flipcheck.evaluation.samples import check_metric
+
+    def go():
+        from flipcheck.runlog import third_party_output
+
+        check_metric(metric)
+        _kl_choice(kl)
+        ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, 1)
+        chosen = tasks.split(",") if tasks else ([] if text else DEMO_TASKS.split(","))
+        with third_party_output(out, verbose=verbose):
+            block = search(
+                parent, method, choices, out=out, settings=parse_set_options(set_),
+                budgets={"max_flips": max_flips, "max_kl": max_kl, "max_kl_text": max_kl_text, "max_ppl_ratio": max_ppl_ratio,
+                         "min_acc_delta": min_acc_delta, "min_acc": min_acc},
+                confidence=confidence, metric=metric, tasks=chosen, include_path=include_path, num_fewshot=num_fewshot,
+                limit=limit, batch_size=batch_size, seed=seed, texts=list(text or []), ctx=ctx, kl=kl, scoring=scoring,
+                filter=filter_, per_subtask=per_subtask, **_engine_choices(engine, parent_engine, child_engine),
+                calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
+                probe_windows=probe_windows, probe_ctx=probe_ctx, max_candidates=max_candidates, per_round=per_round,
+                device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, executor=ex,
+                progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False))
+        console.print(search_table(block))
+        for line in summary_lines(block):
+            _verdict(line)
+        console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json"
+                      + (", recipe.yaml)" if block.get("winner") else ")"))
+        raise typer.Exit(0 if block.get("winner") else 1)
+
+    _run(go)
+
+
 def main() -> None:  # pragma: no cover
     app()

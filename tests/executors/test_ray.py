@@ -202,3 +202,29 @@ def test_killed_worker_is_retried_and_sharded_sweep_point_equals_local(ray_addre
     assert report["executor"]["shards"] == 2
     local = [r for r in local_run[1] if r["child"] == "noise sigma=0.2"]
     _assert_same_answers(local, _rows(tmp_path / "run"))
+
+
+def test_search_on_ray_verifies_the_same_candidates_as_one_process(ray_address, parent_dir, task_dir, tmp_path):
+    """`flipcheck search --executor ray`: each round's proposals are Ray tasks (compressed and scored on
+    the workers, from separate caches); the candidates, their figures and the winner equal the local run's."""
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+
+    def run(name: str, *extra: str) -> dict:
+        res = CliRunner().invoke(app, [
+            "search", str(parent_dir), "--method", "rtn", "--choices", "scheme=W4A16,W8A16,none", "--max-flips", "4%",
+            "--tasks", ",".join(TASKS), "--include-path", str(task_dir), "--out", str(tmp_path / name),
+            "--cache-dir", str(tmp_path / f"cache-{name}"), "--calibration", "demo", "--probe-windows", "2",
+            "--probe-ctx", "32", "--batch-size", "8", "--per-round", "2", *extra])
+        assert res.exit_code in (0, 1), res.output
+        return json.loads((tmp_path / name / "report.json").read_text())["search"]
+
+    local = run("local")
+    on_ray = run("ray", "--executor", "ray", "--ray-address", ray_address)
+    assert on_ray["cost"]["executor"] == "ray" and local["cost"]["executor"] == "local"
+    assert on_ray["winner"] == local["winner"] and on_ray["failed"] == []
+    key = lambda c: (c["name"], c["allocation"], c["passed"], c["size_bits"],  # noqa: E731
+                     {t: (s["n_c2i"], s["n_i2c"]) for t, s in c["tasks"].items()})
+    assert [key(c) for c in on_ray["candidates"]] == [key(c) for c in local["candidates"]]
+    assert len(local["candidates"]) >= 2

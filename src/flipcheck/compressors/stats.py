@@ -35,6 +35,8 @@ class WeightStats:
     sparsity: float  # fraction of zeros among the decoder Linears' logical weights
     linears: int  # decoder Linears measured
     quantized: int  # of which quantized (compressed-tensors or bitsandbytes)
+    storage_bits: float = 0.0  # bits the decoder Linears' weights take in storage (bits_per_weight x their weights)
+    weights: int = 0  # logical weights of the decoder Linears
 
 
 def targeted_linears(
@@ -157,6 +159,8 @@ def measure(model: torch.nn.Module) -> WeightStats:
         sparsity=zeros / n if n else 0.0,
         linears=len(linears),
         quantized=quantized,
+        storage_bits=bits,
+        weights=n,
     )
 
 
@@ -185,5 +189,6 @@ def step_report(
         sparsity=stats.sparsity,
         calibration=calibration,
         targeted=targeted,
-        extra={"quantized_linears": stats.quantized, **(extra or {})},
+        extra={"quantized_linears": stats.quantized, "storage_bits": stats.storage_bits, "linear_weights": stats.weights,
+               **(extra or {})},
     )

@@ -306,3 +306,44 @@ def localize(
     block = localize_models(pm, cm, ids, batch_size=batch_size, progress=progress)
     block.update(parent=ps.ref, child=cs.ref, text=cfg.source, seed=seed)
     return block
+
+
+class SkipLayer(torch.nn.Module):
+    """A decoder layer that passes its hidden-state input through unchanged: a dropped layer, as a
+    swap donor for :func:`swap_in_kl`."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def swap_in_kl(
+    parent: torch.nn.Module,
+    donors: dict[int, torch.nn.Module],
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+) -> dict[int, float]:
+    """{layer i: text KL of the parent with its layer i replaced by ``donors[i]`` alone} (the
+    ``kl_swap_in`` figure of :func:`localize_models`, for any donor: a compressed child's layer, or
+    :class:`SkipLayer` for dropping it), each swap replayed from the parent's recorded input to that
+    layer, so one parent forward per batch serves every donor."""
+    lp = _layers(parent)
+    n_layers = len(lp)
+    for i in donors:
+        if not 0 <= i < n_layers:
+            raise FlipcheckError(f"swap_in_kl: layer {i} does not exist; the parent has {n_layers} decoder layers")
+    device = next(parent.parameters()).device
+    sums = dict.fromkeys(donors, 0.0)
+    positions = 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start:start + batch_size].to(device)
+        calls: list = [None] * n_layers
+        handles = [a.register_forward_pre_hook(_recorder(calls, i), with_kwargs=True) for i, a in enumerate(lp)]
+        with _hooks(handles):
+            logp = torch.log_softmax(_logits(parent, ids).float(), dim=-1)
+        for i, donor in donors.items():
+            kl, n = _mean_kl(logp, _replay(parent, calls, i, donor))
+            sums[i] += kl
+        positions += n if donors else int(ids.numel())
+    return {i: s / positions for i, s in sums.items()}
