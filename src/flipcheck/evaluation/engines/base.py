@@ -73,6 +73,29 @@ class Engine(ABC):
         return " ".join(str(x) for x in (ident.get("name"), ident.get("version"), ident.get("dtype")) if x)
 
 
+class LoadedEngine(Engine):
+    """An engine that knows its width, identity, length limit and runner once loaded (llama.cpp, vLLM):
+    subclasses set ``_vocab``, ``_identity``, ``_max_length`` and ``_runner`` in ``__init__``."""
+
+    _vocab: int
+    _identity: dict[str, Any]
+    _max_length: int | None = None
+    _runner: Any = None
+
+    @property
+    def vocab(self) -> int:
+        return self._vocab
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self._identity)
+
+    def max_length(self) -> int | None:
+        return self._max_length
+
+    def runner(self):
+        return self._runner
+
+
 class ExternalRunner:
     """ModelRunner's interface for an engine that runs whole token sequences and returns logits per
     position (llama.cpp, vLLM): one sequence per row (no packing), logits gathered at the scored

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import Engine, ExternalRunner
+from flipcheck.evaluation.engines.base import ExternalRunner, LoadedEngine
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def llamacpp_identity(path: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_bat
             "n_batch": int(n_batch), "kv_cache": "f32"}
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(LoadedEngine):
     """A GGUF file loaded by llama.cpp (CPU here; ``n_gpu_layers`` offloads on a CUDA build)."""
 
     name = "llama.cpp"
@@ -113,20 +113,6 @@ class LlamaCppEngine(Engine):
         self._vocab = int(self.llm.n_vocab())
         self._identity = llamacpp_identity(self.path, self.n_ctx, self.n_batch)
         self._runner = ExternalRunner(self, self._logits_at)
-
-    # -- identity ----------------------------------------------------------------------------------
-    @property
-    def vocab(self) -> int:
-        return self._vocab
-
-    def identity(self) -> dict[str, Any]:
-        return dict(self._identity)
-
-    def max_length(self) -> int | None:
-        return self._max_length
-
-    def runner(self):
-        return self._runner
 
     # -- evaluation --------------------------------------------------------------------------------
     def _eval(self, tokens: list[int]) -> None:

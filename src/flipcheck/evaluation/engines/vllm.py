@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import Engine, ExternalRunner
+from flipcheck.evaluation.engines.base import ExternalRunner, LoadedEngine
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class _BatchRunner(ExternalRunner):
         return out
 
 
-class VllmEngine(Engine):
+class VllmEngine(LoadedEngine):
     """A model folder run by ``vllm.LLM`` (float32 unless asked otherwise), whole distributions out."""
 
     name = "vllm"
@@ -174,7 +174,7 @@ class VllmEngine(Engine):
         self.folder = Path(folder)
         self.dtype = DTYPES.get(str(dtype).replace("torch.", ""), "float32")
         self._identity = vllm_identity(self.folder, self.dtype, max_model_len)
-        self.max_model_len = self._identity["max_model_len"]
+        self.max_model_len = self._max_length = self._identity["max_model_len"]
         on_cpu = device == "cpu" or not torch.cuda.is_available()
         try:
             self.llm = LLM(model=str(self.folder), tokenizer=str(self.folder), dtype=self.dtype,
@@ -188,20 +188,6 @@ class VllmEngine(Engine):
         self._vocab = int(cfg.get_vocab_size())
         self._fast = _keep_prompt_tensors()
         self._runner = _BatchRunner(self, None)
-
-    # -- identity ----------------------------------------------------------------------------------
-    @property
-    def vocab(self) -> int:
-        return self._vocab
-
-    def identity(self) -> dict[str, Any]:
-        return dict(self._identity)
-
-    def max_length(self) -> int | None:
-        return self.max_model_len
-
-    def runner(self):
-        return self._runner
 
     # -- evaluation --------------------------------------------------------------------------------
     def _params(self, **kw):
