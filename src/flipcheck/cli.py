@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from flipcheck.console import CommandConsole
 from flipcheck.errors import FlipcheckError
@@ -18,9 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Compress a language model and measure how far it drifts from its parent: flips, KL, margins.",
 )
-console = CommandConsole()  # a file or a pipe gets wide lines: tables keep every figure
+console = CommandConsole()  # tables: a file or a pipe gets wide lines, so they keep every figure
 log = logging.getLogger("flipcheck.cli")
-err_console = CommandConsole(stderr=True)
+err_console = Console(stderr=True)  # log lines, progress: rich pads a log line to the width, so 80 in a file
 
 
 def _setup_logging(verbose: bool) -> None:
