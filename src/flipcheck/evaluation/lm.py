@@ -524,14 +524,23 @@ class FlipLM(TemplateLM):
                 gen.contexts[i] = ctx
             for i, (text, toks) in zip(idx, self._generate(self._runner, ctxs, until, max_gen, kwargs), strict=True):
                 gen.texts[i], gen.own_toks[i] = text, toks
+                gen.finish[i] = self._finish(self._runner, toks, until, max_gen)
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
             if self._ref_runner is not None:
                 outs = self._generate(self._ref_runner, ctxs, until, max_gen, kwargs)
                 for i, out in zip(idx, outs, strict=True):
                     gen.ref_out[i] = out
+                    gen.ref_finish[i] = self._finish(self._ref_runner, out[1], until, max_gen)
             bar.update(len(chunk))
         bar.close()
         return gen
+
+    def _finish(self, runner: ModelRunner, toks: list[int], until: list[str], max_gen: int) -> str:
+        """How one generation ended (:func:`~flipcheck.evaluation.generations.finish_reason`)."""
+        from flipcheck.evaluation.generations import finish_reason
+
+        eos = _eos_ids(getattr(runner, "model", None), self.tokenizer)
+        return finish_reason(toks, max_gen, eos, until, lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
 
     def _generation_settings(self, gen_kwargs) -> tuple[list[str], int, dict]:
         """(stop sequences, max new tokens, the other generate kwargs) of one group of requests."""
@@ -580,17 +589,18 @@ class FlipLM(TemplateLM):
     def _record_generation(self, i: int, inst: Instance, gen: _Generations, pair: Scored | None, own: Side | None):
         key = instance_key(inst)
         self._warn_nonfinite(inst.task_name, own, "model")
-        rec = self._make_record("generate_until", inst, own, text=gen.texts[i])
+        rec = self._make_record("generate_until", inst, own, text=gen.texts[i], finish=gen.finish[i])
         if own is None:
             rec.token_ids = np.asarray(gen.own_toks[i], dtype=np.int32)
         if pair is not None:
             rec.kl, rec.top1_agree, rec.kl_rev = pair.kl, pair.agree, pair.kl_rev
+            rec.tf_miss = pair.own.argmax != pair.own.targets  # along the reference's output
         elif self._ref_runner is not None or self._ref_records is not None:
             rec.kl, rec.top1_agree, rec.kl_rev = np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
         self.records[key] = rec
         if self._ref_runner is not None:
             ref_side = pair.ref if pair is not None else None
-            ref_rec = self._make_record("generate_until", inst, ref_side, text=gen.ref_out[i][0])
+            ref_rec = self._make_record("generate_until", inst, ref_side, text=gen.ref_out[i][0], finish=gen.ref_finish[i])
             if ref_side is None:
                 ref_rec.token_ids = np.asarray(gen.ref_out[i][1], dtype=np.int32)
                 ref_rec.topk_logp = np.zeros((0, self.topk), np.float32)
@@ -697,10 +707,12 @@ class _Generations:
     own_toks: list[list[int]]
     ref_out: list[tuple[str, list[int]] | None]
     contexts: list[list[int]]
+    finish: list[str | None]  # "stop" / "length", this model's and the reference's
+    ref_finish: list[str | None]
 
     @classmethod
     def empty(cls, n: int) -> _Generations:
-        return cls([None] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)])
+        return cls([None] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)], [None] * n, [None] * n)
 
 
 # --------------------------------------------------------------------------------------------------

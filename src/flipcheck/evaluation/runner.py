@@ -31,6 +31,7 @@ import torch
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
+from flipcheck.evaluation import generations
 from flipcheck.evaluation.corpus import DEFAULT_CTX
 from flipcheck.evaluation.kl import DEFAULT_TOPK, kl_method
 from flipcheck.evaluation.report.schema import child_entry, new_report
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # Version of what a child's cached records mean (2: each distinct scored position counted once, NaN/inf
 # counts per record); part of every child key, so entries of an older engine are never reused.
-ENGINE_VERSION = 3  # 3: records carry the reverse KL, KL(child || parent)
+ENGINE_VERSION = 4  # 3: records carry the reverse KL, KL(child || parent); 4: generations' finish and tf_miss
 
 
 @dataclass
@@ -516,6 +517,7 @@ class Evaluator:
                     raise FlipcheckError(f"{unit}: parent has no samples for subtask {task!r}; clear the cache")
                 rows = build_rows(task, parent_samples[task], child_samples[task], vocab=vocab.get(task, {}),
                                   filter_name=self.settings.filter)
+                generations.attach(rows, parent_records, child_records)
                 set_headline(rows, self.settings.metric, task)
                 bad = {who: counts.get(task, 0) for who, counts in nonfinite.items()}
                 summary = summarize_task(rows, n_boot=self.settings.n_boot, seed=self.settings.seed, nonfinite=bad)
