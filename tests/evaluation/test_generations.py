@@ -159,3 +159,63 @@ def test_child_altered_at_a_known_step_diverges_exactly_there(tiny_model, tiny_t
     assert t["survival"][k - 1] >= t["survival"][k]  # S(k) counts it, S(k + 1) does not
     first = [r.generation["first_divergent_token"] for r in rows]
     assert t["survival"][k] == pytest.approx(np.mean([d is None or d >= k + 1 for d in first]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# through evaluate: report.json, samples rows, report.md / report.html, the noise floor
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, tiny_model, tiny_tokenizer, task_dir):
+    """parent, an identical twin and a noisy child on the generative tiny_sums, with the noise floor."""
+    from flipcheck.compressors.noise import NoiseConfig, apply_noise
+    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.models import save_model
+
+    root = tmp_path_factory.mktemp("gen_run")
+    save_model(tiny_model, tiny_tokenizer, root / "parent", {"parent": None})
+    save_model(copy.deepcopy(tiny_model), tiny_tokenizer, root / "twin", {"parent": str(root / "parent")})
+    noisy = copy.deepcopy(tiny_model)
+    apply_noise(noisy, NoiseConfig(sigma=0.5, seed=3), None)
+    save_model(noisy, tiny_tokenizer, root / "noisy", {"parent": str(root / "parent")})
+    report = evaluate(str(root / "parent"), [str(root / "twin"), str(root / "noisy")], tasks=["tiny_sums"],
+                      include_path=str(task_dir), out=root / "run", cache_dir=root / "cache", batch_size=4,
+                      noise_floor=True)
+    return root / "run", report
+
+
+def test_report_and_samples_carry_the_generation_figures(gen_run):
+    import json
+
+    run, report = gen_run
+    twin, noisy = (c["tasks"]["tiny_sums"]["generation"] for c in report["children"])
+    assert twin["identical"] == 1.0 and set(twin["survival"]) == {1.0} and twin["tf_mismatch"] == 0.0
+    assert twin["length_ratio"]["median"] == 1.0 and twin["termination_P"] == twin["termination_C"]
+    assert noisy["identical"] < 1.0 and noisy["survival"][-1] < 1.0 and noisy["tf_mismatch"] > 0.0
+    assert all(a >= b for a, b in zip(noisy["survival"], noisy["survival"][1:], strict=False))  # S never rises
+    on_disk = json.loads((run / "report.json").read_text())
+    assert on_disk["children"][1]["tasks"]["tiny_sums"]["generation"]["survival"] == noisy["survival"]
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    by_child = {c: [r for r in rows if r["child"] == c] for c in ("twin", "noisy")}
+    assert len(by_child["noisy"]) == 12 and all(r["generation"] for r in rows)
+    first = [r["generation"]["first_divergent_token"] for r in by_child["noisy"]]
+    assert noisy["survival"] == G.survival_curve(first, len(noisy["survival"]))  # the task block is the rows'
+    for r in by_child["noisy"]:
+        g = r["generation"]
+        if g["first_divergent_token"] is None:
+            assert r["output_P"] == r["output_C"]
+        assert len(g["kl"]) == len(g["kl_rev"]) == g["tf_positions"] == g["len_P"]
+    # the noise floor rows (same weights, other batch size / dtype / attention) get the same figures
+    floors = report["noise_floor"]
+    assert floors and all(f["tasks"]["tiny_sums"]["generation"]["n"] == 12 for f in floors)
+
+
+def test_reports_show_the_table_and_the_plots(gen_run):
+    run, _ = gen_run
+    md = (run / "report.md").read_text()
+    assert "## Divergence over generations" in md and "| noisy | tiny_sums | 12 |" in md
+    for name in ("generations-survival-tiny_sums.png", "generations-lengths-tiny_sums.png"):
+        assert f"]({name})" in md and (run / name).read_bytes()[:4] == b"\x89PNG"
+    page = (run / "report.html").read_text()
+    assert "Divergence over generations" in page and 'alt="survival S(t), tiny_sums"' in page
+    assert 'alt="generation lengths, tiny_sums"' in page
