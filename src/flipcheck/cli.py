@@ -321,6 +321,8 @@ def gate_cmd(
     over_floor: Annotated[bool, typer.Option("--over-floor", help="judge flips and KL as the excess over the report's noise floor")] = False,
     min_judge_delta: Annotated[str | None, typer.Option(help="smallest allowed judged score change (1-10 scale), e.g. -0.5")] = None,
     confidence: Annotated[str | None, typer.Option(help="judge flips by their one-sided Clopper-Pearson upper bound and Δacc by its lower bound at this level, e.g. 0.95 (default: point estimates)")] = None,
+    min_survival: Annotated[str | None, typer.Option(help="smallest allowed share of generations identical to the parent's through T tokens, T:SHARE, e.g. 128:90%")] = None,
+    max_length_ratio: Annotated[str | None, typer.Option(help="largest allowed median of generated tokens child / parent, e.g. 1.1")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
@@ -328,7 +330,8 @@ def gate_cmd(
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
                       metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                      min_judge_delta=min_judge_delta, echo=_verdict, confidence=confidence)
+                      min_judge_delta=min_judge_delta, echo=_verdict, confidence=confidence,
+                      min_survival=min_survival, max_length_ratio=max_length_ratio)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)

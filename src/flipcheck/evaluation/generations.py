@@ -144,7 +144,8 @@ def task_figures(questions: Sequence[Mapping[str, Any]]) -> dict[str, Any] | Non
         "survival": curve,
         "survival_at": {str(t): survival_at(curve, t) for t in SURVIVAL_MARKS if curve},
         "median_first_divergent_token": median_first_divergence(first),
-        "length_ratio": {"median": _quantile(ratios, 0.5), "p90": _quantile(ratios, 0.9), "n": int(ratios.size)},
+        "length_ratio": {"median": _quantile(ratios, 0.5), "p90": _quantile(ratios, 0.9), "n": int(ratios.size),
+                         "sorted": [float(v) for v in np.sort(ratios)]},  # the gate bounds the median from these
         "mean_len_P": float(np.mean([q.get("len_P") or 0 for q in qs])),
         "mean_len_C": float(np.mean([q.get("len_C") or 0 for q in qs])),
         "termination_P": _rates([q.get("finish_P") for q in qs]),
