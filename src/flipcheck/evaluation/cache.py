@@ -30,7 +30,8 @@ from flipcheck.files import cache_root, jsonable, restore_floats
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # 3: non-finite floats marked as such; 2: one safetensors file per entry; 1: a folder
-ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids", "kl_rev", "tf_miss")
+ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids", "kl_rev", "tf_miss",
+                "samples_ids")
 _BOOL_FIELDS = ("top1_agree", "tf_miss")
 
 

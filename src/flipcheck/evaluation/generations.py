@@ -20,6 +20,11 @@ of token arrays (no model):
   length ratio |c|/|p| (median, p90); the termination rates of both; the teacher-forced mismatch
   pooled over positions.
 
+With ``--samples N`` (seed-synchronised sampling, :mod:`flipcheck.evaluation.sampling`) S(t), the
+identical share, the first divergent token, the lengths and the matched share (positions holding the
+same token, over the longer generation) pool every (question, sample) pair; teacher forcing follows
+sample 0.
+
 A question whose generations are identical survives every t: both stopped at the same token, so the
 child equals the parent through any number of tokens.
 """
@@ -88,16 +93,27 @@ def finish_reason(tokens: Sequence[int], max_new: int, eos_ids: set[int], stops:
     return "stop" if any(s and s in text for s in stops) else "length"
 
 
+def _pair(p: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+    from flipcheck.evaluation.sampling import matched_share
+
+    return {"first_divergent_token": first_divergence(p, c), "len_P": int(p.size), "len_C": int(c.size),
+            "matched": matched_share(p, c)}
+
+
 def question_figures(parent_tokens: Any, child_tokens: Any, *, tf_miss: Any = None, kl: Any = None,
-                     kl_rev: Any = None, finish_p: str | None = None, finish_c: str | None = None) -> dict[str, Any]:
-    """The trajectory figures of one question (the ``generation`` field of its samples row)."""
+                     kl_rev: Any = None, finish_p: str | None = None, finish_c: str | None = None,
+                     extra: list[tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    """The trajectory figures of one question (the ``generation`` field of its samples row); `extra`:
+    the (parent, child) token lists of samples 1.. (``--samples N``), listed with sample 0 under ``samples``."""
     p = np.asarray(parent_tokens if parent_tokens is not None else [], dtype=np.int64).reshape(-1)
     c = np.asarray(child_tokens if child_tokens is not None else [], dtype=np.int64).reshape(-1)
     miss = None if tf_miss is None else np.asarray(tf_miss, dtype=bool).reshape(-1)
+    samples = None
+    if extra:
+        samples = [_pair(p, c)] + [_pair(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) for a, b in extra]
     return {
-        "first_divergent_token": first_divergence(p, c),
-        "len_P": int(p.size),
-        "len_C": int(c.size),
+        **_pair(p, c),
+        "samples": samples,
         "finish_P": finish_p,
         "finish_C": finish_c,
         "tf_positions": None if miss is None else int(miss.size),
@@ -132,22 +148,26 @@ def task_figures(questions: Sequence[Mapping[str, Any]]) -> dict[str, Any] | Non
     qs = [q for q in questions if q]
     if not qs:
         return None
-    first = [q.get("first_divergent_token") for q in qs]
-    horizon = max(max(int(q.get("len_P") or 0), int(q.get("len_C") or 0)) for q in qs)
+    pairs = [s for q in qs for s in (q.get("samples") or [q])]  # with --samples N: every (question, sample)
+    first = [q.get("first_divergent_token") for q in pairs]
+    horizon = max(max(int(q.get("len_P") or 0), int(q.get("len_C") or 0)) for q in pairs)
     curve = survival_curve(first, horizon)
-    ratios = np.array([q["len_C"] / q["len_P"] for q in qs if q.get("len_P")], dtype=np.float64)
+    ratios = np.array([q["len_C"] / q["len_P"] for q in pairs if q.get("len_P")], dtype=np.float64)
+    matched = [q["matched"] for q in pairs if q.get("matched") is not None]
     miss = [(q["tf_mismatch"], q["tf_positions"]) for q in qs if q.get("tf_mismatch") is not None]
     positions = sum(n for _, n in miss)
     return {
         "n": len(qs),
+        "pairs": len(pairs),
+        "matched": float(np.mean(matched)) if matched else None,
         "identical": float(np.mean([f is None for f in first])),
         "survival": curve,
         "survival_at": {str(t): survival_at(curve, t) for t in SURVIVAL_MARKS if curve},
         "median_first_divergent_token": median_first_divergence(first),
         "length_ratio": {"median": _quantile(ratios, 0.5), "p90": _quantile(ratios, 0.9), "n": int(ratios.size),
                          "sorted": [float(v) for v in np.sort(ratios)]},  # the gate bounds the median from these
-        "mean_len_P": float(np.mean([q.get("len_P") or 0 for q in qs])),
-        "mean_len_C": float(np.mean([q.get("len_C") or 0 for q in qs])),
+        "mean_len_P": float(np.mean([q.get("len_P") or 0 for q in pairs])),
+        "mean_len_C": float(np.mean([q.get("len_C") or 0 for q in pairs])),
         "termination_P": _rates([q.get("finish_P") for q in qs]),
         "termination_C": _rates([q.get("finish_C") for q in qs]),
         "tf_mismatch": (sum(m * n for m, n in miss) / positions) if positions else None,
@@ -165,9 +185,12 @@ def attach(rows: Iterable[Any], parent_records: Mapping, child_records: Mapping)
         p, c = parent_records.get(key), child_records.get(key)
         if p is None or c is None or p.kind != "generate_until" or c.kind != "generate_until":
             continue
+        from flipcheck.evaluation.sampling import split_samples
+
         row.generation = question_figures(
             p.token_ids, c.token_ids, tf_miss=getattr(c, "tf_miss", None), kl=c.kl, kl_rev=c.kl_rev,
             finish_p=getattr(p, "finish", None), finish_c=getattr(c, "finish", None),
+            extra=list(zip(split_samples(p), split_samples(c), strict=False)),
         )
 
 

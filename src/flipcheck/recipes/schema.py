@@ -131,6 +131,8 @@ class EvaluationSpec(_Strict):
     parent_engine: str | None = None  # the parent's, instead of engine
     child_engine: str | None = None  # every child's, instead of engine
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
+    sample: str | None = None  # seed-synchronised sampling of generative tasks, e.g. temperature=0.7,top_p=0.95
+    samples: int = Field(1, ge=1)  # generations per question with sample
 
     @model_validator(mode="after")
     def _tasks_or_texts(self) -> EvaluationSpec:
