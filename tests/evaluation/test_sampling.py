@@ -132,3 +132,14 @@ def test_sampling_settings_reach_the_cache_key_and_the_report(tiny_model, tiny_t
     assert out_7 != out_s and again["children"][0]["tasks"]["tiny_sums"]["generation"]["identical"] == 1.0
     with pytest.raises(FlipcheckError, match="--sample"):
         evaluate(str(tmp_path / "parent"), [str(tmp_path / "twin")], sample="temperature=-1", **common)
+
+
+def test_a_bad_sample_string_on_the_command_line_is_one_line_and_exit_2(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flipcheck.cli import app
+
+    for bad in (["--sample", "temperature=0,top_p=2"], ["--samples", "4"]):
+        res = CliRunner().invoke(app, ["eval", str(tiny_model_dir), str(tiny_model_dir), "--tasks", "x",
+                                       "--cache-dir", str(tmp_path), *bad])
+        assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "--sample" in res.output, res.output
