@@ -15,6 +15,7 @@ then, with three children or more, Spearman's ρ between each figure and the acc
     python benchmarks/generation_divergence.py --questions 20 --max-gen 64 \\
         --children noise:0.005,noise:0.02,gguf:Q8_0 --out /tmp/gendiv
 
+``--parent tiny`` swaps in a random 2-layer Llama (a smoke run of the script in about a minute).
 Full size (the issue's benchmark) is ``--questions 1319 --max-gen 256`` with every near-lossless
 child; that is hours on a CPU.
 """
@@ -63,6 +64,25 @@ def make_task(folder: Path, gsm8k: Path, n: int, max_gen: int) -> Path:
 
     docs = [json.loads(line) for line in gsm8k.read_text().splitlines()[:n]]
     return write_lm_eval_task(folder, "gsm8k_gen", docs, TASK.replace("MAX_GEN", str(max_gen)))
+
+
+def make_parent(name: str, gsm8k: Path, out: Path) -> Path:
+    """SmolLM2-135M-Instruct, a folder, or (``tiny``) a random 2-layer Llama with a tokenizer trained on the questions."""
+    if name == "smollm2":
+        from flipcheck.tiny import smollm2_folder
+
+        return smollm2_folder()
+    if name != "tiny":
+        return Path(name)
+    from flipcheck.models import save_model
+    from flipcheck.tiny import build_llama, build_tokenizer
+
+    folder = out / "tiny-parent"
+    if not (folder / "config.json").is_file():
+        docs = [json.loads(line) for line in gsm8k.read_text().splitlines()[:500]]
+        tok = build_tokenizer([d["question"] + " " + d["answer"] for d in docs], vocab_size=512)
+        save_model(build_llama(len(tok), seed=0), tok, folder, {"parent": None})
+    return folder
 
 
 def make_child(parent: Path, spec: str, out: Path) -> str:
@@ -117,13 +137,13 @@ def main() -> None:
     ap.add_argument("--gsm8k", type=Path, default=Path(__file__).resolve().parents[2] / "shared/realdata/data/gsm8k/test.jsonl")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--parent", default="smollm2", help="smollm2, tiny (a random Llama: a smoke run) or a folder")
     args = ap.parse_args()
     from flipcheck.evaluation.runner import evaluate
-    from flipcheck.tiny import smollm2_folder
 
     if not args.gsm8k.is_file():
         raise SystemExit(f"--gsm8k {args.gsm8k}: no such file")
-    parent = smollm2_folder()
+    parent = make_parent(args.parent, args.gsm8k, args.out)
     tasks = make_task(args.out / "tasks", args.gsm8k, args.questions, args.max_gen)
     cache = args.out / "cache"
     t0 = time.perf_counter()
