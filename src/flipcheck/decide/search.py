@@ -620,6 +620,19 @@ def _num_layers(src) -> int:
     return int(n)
 
 
+def default_text(parent: str, calibration: Mapping[str, Any] | None, tasks: Sequence[str],
+                 include_path: str | None, texts: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    """The calibration settings with a source that works offline when none is given
+    (:func:`~flipcheck.compressors.calibration_data.evaluated_text_source`), and the report's note."""
+    from flipcheck.compressors.calibration_data import evaluated_text_source
+
+    cal = dict(calibration or {})
+    if cal.get("source"):
+        return cal, None
+    cal["source"], note = evaluated_text_source(parent, tasks, include_path, texts)
+    return cal, note
+
+
 def search(
     parent: str,
     method: str,
@@ -659,6 +672,7 @@ def search(
     progress: Say | None = None,
 ) -> dict[str, Any]:
     """Search, write DIR/report.json (+ md, html, recipe.yaml) and return the search block."""
+    from flipcheck.compressors.calibration_data import check_reachable
     from flipcheck.decide.search_report import write_search
     from flipcheck.executors import get_executor
     from flipcheck.recipes.checks import check_recipe
@@ -666,6 +680,7 @@ def search(
     from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
 
     say = progress or (lambda msg: log.info("%s", msg))
+    calibration, text_note = default_text(parent, calibration, tasks, include_path, texts)
     space = parse_space(method, choices, settings)
     judged = Budgets.parse(budgets, confidence, metric, texts)
     if max_candidates < 1:
@@ -692,12 +707,15 @@ def search(
     out.mkdir(parents=True, exist_ok=True)
     run = RecipeRun(recipe, cache_dir=cache_dir, say=say)
     check_recipe(run.recipe, run.parent_src)
+    check_reachable(run.recipe.calibration.source)  # the sensitivity probe reads it whatever the method needs
     runner = get_executor(executor)
     probe = {"text": run.recipe.calibration.source, "windows": probe_windows, "ctx": probe_ctx, "seed": run.recipe.calibration.seed,
              "batch_size": probe_batch_size}
     rounds = per_round if per_round is not None else (1 if runner.name == "local" else 2)
     s = Search(space, judged, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say)
     block = s.go()
+    if text_note:
+        block["probe"] = {**block.get("probe", {}), "note": text_note}
     block["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
     write_search(out, block)
     return block
