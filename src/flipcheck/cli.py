@@ -85,6 +85,8 @@ Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored
 EngineOpt = Annotated[str | None, typer.Option("--engine", help="scoring engine of every model: transformers, llama.cpp (GGUF files) (default: transformers; llama.cpp for .gguf when installed)")]
 ParentEngine = Annotated[str | None, typer.Option("--parent-engine", help="the parent's scoring engine, instead of --engine")]
 ChildEngine = Annotated[str | None, typer.Option("--child-engine", help="every child's scoring engine, instead of --engine")]
+Sample = Annotated[str | None, typer.Option("--sample", help="generative tasks: sample in step with the parent (same Gumbel noise per question, sample and position), e.g. temperature=0.7,top_p=0.95 (default: greedy)")]
+Samples = Annotated[int, typer.Option("--samples", help="generations per question with --sample")]
 EngineFloor = Annotated[bool, typer.Option("--engine-floor", help="also score the parent on another engine, same weights: llama.cpp on an F32 GGUF of it (transformers for a GGUF or vLLM parent)")]
 NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
 Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
@@ -140,6 +142,8 @@ def eval_cmd(
     parent_engine: ParentEngine = None,
     child_engine: ChildEngine = None,
     engine_floor: EngineFloor = False,
+    sample: Sample = None,
+    samples: Samples = 1,
     child_url: Annotated[list[str] | None, typer.Option("--child-url", help="a child already served behind an OpenAI-compatible /v1/completions (vLLM: python -m vllm.entrypoints.openai.api_server); API key from $FLIPCHECK_API_KEY or $OPENAI_API_KEY")] = None,
     child_model: Annotated[list[str] | None, typer.Option("--child-model", help="the served child's model name, one per --child-url")] = None,
     parent_url: Annotated[str | None, typer.Option("--parent-url", help="score the parent through this OpenAI-compatible server instead of loading it (PARENT then gives the tokenizer)")] = None,
@@ -174,7 +178,7 @@ def eval_cmd(
                 trust_remote_code=trust_remote_code, cache_dir=cache_dir, use_cache=not no_cache, noise_floor=noise_floor,
                 metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
                 executor=ex, engine=engine, parent_engine=parent_engine, child_engine=child_engine,
-                engine_floor=engine_floor, on_step=bar.step,
+                engine_floor=engine_floor, on_step=bar.step, sample=sample, samples=samples,
             )
         _show(report, out)
         _exit_if_failed(report)
@@ -322,6 +326,8 @@ def gate_cmd(
     over_floor: Annotated[bool, typer.Option("--over-floor", help="judge flips and KL as the excess over the report's noise floor")] = False,
     min_judge_delta: Annotated[str | None, typer.Option(help="smallest allowed judged score change (1-10 scale), e.g. -0.5")] = None,
     confidence: Annotated[str | None, typer.Option(help="judge flips by their one-sided Clopper-Pearson upper bound and Δacc by its lower bound at this level, e.g. 0.95 (default: point estimates)")] = None,
+    min_survival: Annotated[str | None, typer.Option(help="smallest allowed share of generations identical to the parent's through T tokens, T:SHARE, e.g. 128:90%")] = None,
+    max_length_ratio: Annotated[str | None, typer.Option(help="largest allowed median of generated tokens child / parent, e.g. 1.1")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
     from flipcheck.gate import run_gate
@@ -329,7 +335,8 @@ def gate_cmd(
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
                       metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                      min_judge_delta=min_judge_delta, echo=_verdict, confidence=confidence)
+                      min_judge_delta=min_judge_delta, echo=_verdict, confidence=confidence,
+                      min_survival=min_survival, max_length_ratio=max_length_ratio)
         raise typer.Exit(0 if ok else 1)
 
     _run(go)
@@ -458,6 +465,8 @@ def sweep_cmd(
     parent_engine: ParentEngine = None,
     child_engine: ChildEngine = None,
     engine_floor: EngineFloor = False,
+    sample: Sample = None,
+    samples: Samples = 1,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
@@ -490,7 +499,8 @@ def sweep_cmd(
                 include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, seed=seed,
                 device=device, dtype=dtype, cache_dir=cache_dir, progress=lambda m: log.info("%s", m),
                 metric=metric, filter=filter_, per_subtask=per_subtask, kl=kl, texts=text, ctx=ctx, scoring=scoring,
-                noise_floor=noise_floor, engine_floor=engine_floor, executor=ex, on_step=bar.step,
+                noise_floor=noise_floor, engine_floor=engine_floor, executor=ex, on_step=bar.step, sample=sample,
+                samples=samples,
                 **_engine_choices(engine, parent_engine, child_engine),
             )
         _show(report, folder)

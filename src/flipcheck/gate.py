@@ -12,6 +12,8 @@ tasks. A figure exactly at its budget passes. The figures checked:
   distance on the decision the benchmark scores. Must be <= max-kl;
 - Δacc = acc_C − acc_P must be >= min-acc-delta;
 - acc_C must be >= min-acc;
+- generations (:mod:`flipcheck.gate_generations`): S(T) >= share (``--min-survival 128:90%``) and the
+  median length ratio child/parent <= ``--max-length-ratio``, both with ``--confidence`` bounds;
 - the judged score change Δscore = mean(child − parent) on the 1-10 scale (``flipcheck judge`` or a
   recipe's ``judge:`` section; the pairwise net win rate where only pairwise verdicts exist) must be
   >= min-judge-delta, one verdict per judged child.
@@ -54,6 +56,7 @@ from typing import Any
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.files import pct, signed_pct
+from flipcheck.gate_generations import parse_length_ratio, parse_survival
 
 TOLERANCE = 1e-9  # figures equal to a budget up to float rounding (0.49 - 0.5 != -0.01) pass
 _BUDGET = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?%?$")
@@ -192,7 +195,10 @@ def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None],
     upper("kl", kl_label, kl, budgets["max_kl"], lambda x: f"{x:.4g}")
     lower("acc_delta", "Δacc", summary.get("delta_acc"), budgets["min_acc_delta"], _signed_pct)
     lower("acc", "acc", summary.get("acc_C"), budgets["min_acc"], _pct)
-    return parts, failures
+    from flipcheck.gate_generations import judge as judge_generation
+
+    more, failed = judge_generation(summary, budgets.get("min_survival"), budgets.get("max_length_ratio"), confidence)
+    return parts + more, failures + failed
 
 
 def check(
@@ -207,6 +213,8 @@ def check(
     over_floor: bool = False,
     min_judge_delta: float | str | None = None,
     confidence: float | str | None = None,
+    min_survival: str | None = None,
+    max_length_ratio: float | str | None = None,
 ) -> list[Verdict]:
     """One verdict per child and named task or group (plus micro when a child has several), and one
     per child and text corpus when a corpus budget is given.
@@ -228,6 +236,8 @@ def check(
         "max_kl": None if max_kl is None else parse_budget(max_kl, "--max-kl"),
         "min_acc_delta": None if min_acc_delta is None else parse_budget(min_acc_delta, "--min-acc-delta"),
         "min_acc": None if min_acc is None else parse_budget(min_acc, "--min-acc"),
+        "min_survival": parse_survival(min_survival),
+        "max_length_ratio": parse_length_ratio(max_length_ratio),
     }
     text_budgets = {
         "max_kl_text": None if max_kl_text is None else parse_budget(max_kl_text, "--max-kl-text"),
@@ -236,7 +246,7 @@ def check(
     judge_budget = None if min_judge_delta is None else _judge_budget(min_judge_delta)
     if all(v is None for v in (*budgets.values(), *text_budgets.values())) and judge_budget is None:
         raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta, --min-acc, "
-                             "--max-kl-text, --max-ppl-ratio or --min-judge-delta")
+                             "--min-survival, --max-length-ratio, --max-kl-text, --max-ppl-ratio or --min-judge-delta")
     for key, opt in (("max_kl", "--max-kl"), ("max_kl_text", "--max-kl-text")):
         v = {**budgets, **text_budgets}[key]
         if v is not None and v < 0:
@@ -380,6 +390,8 @@ def run_gate(
     echo: Callable[[str], Any] | None = None,
     min_judge_delta: float | str | None = None,
     confidence: float | str | None = None,
+    min_survival: str | None = None,
+    max_length_ratio: float | str | None = None,
 ) -> bool:
     """Load a report (path or dict), check it, pass each verdict line to `echo`; True if all pass."""
     from flipcheck.evaluation.report import load_report
@@ -387,7 +399,8 @@ def run_gate(
     data = report if isinstance(report, Mapping) else load_report(report)
     verdicts = check(data, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc, metric=metric,
                      max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
-                     min_judge_delta=min_judge_delta, confidence=confidence)
+                     min_judge_delta=min_judge_delta, confidence=confidence, min_survival=min_survival,
+                     max_length_ratio=max_length_ratio)
     if echo is not None:
         for v in verdicts:
             echo(v.text)

@@ -100,10 +100,15 @@ def test_vllm_engine_floor(tiny_model_dir, task_dir, tmp_path):
     assert len(gaps) == 40 and max(gaps) <= 1e-4
     generated = [r for r in _samples(out).values() if r["kind"] != "multiple_choice"]
     assert len(generated) == 12 and all(r["output_P"] == r["output_C"] for r in generated)
+    # divergence over generations: vLLM's greedy generations equal transformers' token for token
+    assert all(r["generation"]["first_divergent_token"] is None for r in generated)
+    gen = child["tasks"]["tiny_sums"]["generation"]
+    assert gen["identical"] == 1.0 and set(gen["survival"]) == {1.0} and gen["tf_mismatch"] == 0.0
     floor = report["noise_floor"]
     (row,) = [f for f in floor if "engine" in str(f.get("settings"))]
     assert row["engine"]["name"] == "transformers" and row["micro"]["flips"] == 0
     assert row["micro"]["kl_vocab"]["mean"] <= 1e-5
+    assert row["tasks"]["tiny_sums"]["generation"]["identical"] == 1.0  # the engine floor gets the same rows
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 420) -> None:
@@ -195,6 +200,8 @@ def test_served_child_matches_in_process_vllm(tiny_model_dir, noisy_child, task_
     for key, row in a.items():
         assert row["pred_C"] == b[key]["pred_C"] and row["correct_C"] == b[key]["correct_C"], key
         assert row["output_C"] == b[key]["output_C"], key
+        if row.get("generation"):  # the served child's generations diverge where in-process vLLM's do
+            assert row["generation"]["first_divergent_token"] == b[key]["generation"]["first_divergent_token"], key
         if row.get("ll_C"):
             assert np.max(np.abs(np.subtract(row["ll_C"], b[key]["ll_C"]))) <= 1e-4, key
     rep_a = json.loads((tmp_path / "served" / "report.json").read_text())

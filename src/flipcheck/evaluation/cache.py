@@ -30,7 +30,9 @@ from flipcheck.files import cache_root, jsonable, restore_floats
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 3  # 3: non-finite floats marked as such; 2: one safetensors file per entry; 1: a folder
-ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids", "kl_rev")
+ARRAY_FIELDS = ("topk_logp", "topk_ids", "kl", "top1_agree", "token_ids", "tail_logp", "tail_ids", "kl_rev", "tf_miss",
+                "samples_ids")
+_BOOL_FIELDS = ("top1_agree", "tf_miss")
 
 
 def folder_content_hash(paths: list[str] | tuple[str, ...]) -> str:
@@ -171,6 +173,6 @@ def _records_from(rows: list[dict], arrays: dict[str, np.ndarray], record_cls: t
         for name in (n for n in ARRAY_FIELDS if n in declared):
             span = spans.get(name)
             a = None if span is None else arrays[name][span[0] : span[1]]
-            row[name] = a.astype(bool) if (a is not None and name == "top1_agree") else a
+            row[name] = a.astype(bool) if (a is not None and name in _BOOL_FIELDS) else a
         records[key_t] = record_cls(**row)
     return records

@@ -43,17 +43,18 @@ from flipcheck.evaluation.kl import (
     kl_topk_tail_tensors,
     sample_tail,
 )
+from flipcheck.evaluation.kld_block import kl_by_parent_confidence, llama_block
 
 log = logging.getLogger(__name__)
 
 SCORING = ("all", "half")  # which positions of a window are scored (module docstring)
 DEFAULT_CTX = 512
 SEPARATOR = "\n\n"
-CORPUS_VERSION = 2  # what a cached corpus entry holds; part of its key (2: one entry per chunk of windows)
+CORPUS_VERSION = 3  # what a cached corpus entry holds; part of its key (2: one entry per chunk of windows; 3: p_top)
 _LOGIT_BYTES = 1 << 29  # float32 logits of one forward batch: windows * ctx * vocab * 4 <= this
 
 PARENT_FIELDS = ("nll", "argmax", "nonfinite", "window", "topk_logp", "topk_ids", "tail_logp", "tail_ids")
-TOKEN_FIELDS = ("kl", "kl_rev", "agree", "dp", "nll_p", "nll_c", "window", "nonfinite_p", "nonfinite_c")
+TOKEN_FIELDS = ("kl", "kl_rev", "agree", "dp", "nll_p", "nll_c", "window", "nonfinite_p", "nonfinite_c", "p_top")
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
             bad_p = bad_p.to(dev)
             nll_p = -lp.gather(-1, targets[:, None])[:, 0]
             arg_p = lp.argmax(-1)
+            p_top = lp.amax(-1).exp()
             nll_c, arg_c = -lq.gather(-1, targets[:, None])[:, 0], lq.argmax(-1)
             kl, kl_rev = kl_exact_both(lp, lq)  # overwrites lp and lq
         else:
@@ -354,6 +356,7 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
             kl = kl_topk_tail_tensors(top_lp, top_ids, tail_lp, tail_ids, lq)
             kl_rev = kl_reverse_topk_tail_tensors(top_lp, top_ids, tail_lp, tail_ids, lq)
             nll_p, arg_p, bad_p = t("nll"), t("argmax").long(), t("nonfinite")
+            p_top = top_lp[:, 0].exp()  # topk is sorted: the parent's top-token probability
             nll_c, arg_c = -lq.gather(-1, targets[:, None])[:, 0], lq.argmax(-1)
         arr = {
             "kl": kl.float().cpu().numpy(), "kl_rev": kl_rev.float().cpu().numpy(),
@@ -361,6 +364,7 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
             "dp": (torch.exp(-nll_c.double()) - torch.exp(-nll_p.double())).float().cpu().numpy(),
             "nll_p": nll_p.float().cpu().numpy(), "nll_c": nll_c.float().cpu().numpy(),
             "nonfinite_p": bad_p.cpu().numpy(), "nonfinite_c": bad_c.cpu().numpy(),
+            "p_top": p_top.float().cpu().numpy(),
         }
         _split(arr, idx, [counts[i] for i in idx], parts, first_window)
     return _join(parts, len(wins))
@@ -428,6 +432,8 @@ def summarize(tokens: dict[str, np.ndarray], *, n_boot: int = 1000, seed: int = 
         "ln_ppl_ratio": {"mean": float(ratio.mean()), "ci": _as_list(_cluster_ci(ratio, w, n_boot, seed + 3))},
         "kl_hist": {"edges": KL_BINS.tolist(), "counts": np.histogram(np.clip(kl, 0, KL_BINS[-1]), KL_BINS)[0].tolist()},
         "dp_hist": {"edges": DP_BINS.tolist(), "counts": np.histogram(dp, DP_BINS)[0].tolist()},
+        "llama_cpp": llama_block(kl, dp, agree, w, n_boot=n_boot, seed=seed + 4),
+        "kl_by_p_top": kl_by_parent_confidence(kl, tokens["p_top"][ok]) if "p_top" in tokens else None,
     })
     return out
 

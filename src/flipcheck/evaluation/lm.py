@@ -32,6 +32,7 @@ from flipcheck.evaluation.forward import ModelRunner, Scored, ScoreSetup, Side, 
 from flipcheck.evaluation.kl import DEFAULT_TAIL_SAMPLES, DEFAULT_TOPK
 from flipcheck.evaluation.packing import position_keys
 from flipcheck.evaluation.records import InstanceKey, Record, args_hash, instance_key, nonfinite_by_task
+from flipcheck.evaluation.sampling import extra_samples, generate_kwargs, set_samples
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -84,6 +85,7 @@ class FlipLM(TemplateLM):
         reference_tokenizer=None,
         add_bos_token: bool | None = None,
         ref_tail: bool = True,
+        sampling=None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -138,6 +140,10 @@ class FlipLM(TemplateLM):
         windows = {r.window for r in runners if r.window is not None}
         self._window = min(windows) if windows else None
         self._instances: list[Instance] | None = None
+        self.sampling = sampling  # a SampleSpec: seed-synchronised sampling (evaluation/sampling.py); None: greedy
+        if sampling is not None and any(getattr(r, "engine", None) is not None for r in runners):
+            raise FlipcheckError("--sample: only the transformers engine samples in step with the parent for now; "
+                                 "llama.cpp, vLLM and served models generate greedily (leave --sample out)")
 
     # ---- lm-eval plumbing -------------------------------------------------------------------------
 
@@ -522,16 +528,31 @@ class FlipLM(TemplateLM):
             ctxs = [self._encode_context(c[1][0])[-(self.max_length - max_gen) :] for c in chunk]
             for i, ctx in zip(idx, ctxs, strict=True):
                 gen.contexts[i] = ctx
-            for i, (text, toks) in zip(idx, self._generate(self._runner, ctxs, until, max_gen, kwargs), strict=True):
+            keys = [instance_key(requests[i]) for i in idx]
+            for i, extra in zip(idx, extra_samples(self, self._runner, ctxs, until, max_gen, kwargs, keys), strict=True):
+                gen.extra[i] = extra
+            for i, (text, toks) in zip(idx, self._generate(self._runner, ctxs, until, max_gen, kwargs, keys), strict=True):
                 gen.texts[i], gen.own_toks[i] = text, toks
+                gen.finish[i] = self._finish(self._runner, toks, until, max_gen)
                 self.cache_hook.add_partial("generate_until", requests[i].args, text)
             if self._ref_runner is not None:
-                outs = self._generate(self._ref_runner, ctxs, until, max_gen, kwargs)
+                outs = self._generate(self._ref_runner, ctxs, until, max_gen, kwargs, keys)
+                for i, extra in zip(idx, extra_samples(self, self._ref_runner, ctxs, until, max_gen, kwargs, keys),
+                                    strict=True):
+                    gen.ref_extra[i] = extra
                 for i, out in zip(idx, outs, strict=True):
                     gen.ref_out[i] = out
+                    gen.ref_finish[i] = self._finish(self._ref_runner, out[1], until, max_gen)
             bar.update(len(chunk))
         bar.close()
         return gen
+
+    def _finish(self, runner: ModelRunner, toks: list[int], until: list[str], max_gen: int) -> str:
+        """How one generation ended (:func:`~flipcheck.evaluation.generations.finish_reason`)."""
+        from flipcheck.evaluation.generations import finish_reason
+
+        eos = _eos_ids(getattr(runner, "model", None), self.tokenizer)
+        return finish_reason(toks, max_gen, eos, until, lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
 
     def _generation_settings(self, gen_kwargs) -> tuple[list[str], int, dict]:
         """(stop sequences, max new tokens, the other generate kwargs) of one group of requests."""
@@ -580,17 +601,20 @@ class FlipLM(TemplateLM):
     def _record_generation(self, i: int, inst: Instance, gen: _Generations, pair: Scored | None, own: Side | None):
         key = instance_key(inst)
         self._warn_nonfinite(inst.task_name, own, "model")
-        rec = self._make_record("generate_until", inst, own, text=gen.texts[i])
+        rec = self._make_record("generate_until", inst, own, text=gen.texts[i], finish=gen.finish[i])
+        set_samples(rec, gen.extra[i])
         if own is None:
             rec.token_ids = np.asarray(gen.own_toks[i], dtype=np.int32)
         if pair is not None:
             rec.kl, rec.top1_agree, rec.kl_rev = pair.kl, pair.agree, pair.kl_rev
+            rec.tf_miss = pair.own.argmax != pair.own.targets  # along the reference's output
         elif self._ref_runner is not None or self._ref_records is not None:
             rec.kl, rec.top1_agree, rec.kl_rev = np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.float32)
         self.records[key] = rec
         if self._ref_runner is not None:
             ref_side = pair.ref if pair is not None else None
-            ref_rec = self._make_record("generate_until", inst, ref_side, text=gen.ref_out[i][0])
+            ref_rec = self._make_record("generate_until", inst, ref_side, text=gen.ref_out[i][0], finish=gen.ref_finish[i])
+            set_samples(ref_rec, gen.ref_extra[i])
             if ref_side is None:
                 ref_rec.token_ids = np.asarray(gen.ref_out[i][1], dtype=np.int32)
                 ref_rec.topk_logp = np.zeros((0, self.topk), np.float32)
@@ -598,7 +622,8 @@ class FlipLM(TemplateLM):
             self.reference_records[key] = ref_rec
 
     def _generate(
-        self, runner: ModelRunner, ctxs: list[list[int]], until: list[str], max_gen: int, kwargs: dict
+        self, runner: ModelRunner, ctxs: list[list[int]], until: list[str], max_gen: int, kwargs: dict,
+        keys: list[tuple] | None = None, sample: int = 0,
     ) -> list[tuple[str, list[int]]]:
         """HF ``generate`` on left-padded contexts with lm-eval's stop criteria; returns per request the
         post-processed text and the tokens up to and including where it stopped (eos or a stop string)."""
@@ -625,6 +650,8 @@ class FlipLM(TemplateLM):
             gen["do_sample"] = False
         if gen.get("do_sample") is False and temperature == 0.0:
             gen.pop("temperature")
+        if self.sampling is not None:  # seed-synchronised sampling replaces the task's settings
+            gen = generate_kwargs(self.sampling, keys, sample, width, gen)
         criteria = stop_sequences_criteria(self.tokenizer, until, width, len(ctxs))
         with torch.inference_mode():
             out = runner.model.generate(
@@ -697,10 +724,15 @@ class _Generations:
     own_toks: list[list[int]]
     ref_out: list[tuple[str, list[int]] | None]
     contexts: list[list[int]]
+    finish: list[str | None]  # "stop" / "length", this model's and the reference's
+    ref_finish: list[str | None]
+    extra: list[list[list[int]]]  # --samples N: samples 1..N-1 of this model and of the reference
+    ref_extra: list[list[list[int]]]
 
     @classmethod
     def empty(cls, n: int) -> _Generations:
-        return cls([None] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)])
+        return cls([None] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)], [None] * n, [None] * n,
+                   [[] for _ in range(n)], [[] for _ in range(n)])
 
 
 # --------------------------------------------------------------------------------------------------

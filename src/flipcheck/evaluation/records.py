@@ -47,6 +47,10 @@ class Record:
     tail_logp: np.ndarray | None = None  # (n_tokens, S) float32: log-probs of S tokens sampled outside the top-K
     tail_ids: np.ndarray | None = None  # (n_tokens, S) int32 (records made without a reference)
     kl_rev: np.ndarray | None = None  # (m,) float32: KL(this model || reference), the positions of `kl`
+    tf_miss: np.ndarray | None = None  # generate_until (m,) bool: this model's argmax != the reference's token
+    finish: str | None = None  # generate_until: "stop" (EOS / stop sequence) or "length" (the token limit)
+    samples_ids: np.ndarray | None = None  # generate_until with --samples N: samples 1..N-1's tokens, concatenated
+    samples_lens: list[int] | None = None  # their lengths (sample 0 is token_ids)
 
 
 def instance_key(instance: Instance) -> InstanceKey:

@@ -31,6 +31,7 @@ import torch
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
+from flipcheck.evaluation import generations
 from flipcheck.evaluation.corpus import DEFAULT_CTX
 from flipcheck.evaluation.kl import DEFAULT_TOPK, kl_method
 from flipcheck.evaluation.report.schema import child_entry, new_report
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # Version of what a child's cached records mean (2: each distinct scored position counted once, NaN/inf
 # counts per record); part of every child key, so entries of an older engine are never reused.
-ENGINE_VERSION = 3  # 3: records carry the reverse KL, KL(child || parent)
+ENGINE_VERSION = 4  # 3: records carry the reverse KL, KL(child || parent); 4: generations' finish and tf_miss
 
 
 @dataclass
@@ -85,6 +86,8 @@ class EvalSettings:
     parent_engine: str | None = None  # the parent's, instead of `engine`
     child_engine: str | None = None  # every child's, instead of `engine`
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
+    sample: str | None = None  # seed-synchronised sampling, e.g. "temperature=0.7,top_p=0.95" (None: greedy)
+    samples: int = 1  # generations per question with `sample`
 
     def __post_init__(self) -> None:
         from flipcheck.evaluation.corpus import check_scoring
@@ -107,6 +110,13 @@ class EvalSettings:
 
         for name in ("engine", "parent_engine", "child_engine"):
             setattr(self, name, check_engine(getattr(self, name)))
+        self.sampling_spec()  # a bad --sample / --samples fails before any model loads
+
+    def sampling_spec(self):
+        """The :class:`~flipcheck.evaluation.sampling.SampleSpec` of `sample`/`samples`/`seed`, None for greedy."""
+        from flipcheck.evaluation.sampling import parse_sample
+
+        return parse_sample(self.sample, self.samples, self.seed)
 
     @property
     def _auto_batch(self) -> bool:
@@ -516,6 +526,7 @@ class Evaluator:
                     raise FlipcheckError(f"{unit}: parent has no samples for subtask {task!r}; clear the cache")
                 rows = build_rows(task, parent_samples[task], child_samples[task], vocab=vocab.get(task, {}),
                                   filter_name=self.settings.filter)
+                generations.attach(rows, parent_records, child_records)
                 set_headline(rows, self.settings.metric, task)
                 bad = {who: counts.get(task, 0) for who, counts in nonfinite.items()}
                 summary = summarize_task(rows, n_boot=self.settings.n_boot, seed=self.settings.seed, nonfinite=bad)
@@ -581,7 +592,8 @@ class Evaluator:
             return hit
         self.parent.ensure_loaded(self.settings)
         lm = FlipLM(
-            self.parent.model, self.parent.tokenizer, batch_size=self.settings.batch_size, topk=self.settings.topk
+            self.parent.model, self.parent.tokenizer, batch_size=self.settings.batch_size, topk=self.settings.topk,
+            sampling=self.settings.sampling_spec(),
         )
         samples, _ = _lm_eval_samples(lm, unit, self.settings)
         self.parent_passes += 1
@@ -610,6 +622,7 @@ class Evaluator:
             child.model, child.tokenizer, batch_size=batch_size or self.settings.batch_size,
             reference=reference, topk=self.settings.topk,
             reference_tokenizer=self.parent.tokenizer if method == "exact" else None, ref_tail=method != "bound",
+            sampling=self.settings.sampling_spec(),
         )
         samples, _ = _lm_eval_samples(lm, unit, self.settings)
         self.cache.put(ckey, samples, lm.records, {"unit": unit, "child": child.source, "kl": method})
@@ -838,6 +851,8 @@ def evaluate(
     served: list[tuple[str, str]] | None = None,
     served_parent: tuple[str, str] | None = None,
     on_step: Any = None,
+    sample: str | None = None,
+    samples: int = 1,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -867,6 +882,7 @@ def evaluate(
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
         engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
+        sample=sample, samples=samples,
     )
     parent_ref = (ModelRef("parent", parent_src, engine=settings.engine_of("parent")) if not served_parent
                   else served_ref(*served_parent, settings, tokenizer_from=parent_src))

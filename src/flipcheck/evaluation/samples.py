@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation import generations
 from flipcheck.evaluation import metrics as M
 from flipcheck.files import jsonable
 
@@ -79,6 +80,7 @@ class SampleRow:
     category: str | None = None  # the doc's own `category` (else `subject`) field, when it has one
     prompt_chars: int | None = None  # length of the prompt (the first request's context) in characters
     first_diff_char: int | None = None  # generative: first character index where output_P and output_C differ
+    generation: dict[str, Any] | None = None  # generative: trajectory figures (evaluation/generations.py)
 
     def view(self) -> tuple[bool, bool, Any, Any, float | None]:
         """(correct_P, correct_C, pred_P, pred_C, margin_P) under the row's headline metric."""
@@ -693,6 +695,7 @@ def summarize_task(
     out["kl_vocab_rev"] = _vocab_rev_block(rs)
     gen = [r for r in rs if r.kind == "generate_until"]
     out["identical_output"] = float(np.mean([r.output_P == r.output_C for r in gen])) if gen else None
+    out["generation"] = generations.summary(gen)
     out["correct_metric"] = ", ".join(sorted({r.metric for r in rs if r.metric})) or None
     out["nonfinite"] = dict(nonfinite) if nonfinite else None
     if slices:

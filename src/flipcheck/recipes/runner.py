@@ -292,6 +292,8 @@ def sweep(
     child_engine: str | None = None,
     engine_floor: bool = False,
     on_step: Any = None,
+    sample: str | None = None,
+    samples: int = 1,
 ) -> dict:
     """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
@@ -305,7 +307,7 @@ def sweep(
                 tasks=task_list, include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                 seed=seed, metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
                 scoring=scoring, noise_floor=noise_floor, engine=engine, parent_engine=parent_engine,
-                child_engine=child_engine, engine_floor=engine_floor,
+                child_engine=child_engine, engine_floor=engine_floor, sample=sample, samples=samples,
             ),
             device=device,
             dtype=dtype,

@@ -131,6 +131,8 @@ class EvaluationSpec(_Strict):
     parent_engine: str | None = None  # the parent's, instead of engine
     child_engine: str | None = None  # every child's, instead of engine
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
+    sample: str | None = None  # seed-synchronised sampling of generative tasks, e.g. temperature=0.7,top_p=0.95
+    samples: int = Field(1, ge=1)  # generations per question with sample
 
     @model_validator(mode="after")
     def _tasks_or_texts(self) -> EvaluationSpec:
@@ -155,6 +157,8 @@ class GateSpec(_Strict):
     over_floor: bool = False  # flips and KL budgets judge the excess over the noise floor
     min_judge_delta: str | float | None = None  # smallest allowed judged score change (points of 1-10), e.g. -0.5
     confidence: str | float | None = None  # judge flips / Δacc by one-sided bounds at this level, e.g. 0.95
+    min_survival: str | None = None  # T:SHARE, generations identical to the parent's through T tokens, e.g. 128:90%
+    max_length_ratio: str | float | None = None  # median generated tokens child / parent, e.g. 1.1
 
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
@@ -168,6 +172,10 @@ class GateSpec(_Strict):
             v = getattr(self, name)
             if v is not None:
                 parse_budget(str(v), name)
+        from flipcheck.gate_generations import parse_length_ratio, parse_survival
+
+        parse_survival(self.min_survival, "gate.min_survival")
+        parse_length_ratio(self.max_length_ratio, "gate.max_length_ratio")
         return self
 
     def budgets(self) -> dict[str, str | bool | None]:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flipcheck.evaluation.report.generations import write_plots
 from flipcheck.evaluation.report.html import report_html
 from flipcheck.evaluation.report.markdown import report_markdown
 from flipcheck.evaluation.report.plots import flips_kl_points, plot_sweeps, sweep_groups
@@ -60,6 +61,7 @@ def write_report(folder: str | os.PathLike, report: Mapping[str, Any], rows: Ite
     write_text_atomic(
         folder / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in row_dicts)
     )
+    write_plots(folder, rep, row_dicts)  # the PNG files report.md links
     write_text_atomic(folder / "report.md", report_markdown(rep, row_dicts))
     write_text_atomic(folder / "report.html", report_html(rep, row_dicts))
     log.info("report written to %s", folder)

@@ -110,7 +110,9 @@ def corpus_markdown(report: Mapping[str, Any]) -> list[str]:
            "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for label, name, fig in rows:
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in [label, name, *cells(fig)]) + " |")
-    return out
+    from flipcheck.evaluation.report.kld_block import kld_markdown
+
+    return out + kld_markdown(report)
 
 
 def corpus_html(report: Mapping[str, Any]) -> list[str]:
@@ -134,7 +136,9 @@ def corpus_html(report: Mapping[str, Any]) -> list[str]:
                                f"<figcaption><b>{e(title)}.</b></figcaption></figure>")
     if figures:
         out.append('<div class="plots">' + "".join(figures) + "</div>")
-    return out
+    from flipcheck.evaluation.report.kld_block import kld_html
+
+    return out + kld_html(report)
 
 
 def _hists(report: Mapping[str, Any], name: str, key: str):

@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any
 
 from flipcheck.evaluation.report.corpus import corpus_html
+from flipcheck.evaluation.report.generations import generations_html
 from flipcheck.evaluation.report.plots import _CAPTIONS, FLOOR_COLOUR, PLOTS, child_colours
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
 from flipcheck.evaluation.report.slices import slices_html
@@ -194,6 +195,7 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         parts += slices_html(report)
     elif not entries:
         parts.append("<p>No children in this report.</p>")
+    parts += generations_html(report, rows)
     parts += corpus_html(report)
     drawn = []
     for title, fn, wide in PLOTS:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flipcheck.evaluation.report.corpus import corpus_markdown
+from flipcheck.evaluation.report.generations import generations_markdown
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
 from flipcheck.evaluation.report.slices import slices_markdown
 from flipcheck.evaluation.report.text import (
@@ -89,6 +90,7 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
         out += _subtasks_markdown(report)
     if questions:
         out += slices_markdown(report)
+    out += generations_markdown(report)
     out += corpus_markdown(report)
     from flipcheck.judge.report import judge_markdown
 
