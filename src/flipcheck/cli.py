@@ -581,6 +581,8 @@ def plan_cmd(
     max_flips: Annotated[str, typer.Option(help="the flip budget to decide, e.g. 2%")],
     expected: Annotated[str, typer.Option(help="the flip rate you expect the child to have, e.g. 1% (below --max-flips)")],
     confidence: Annotated[str, typer.Option(help="confidence of the gate, e.g. 0.95")] = "0.95",
+    confirm: Annotated[str | None, typer.Option(help="also for `search --confirm SHARE`: the questions each split needs")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="with --confirm: search's --max-candidates (its split is judged at 1 - (1 - c)/K)")] = 8,
 ) -> None:
     """How many questions a flip budget needs: the smallest n such that ceil(expected*n) flips in n
     questions have a one-sided Clopper-Pearson upper bound <= --max-flips at --confidence (so a child
@@ -595,6 +597,11 @@ def plan_cmd(
         if p.every_from > p.questions:
             console.print(f"every n >= {p.every_from} decides it too (checked to {p.checked_to}); some n between fail, "
                           "as ceil(expected*n) steps up", highlight=False)
+        if confirm is not None:
+            from flipcheck.decide.splits import split_plan
+
+            for line in split_plan(p, confirm, candidates):
+                console.print(line, highlight=False)
 
     _run(go)
 
@@ -678,6 +685,9 @@ def search_cmd(
     probe_ctx: Annotated[int, typer.Option(min=8, help="tokens per sensitivity window")] = 256,
     max_candidates: Annotated[int, typer.Option(min=1, help="most children verified (uniform ones included)")] = 8,
     per_round: Annotated[int | None, typer.Option(min=1, help="proposals verified at once (default 1 local, 2 on Ray)")] = None,
+    confirm: Annotated[str, typer.Option(help="share of each task's questions held out to confirm the winner (seeded, stratified by task and subtask), in (0, 1)")] = "0.3",
+    confirm_tasks: Annotated[str | None, typer.Option("--confirm-tasks", help="comma-separated tasks to confirm the winner on instead (the search then uses all of --tasks)")] = None,
+    no_confirm: Annotated[bool, typer.Option("--no-confirm", help="no confirmation: search and judge on all the questions (the winner may not hold on fresh ones)")] = False,
     device: Device = None,
     dtype: Dtype = None,
     trust_remote_code: TrustRemote = False,
@@ -714,6 +724,7 @@ def search_cmd(
                 filter=filter_, per_subtask=per_subtask, **_engine_choices(engine, parent_engine, child_engine),
                 calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
                 probe_windows=probe_windows, probe_ctx=probe_ctx, max_candidates=max_candidates, per_round=per_round,
+                confirm=None if no_confirm else confirm, confirm_tasks=confirm_tasks.split(",") if confirm_tasks else (),
                 device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, executor=ex,
                 progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False))
         console.print(search_table(block))

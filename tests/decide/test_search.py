@@ -35,7 +35,7 @@ def parent4(tmp_path_factory, tiny_tokenizer):
 def _args(parent, task_dir, out, cache, *extra):
     return ["search", str(parent), "--method", "rtn", "--choices", "scheme=W4A16,W8A16", "--max-flips", BUDGET,
             "--tasks", TASKS, "--include-path", str(task_dir), "--out", str(out), "--cache-dir", str(cache),
-            "--calibration", "demo", "--probe-windows", "2", "--probe-ctx", "32", "--batch-size", "8", *extra]
+            "--calibration", "demo", "--probe-windows", "2", "--probe-ctx", "32", "--batch-size", "8", "--no-confirm", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_layer_drop_search_drops_the_layers_the_budget_allows(parent4, task_dir,
     res = CliRunner().invoke(app, ["search", str(parent4), "--method", "layer_drop", "--max-flips", "60%", "--tasks", TASKS,
                                    "--include-path", str(task_dir), "--out", str(tmp_path / "run"),
                                    "--cache-dir", str(tmp_path / "cache"), "--calibration", "demo", "--probe-windows", "2",
-                                   "--probe-ctx", "32", "--batch-size", "8"])
+                                   "--probe-ctx", "32", "--batch-size", "8", "--no-confirm"])
     assert res.exit_code == 0, res.output
     block = json.loads((tmp_path / "run" / "report.json").read_text())["search"]
     winner = next(c for c in block["candidates"] if c["winner"])
@@ -208,7 +208,7 @@ def test_search_command_and_function_offer_every_evaluation_setting():
     from flipcheck.decide.search import search
     from flipcheck.evaluation.runner import EvalSettings
 
-    declared = {f.name for f in dataclasses.fields(EvalSettings)} - {"n_boot", "topk", "engine_floor"}
+    declared = {f.name for f in dataclasses.fields(EvalSettings)} - {"n_boot", "topk", "engine_floor", "samples"}
     cmd = next(c for c in app.registered_commands if c.name == "search")
     cli = set(inspect.signature(cmd.callback).parameters)
     assert not {{"texts": "text", "filter": "filter_"}.get(n, n) for n in declared} - cli

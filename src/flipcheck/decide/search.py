@@ -46,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flipcheck.decide.budgets import BUDGET_NAMES, Budgets  # noqa: F401 - re-exported
 from flipcheck.decide.search_space import PRUNERS, Space, digest, parse_space, size_bits
+from flipcheck.decide.splits import DEFAULT_CONFIRM
 from flipcheck.errors import FlipcheckError
 
 log = logging.getLogger(__name__)
@@ -54,90 +56,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "flipcheck.search"
 VERSION = 1
 STATE = "search-state.json"
-BUDGET_NAMES = ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio")
 Say = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- budgets
-
-
-@dataclass
-class Budgets:
-    """The gate's budgets (texts as the user wrote them) and how they are judged."""
-
-    values: dict[str, str | None]
-    confidence: float | None = None
-    metric: str | None = None
-
-    @classmethod
-    def parse(cls, values: Mapping[str, Any], confidence: str | float | None = None, metric: str | None = None,
-              texts: Sequence[str] = ()) -> Budgets:
-        """Checked before any work: every budget parses, at least one is given, a text budget has texts."""
-        from flipcheck.decide.confidence import check_confidence
-        from flipcheck.evaluation.samples import check_metric
-        from flipcheck.gate import parse_budget
-
-        check_metric(metric)
-        given = {k: (None if values.get(k) is None else str(values[k])) for k in BUDGET_NAMES}
-        for k, v in given.items():
-            if v is not None:
-                parse_budget(v, "--" + k.replace("_", "-"))
-        if all(v is None for v in given.values()):
-            raise FlipcheckError("search: give at least one budget: " + ", ".join("--" + k.replace("_", "-") for k in BUDGET_NAMES))
-        if (given["max_kl_text"] or given["max_ppl_ratio"]) and not texts:
-            raise FlipcheckError("search: --max-kl-text / --max-ppl-ratio judge text corpora; give --text")
-        conf = None if confidence is None else check_confidence(confidence)
-        return cls(given, conf, metric)
-
-    def verdicts(self, entry: Mapping[str, Any]) -> tuple[bool, list[str]]:
-        """(passes every budget, the gate's verdict lines) for one evaluated child."""
-        from flipcheck.gate import check
-
-        vs = check({"children": [entry]}, **self.values, metric=self.metric, confidence=self.confidence)
-        return all(v.passed for v in vs), [v.text for v in vs]
-
-    def primary(self) -> tuple[str, float] | None:
-        """The figure the search steers by, and its budget: flips, else text KL, else KL."""
-        from flipcheck.gate import parse_budget
-
-        for k in ("max_flips", "max_kl_text", "max_kl"):
-            if self.values.get(k) is not None:
-                return k, parse_budget(self.values[k], k)
-        return None
-
-    def figure(self, entry: Mapping[str, Any]) -> float | None:
-        """The steering figure of a child as the gate judges it (the worst task or corpus):
-        flips (their upper bound with a confidence), text KL, or KL over options."""
-        from flipcheck.gate import _figures, _kl
-
-        p = self.primary()
-        if p is None:
-            return None
-        kind = p[0]
-        vals: list[float] = []
-        if kind == "max_kl_text":
-            for fig in (entry.get("corpus") or {}).values():
-                kl = (fig.get("kl") or {}).get("mean")
-                if kl is not None:
-                    vals.append(float(kl))
-            return max(vals) if vals else None
-        summaries = list((entry.get("tasks") or {}).values()) + ([entry["micro"]] if entry.get("micro") else [])
-        for s in summaries:
-            fig, _ = _figures(s, self.metric)
-            if kind == "max_kl":
-                v, _ = _kl(fig)
-                if v is not None:
-                    vals.append(v)
-                continue
-            v = fig.get("flips")
-            if v is None:
-                continue
-            if self.confidence is not None and fig.get("n") and fig.get("n_c2i") is not None:
-                from flipcheck.decide.confidence import cp_upper
-
-                v = cp_upper(int(fig["n_c2i"]) + int(fig["n_i2c"]), int(fig["n"]), self.confidence)
-            vals.append(float(v))
-        return max(vals) if vals else None
 
 
 # --------------------------------------------------------------------------- state
@@ -651,6 +570,8 @@ def search(
     probe_batch_size: int = 4,
     max_candidates: int = 8,
     per_round: int | None = None,
+    confirm: float | str | None = DEFAULT_CONFIRM,
+    confirm_tasks: Sequence[str] = (),
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
@@ -658,7 +579,13 @@ def search(
     executor: Any = None,
     progress: Say | None = None,
 ) -> dict[str, Any]:
-    """Search, write DIR/report.json (+ md, html, recipe.yaml) and return the search block."""
+    """Search, write DIR/report.json (+ md, html, recipe.yaml) and return the search block.
+
+    ``confirm`` (a share in (0, 1), None for no confirmation) or ``confirm_tasks``: the search proposes
+    and verifies on the search split, at the tightened confidence, and the winner is the smallest
+    candidate that also passes on the confirmation split (:mod:`.confirm`, :mod:`.splits`)."""
+    from flipcheck.decide.confirm import confirm as run_confirmation
+    from flipcheck.decide.confirm import prepare
     from flipcheck.decide.search_report import write_search
     from flipcheck.executors import get_executor
     from flipcheck.recipes.checks import check_recipe
@@ -672,6 +599,8 @@ def search(
         raise FlipcheckError(f"--max-candidates {max_candidates}: must be >= 1")
     if per_round is not None and per_round < 1:
         raise FlipcheckError(f"--per-round {per_round}: must be >= 1")
+    conf, judged_search = prepare(judged, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
+                                  include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
     k = next(k for k, c in enumerate(space.choices) if not c.keep)
     keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
     first = space.settings([k]) or space.settings([k, *keep])  # a placeholder child (layer_drop: drop layer 0 of 2)
@@ -682,7 +611,8 @@ def search(
             evaluation=EvaluationSpec(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
                                       batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl,
                                       scoring=scoring, filter=filter, per_subtask=per_subtask, engine=engine,
-                                      parent_engine=parent_engine, child_engine=child_engine),
+                                      parent_engine=parent_engine, child_engine=child_engine,
+                                      samples=conf.split.search if conf is not None and conf.split is not None else None),
             device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     except FlipcheckError:
         raise
@@ -696,8 +626,12 @@ def search(
     probe = {"text": run.recipe.calibration.source, "windows": probe_windows, "ctx": probe_ctx, "seed": run.recipe.calibration.seed,
              "batch_size": probe_batch_size}
     rounds = per_round if per_round is not None else (1 if runner.name == "local" else 2)
-    s = Search(space, judged, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say)
+    s = Search(space, judged_search, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say)
     block = s.go()
+    if conf is not None:
+        run_confirmation(s, block, conf, say)
+    block["confidence"], block["search_confidence"] = judged.confidence, judged_search.confidence
     block["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
+    block["recipe"]["evaluation"].pop("samples", None)  # the winner's recipe is judged on all the questions
     write_search(out, block)
     return block

@@ -30,8 +30,9 @@ def _fig(block: Mapping[str, Any], x: float | None) -> str:
 
 def figure_label(block: Mapping[str, Any]) -> str:
     label = _LABEL.get(block.get("figure") or "", "figure")
-    if block.get("figure") == "max_flips" and block.get("confidence"):
-        label = f"flips, {block['confidence']:.0%} upper bound"
+    conf = block.get("search_confidence", block.get("confidence"))  # the candidates' figures: on the search split
+    if block.get("figure") == "max_flips" and conf:
+        label = f"flips, {conf:.2%} upper bound"
     return f"{label} (worst task)" if block.get("figure") in ("max_flips", "max_kl") else label
 
 
@@ -42,11 +43,22 @@ def _rows(block: Mapping[str, Any]) -> list[list[str]]:
         out.append([mark + c["name"], c["kind"], c["allocation_summary"], _mib(c["size_bits"]),
                     f"{c['bits_per_weight']:.3f}" if c.get("bits_per_weight") is not None else "n/a",
                     _fig(block, c["figure"]), f"{c['damage']:.4g}" if c.get("damage") is not None else "n/a",
-                    "PASS" if c["passed"] else "FAIL", "yes" if c["pareto"] else "", "cached" if c["reused"] else "new"])
+                    "PASS" if c["passed"] else "FAIL", _confirmed(block, c), "yes" if c["pareto"] else "",
+                    "cached" if c["reused"] else "new"])
     return out
 
 
-_HEAD = ["candidate", "kind", "layers", "size MiB", "bits/weight", "figure", "additive KL", "verdict", "Pareto", "run"]
+def _confirmed(block: Mapping[str, Any], c: Mapping[str, Any]) -> str:
+    conf = c.get("confirmation")
+    if not block.get("confirmation"):
+        return "-"
+    if conf is None:
+        return ""
+    return f"{'PASS' if conf['passed'] else 'FAIL'} ({_fig(block, conf.get('figure'))})"
+
+
+_HEAD = ["candidate", "kind", "layers", "size MiB", "bits/weight", "figure", "additive KL", "verdict", "confirmed",
+         "Pareto", "run"]
 
 
 def search_table(block: Mapping[str, Any]) -> Table:
@@ -77,9 +89,35 @@ def summary_lines(block: Mapping[str, Any]) -> list[str]:
                          f"(the winner is {1 - w['size_bits'] / u['size_bits']:.1%} smaller)")
         elif u is None:
             lines.append("no uniform child meets every budget")
+    lines += confirmation_lines(block)
     lines.append(f"{cost['candidates']} candidates ({cost['new']} verified now, {cost['reused']} from an earlier run); "
                  f"{cost['wall_s']:.1f} s: probe {cost['probe_s']:.1f} s, compression {cost['compress_s']:.1f} s, "
                  f"evaluation {cost['evaluate_s']:.1f} s")
+    return lines
+
+
+def confirmation_lines(block: Mapping[str, Any]) -> list[str]:
+    """How the winner was confirmed: the split (or tasks), the two confidences, each confirmed candidate."""
+    conf = block.get("confirmation")
+    if not conf:
+        return ["not confirmed (--no-confirm): the winner was judged on the questions that chose it"]
+    if conf["mode"] == "split":
+        sp = conf["split"]
+        sizes = ", ".join(f"{u} {sp['sizes']['search'][u]}/{sp['sizes']['confirm'][u]}" for u in sp["units"])
+        where = f"a {sp['fraction']:.0%} confirmation split (seed {sp['seed']}; questions search/confirmation: {sizes})"
+    else:
+        where = f"the confirmation tasks {', '.join(conf['tasks'])}"
+    lines = [f"confirmed on {where}"
+             + (f"; search split judged at {conf['search_confidence']:.2%} (1 - (1 - c)/{conf['candidates_bound']}), "
+                f"confirmation at {conf['confidence']:.0%}" if conf.get("confidence") else "")]
+    by = {c["name"]: c for c in block["candidates"]}
+    for name in conf["confirmed"]:
+        c = by[name]
+        cf = c.get("confirmation") or {}
+        lines.append(f"  {name}: search {_fig(block, c['figure'])} PASS, confirmation {_fig(block, cf.get('figure'))} "
+                     f"{'PASS' if cf.get('passed') else 'FAIL'}" + (" -> winner" if c.get("winner") else ""))
+    if block.get("winner") is None and conf["confirmed"]:
+        lines.append("  no candidate that passed the search split also passed the confirmation")
     return lines
 
 
@@ -133,7 +171,24 @@ def search_markdown(block: Mapping[str, Any], plot: str | None = None) -> str:
     for c in block["candidates"]:
         for v in c["verdicts"]:
             lines.append(f"- `{c['name']}`: {v}")
+        for v in (c.get("confirmation") or {}).get("verdicts", []):
+            lines.append(f"- `{c['name']}` (confirmation): {v}")
+    split = (block.get("confirmation") or {}).get("split")
+    if split:
+        lines += ["", "Question ids (lm-eval doc ids) of the confirmation split; the search split holds the others:", ""]
+        lines += [f"- `{task}`: {_spans(ids)}" for task, ids in split["confirm"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _spans(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out: list[str] = []
+    for i in sorted(ids):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
 def search_html(block: Mapping[str, Any], png: str | None) -> str:

@@ -85,6 +85,7 @@ class EvalSettings:
     parent_engine: str | None = None  # the parent's, instead of `engine`
     child_engine: str | None = None  # every child's, instead of `engine`
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
+    samples: dict[str, list[int]] | None = None  # only these doc ids per leaf task (lm-eval's samples=; search's splits)
 
     def __post_init__(self) -> None:
         from flipcheck.evaluation.corpus import check_scoring
@@ -373,7 +374,8 @@ def _lm_eval_samples(lm, unit: str, settings: EvalSettings) -> tuple[dict[str, l
             model=lm,
             tasks=[unit],
             num_fewshot=settings.num_fewshot,
-            limit=settings.limit,
+            limit=None if settings.samples else settings.limit,  # the split's ids already respect the limit
+            samples=settings.samples or None,
             task_manager=task_manager(settings.include_path, [unit]),
             log_samples=True,
             bootstrap_iters=0,
@@ -838,6 +840,7 @@ def evaluate(
     served: list[tuple[str, str]] | None = None,
     served_parent: tuple[str, str] | None = None,
     on_step: Any = None,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -849,7 +852,8 @@ def evaluate(
     K+1 model passes for K children), the top-K + tail-bucket lower bound (``"bound"``) or exact with
     the parent in lock-step (``"exact"``). `served`: (URL, model name) of children already served behind
     an OpenAI-compatible /v1/completions; `served_parent`: the parent's (`parent` then gives the
-    tokenizer). A report with a served model has the bound as its KL method.
+    tokenizer). A report with a served model has the bound as its KL method. `samples`: only these doc
+    ids per leaf task (lm-eval's ``samples=``, as search's splits use it).
     """
     children = [child] if isinstance(child, str) else list(child or [])
     if not children and not served:
@@ -867,6 +871,7 @@ def evaluate(
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
         engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
+        samples=samples,
     )
     parent_ref = (ModelRef("parent", parent_src, engine=settings.engine_of("parent")) if not served_parent
                   else served_ref(*served_parent, settings, tokenizer_from=parent_src))

@@ -131,6 +131,7 @@ class EvaluationSpec(_Strict):
     parent_engine: str | None = None  # the parent's, instead of engine
     child_engine: str | None = None  # every child's, instead of engine
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
+    samples: dict[str, list[int]] | None = None  # only these doc ids per leaf task (set by search's splits)
 
     @model_validator(mode="after")
     def _tasks_or_texts(self) -> EvaluationSpec:
