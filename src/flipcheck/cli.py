@@ -148,6 +148,10 @@ def eval_cmd(
     gpus_per_child: GpusPerChild = None,
     cpus_per_child: CpusPerChild = None,
     shards: Shards = 1,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="score questions in seeded random batches and stop once an anytime-valid confidence sequence decides --max-flips at --confidence (one child)")] = False,
+    max_flips: Annotated[str | None, typer.Option(help="with --until-decided: the flip budget, e.g. 2%")] = None,
+    confidence: Annotated[str | None, typer.Option(help="with --until-decided: the confidence of its bounds, e.g. 0.95")] = None,
+    batch_questions: Annotated[int, typer.Option(help="with --until-decided: questions per task per round")] = 100,
     verbose: Verbose = False,
 ) -> None:
     """Score PARENT and CHILD on the same lm-eval instances and text corpora; report accuracy, flips and KL."""
@@ -158,6 +162,11 @@ def eval_cmd(
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
         _engine_choices(engine, parent_engine, child_engine)
+        if until_decided:
+            return _until_decided(parent, children, tasks, out, max_flips, confidence, batch_questions, seed,
+                                  dict(include_path=include_path, limit=limit, metric=metric, cache_dir=cache_dir,
+                                       use_cache=not no_cache, num_fewshot=num_fewshot, batch_size=batch_size,
+                                       device=device, dtype=dtype, trust_remote_code=trust_remote_code))
         served = _served(child_url, child_model)
         served_parent = _served([parent_url] if parent_url else [], [parent_model] if parent_model else [])
         if not children and not served:
@@ -182,6 +191,24 @@ def eval_cmd(
 
     with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
         _run(go)
+
+
+def _until_decided(parent, children, tasks, out, max_flips, confidence, batch, seed, options) -> None:
+    """`eval --until-decided`: the sequential gate (flipcheck.decide.until_decided); exit 0 PASS, 1 FAIL."""
+    from flipcheck.decide.until_decided import check_options, lines, until_decided, write
+
+    check_options(max_flips, confidence, batch)
+    if len(children or []) != 1 or parent == "-":
+        raise FlipcheckError("--until-decided judges one CHILD against a named PARENT")
+    lim = options.pop("limit")
+    block = until_decided(parent, children[0], tasks=(tasks or DEMO_TASKS).split(","), max_flips=max_flips,
+                          confidence=confidence, batch=batch, seed=seed, limit=None if lim is None else (int(lim) if lim >= 1 else lim),
+                          say=lambda m: err_console.print(m, style="dim", markup=False, highlight=False), **options)
+    for line in lines(block):
+        _verdict(line)
+    if out is not None:
+        console.print(f"report: {write(out, block)}")
+    raise typer.Exit(0 if block["verdict"] == "pass" else 1)
 
 
 def _progress(children: int, *, tasks: bool, texts: bool, compress: bool = False, judge: bool = False, title: str = "flipcheck"):
