@@ -682,7 +682,7 @@ def search_cmd(
     out: Annotated[Path, typer.Option(help="folder for report.json/md/html, recipe.yaml (the winner), candidates/ and the resumable search-state.json")],
     choices: Annotated[str | None, typer.Option(help="per-layer options: scheme=W4A16,W8A16[,none] (rtn, gptq) or sparsity=0.3,0.5[,0] (wanda, sparsegpt); none for layer_drop")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="fixed key=value settings of every candidate, e.g. group_size=64")] = None,
-    max_flips: Annotated[str | None, typer.Option(help="largest allowed flip rate, e.g. 2%")] = None,
+    max_flips: Annotated[str | None, typer.Option(help="largest allowed flip rate, e.g. 2%; a list (2%,5%,10%, as for every budget) gives one confirmed recipe per budget from one sensitivity pass")] = None,
     max_kl: Annotated[str | None, typer.Option(help="largest allowed mean KL over options, e.g. 0.02")] = None,
     max_kl_text: Annotated[str | None, typer.Option(help="largest allowed mean KL(P‖C) per token on each --text corpus")] = None,
     max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each --text corpus")] = None,
@@ -741,7 +741,9 @@ def search_cmd(
         _kl_choice(kl)
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, 1)
         chosen = tasks.split(",") if tasks else ([] if text else DEMO_TASKS.split(","))
-        with third_party_output(out, verbose=verbose):
+        steps = max_candidates + 3  # the children verified at most, plus sensitivities and confirmations (an upper bound)
+        with third_party_output(out, verbose=verbose), _progress(steps, tasks=bool(chosen), texts=bool(text), compress=True,
+                                                                 title="flipcheck search") as bar:
             block = search(
                 parent, method, choices, out=out, settings=parse_set_options(set_),
                 budgets={"max_flips": max_flips, "max_kl": max_kl, "max_kl_text": max_kl_text, "max_ppl_ratio": max_ppl_ratio,
@@ -753,7 +755,7 @@ def search_cmd(
                 probe_windows=probe_windows, probe_ctx=probe_ctx, max_candidates=max_candidates, per_round=per_round,
                 confirm=None if no_confirm else confirm, confirm_tasks=confirm_tasks.split(",") if confirm_tasks else (),
                 device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, executor=ex,
-                progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False))
+                progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False), on_step=bar.step)
         console.print(search_table(block))
         for line in summary_lines(block):
             _verdict(line)

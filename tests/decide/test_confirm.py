@@ -92,9 +92,17 @@ def test_a_winner_that_fails_confirmation_is_not_the_answer(parent4, task_dir, t
 
 def test_the_split_scores_each_side_on_its_own_questions(parent4, task_dir, tmp_path):
     """Default --confirm 0.3: 14 of each task's 20 questions searched, 6 confirmed, the ids as
-    split_questions gives them, and the parent scored once per split (two cache entries per task)."""
-    res, block = _search(parent4, task_dir, tmp_path, "--tasks", "tiny_letters,tiny_sentences", "--max-flips", "50%")
-    assert res.exit_code == 0, res.output
+    split_questions gives them; the progress view hears every step (compress, tasks, sensitivities,
+    the confirmation)."""
+    from flipcheck.decide.search import search
+
+    steps: list[str] = []
+    block = search(str(parent4), "rtn", "scheme=W4A16,W8A16", out=tmp_path / "run", budgets={"max_flips": "50%"},
+                   tasks=["tiny_letters", "tiny_sentences"], include_path=str(task_dir), cache_dir=tmp_path / "cache",
+                   calibration={"source": "demo"}, probe_windows=2, probe_ctx=32, batch_size=8, max_candidates=4,
+                   on_step=steps.append)
+    assert steps[:3] == ["uniform-W4A16: compress", "uniform-W4A16: tasks", "uniform-W8A16: compress"]
+    assert "W4A16: sensitivities" in steps and steps[-1] == f"{block['winner']}: tasks"  # the confirmation's
     split = block["confirmation"]["split"]
     expected = split_questions({"tiny_letters": {"tiny_letters": 20}, "tiny_sentences": {"tiny_sentences": 20}}, 0.3, 1234)
     assert split["confirm"] == expected.confirm and split["search"] == expected.search

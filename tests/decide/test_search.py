@@ -213,3 +213,28 @@ def test_search_command_and_function_offer_every_evaluation_setting():
     cli = set(inspect.signature(cmd.callback).parameters)
     assert not {{"texts": "text", "filter": "filter_"}.get(n, n) for n in declared} - cli
     assert not declared - set(inspect.signature(search).parameters)
+
+
+def test_predicted_beside_measured_and_their_rank_correlation(searched):
+    """Every candidate carries its additive prediction and its measured KL and flips (micro, over both
+    tasks); ρ is Spearman's over the candidates, and the report prints it."""
+    from flipcheck.decide.additivity import spearman
+
+    root, block, output = searched
+    rows = block["candidates"]
+    for c in rows:
+        assert c["predicted"] == c["damage"] and c["measured"]["kl"] == c["micro"]["kl"]
+        assert c["measured"]["flips"] == c["micro"]["flips"]
+    a = block["additivity"]
+    assert a["n"] == len(rows)
+    x, y = [c["damage"] for c in rows], [c["micro"]["kl"] for c in rows]
+    assert a["spearman_kl"] == pytest.approx(spearman(x, y))
+    assert "Spearman rank correlation" in " ".join(output.split())
+
+
+def test_spearman_by_hand():
+    from flipcheck.decide.additivity import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # rank differences 0, 1, -1, 0
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None

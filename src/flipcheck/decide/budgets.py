@@ -40,6 +40,30 @@ class Budgets:
         conf = None if confidence is None else check_confidence(confidence)
         return cls(given, conf, metric)
 
+    @classmethod
+    def parse_frontier(cls, values: Mapping[str, Any], confidence: str | float | None = None, metric: str | None = None,
+                       texts: Sequence[str] = ()) -> list[Budgets]:
+        """Budgets given as lists (``--max-flips 2%,5%,10%``): one set per position, a single budget used
+        in every set; lists of several budgets must be equally long. Each set is checked as :meth:`parse`."""
+        lists: dict[str, list[Any]] = {}
+        for k in BUDGET_NAMES:
+            v = values.get(k)
+            if v is None:
+                continue
+            parts = [p.strip() for p in v.split(",")] if isinstance(v, str) else [v]
+            if any(p == "" for p in parts):
+                raise FlipcheckError(f"--{k.replace('_', '-')} {v!r}: a budget, or a comma-separated list of budgets "
+                                     "without empty items (e.g. 2%,5%,10%)")
+            lists[k] = parts
+        lengths = sorted({len(p) for p in lists.values() if len(p) > 1})
+        if len(lengths) > 1:
+            shown = ", ".join(f"--{k.replace('_', '-')} has {len(p)}" for k, p in lists.items() if len(p) > 1)
+            raise FlipcheckError(f"budget lists of different lengths ({shown}): give every list as many budgets, "
+                                 "or one budget to use in every set")
+        n = lengths[0] if lengths else 1
+        return [cls.parse({k: (p[i] if len(p) > 1 else p[0]) for k, p in lists.items()}, confidence, metric, texts)
+                for i in range(n)]
+
     def at(self, confidence: float | None) -> Budgets:
         """The same budgets judged at another confidence (the search split's tightened one)."""
         return dataclasses.replace(self, confidence=confidence)

@@ -70,7 +70,7 @@ def confirm(search, block: dict[str, Any], conf: Confirmation, say: Callable[[st
     parent = ModelRef("parent", run.parent_src, tokenizer=run.tokenizer, fingerprint=run.parent_fp,
                       engine=settings.engine_of("parent"))
     ev = Evaluator(parent, settings, run.cache)
-    ev.on_step = search.clock.step
+    ev.on_step = search.step
     passing = [c for c in search.candidates if c.passed and c.size(method) is not None]
     order = sorted(passing, key=lambda c: (c.size(method), c.figure if c.figure is not None else 0.0))
     rows = {r["name"]: r for r in block["candidates"]}
@@ -124,11 +124,13 @@ def question_units(tasks: Sequence[str], include_path) -> list[str]:
     return [u for u in units if u not in rolling]
 
 
-def prepare(budgets: Budgets, *, confirm: float | str | None, confirm_tasks: Sequence[str], tasks: Sequence[str],
-            include_path, limit: float | None, seed: int, max_candidates: int) -> tuple[Confirmation | None, Budgets]:
+def prepare(sets: Sequence[Budgets], *, confirm: float | str | None, confirm_tasks: Sequence[str], tasks: Sequence[str],
+            include_path, limit: float | None, seed: int, max_candidates: int
+            ) -> tuple[list[Confirmation] | None, list[Budgets]]:
     """Before any model loads: the split (or the confirmation tasks), checked to be large enough to
-    decide the budgets, and the budgets the search split is judged by. (None, budgets) when nothing
-    is confirmed (``confirm`` None and no tasks, or no question tasks at all)."""
+    decide every set of budgets, and the budgets the search split is judged by (one per set). K of the
+    Bonferroni rule is every candidate the search may verify: ``max_candidates`` per set of budgets.
+    (None, sets) when nothing is confirmed (``confirm`` None and no tasks, or no question tasks)."""
     from flipcheck.decide.splits import (
         check_decidable,
         parse_confirm,
@@ -140,20 +142,21 @@ def prepare(budgets: Budgets, *, confirm: float | str | None, confirm_tasks: Seq
     fraction = parse_confirm(confirm)  # checked even where --confirm-tasks replaces it
     units = question_units(tasks, include_path)
     if (fraction is None and not confirm_tasks) or not units:  # nothing to confirm on
-        return None, budgets
-    c = budgets.confidence
-    c_s = search_confidence(c, max_candidates)
-    values = {k: v for k, v in budgets.values.items() if v is not None}
+        return None, list(sets)
+    k = max_candidates * len(sets)
+    c = sets[0].confidence
+    c_s = search_confidence(c, k)
+    split, conf_units = None, []
     if confirm_tasks:
         conf_units = question_units(confirm_tasks, include_path)
-        check_decidable({u: sum(n.values()) for u, n in question_counts(conf_units, include_path, limit).items()},
-                        values, c, "confirmation")
-        check_decidable({u: sum(n.values()) for u, n in question_counts(units, include_path, limit).items()},
-                        values, c_s, "search")
-        conf = Confirmation(budgets, c_s, max_candidates, tasks=conf_units)
+        sizes_c = {u: sum(n.values()) for u, n in question_counts(conf_units, include_path, limit).items()}
+        sizes_s = {u: sum(n.values()) for u, n in question_counts(units, include_path, limit).items()}
     else:
         split = split_questions(question_counts(units, include_path, limit), fraction, seed)
-        check_decidable(split.sizes("confirm"), values, c, "confirmation")
-        check_decidable(split.sizes("search"), values, c_s, "search")
-        conf = Confirmation(budgets, c_s, max_candidates, split=split)
-    return conf, budgets.at(c_s)
+        sizes_c, sizes_s = split.sizes("confirm"), split.sizes("search")
+    for b in sets:
+        values = {key: v for key, v in b.values.items() if v is not None}
+        check_decidable(sizes_c, values, c, "confirmation")
+        check_decidable(sizes_s, values, c_s, "search")
+    confs = [Confirmation(b, c_s, k, split=split, tasks=conf_units) for b in sets]
+    return confs, [b.at(c_s) for b in sets]

@@ -164,7 +164,7 @@ class Tables:
 
 class Search:
     def __init__(self, space: Space, budgets: Budgets, run, out: Path, executor, *, probe: dict[str, Any],
-                 max_candidates: int, per_round: int, say: Say):
+                 max_candidates: int, per_round: int, say: Say, on_step: Say | None = None):
         self.space, self.budgets, self.run, self.out = space, budgets, run, out
         self.work = out / "candidates"
         self.executor, self.probe_cfg = executor, probe
@@ -174,6 +174,7 @@ class Search:
         self.errors: list[dict[str, Any]] = []
         self.seen: set[tuple[int, ...]] = set()
         self.clock = _Clock()
+        self.on_step = on_step  # the CLI's progress view: "CHILD: compress", "CHILD: tasks", "CHOICE: sensitivities"
         self.probe_seconds = 0.0
         self.num_layers = _num_layers(run.parent_src)
         self._parent = None
@@ -247,6 +248,12 @@ class Search:
             self.state.save()
         return done
 
+    def step(self, message: str) -> None:
+        """The evaluator's step hook: timed by the clock, shown by the progress view."""
+        self.clock.step(message)
+        if self.on_step is not None:
+            self.on_step(message)
+
     def _judge(self, c: Candidate) -> Candidate:
         c.passed, c.verdicts = self.budgets.verdicts(c.entry)
         c.figure = self.budgets.figure(c.entry)
@@ -319,6 +326,8 @@ class Search:
 
                 parent = self._parent_model()
                 ids = self._probe_ids() if ids is None else ids
+                if self.on_step is not None:
+                    self.on_step(f"{choice.label}: sensitivities")
                 self.say(f"sensitivities of {choice.label}: {self.num_layers} layers swapped into the parent, "
                          f"{ids.shape[0]} windows of {ids.shape[1]} tokens")
                 if self.space.method == "layer_drop":
@@ -437,7 +446,13 @@ class Search:
 
     def go(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.run.evaluator.on_step = self.clock.step
+        self.setup()
+        self.explore(self.max_candidates)
+        return self.summary(time.perf_counter() - t0)
+
+    def setup(self) -> None:
+        """The parent scored, one uniform child per choice verified, the sensitivities measured."""
+        self.run.evaluator.on_step = self.step
         self.executor.open(self.work, self.run.cache, self.say)
         self.run.evaluator.score_parent()
         uniform: dict[int, Candidate] = {}
@@ -454,8 +469,11 @@ class Search:
         self.tables = self.sensitivities(uniform)
         for c in self.candidates:
             c.damage, c.predicted_size = self.tables.damage(c.allocation), self.tables.size(c.allocation)
-        while len(self.candidates) + len(self.errors) < self.max_candidates:
-            proposals = self.propose()[: self.max_candidates - len(self.candidates) - len(self.errors)]
+
+    def explore(self, cap: int) -> None:
+        """Propose and verify (module docstring, steps 3–5) until `cap` candidates in all are verified."""
+        while len(self.candidates) + len(self.errors) < cap:
+            proposals = self.propose()[: cap - len(self.candidates) - len(self.errors)]
             if not proposals:
                 self.say("search: no new allocation can be smaller than the best verified child; done")
                 break
@@ -463,7 +481,13 @@ class Search:
             self.verify(proposals)
             if len(self.candidates) + len(self.errors) == before:
                 break  # nothing new could be verified
-        return self.summary(time.perf_counter() - t0)
+
+    def rejudge(self, budgets: Budgets) -> None:
+        """Judge every verified candidate anew by other budgets (the frontier's next one)."""
+        self.budgets = budgets
+        for c in self.candidates:
+            c.passed, c.verdicts = budgets.verdicts(c.entry)
+            c.figure = budgets.figure(c.entry)
 
     def summary(self, wall: float) -> dict[str, Any]:
         method = self.space.method
@@ -578,14 +602,17 @@ def search(
     cache_dir: str | os.PathLike | None = None,
     executor: Any = None,
     progress: Say | None = None,
+    on_step: Say | None = None,
 ) -> dict[str, Any]:
     """Search, write DIR/report.json (+ md, html, recipe.yaml) and return the search block.
 
     ``confirm`` (a share in (0, 1), None for no confirmation) or ``confirm_tasks``: the search proposes
     and verifies on the search split, at the tightened confidence, and the winner is the smallest
     candidate that also passes on the confirmation split (:mod:`.confirm`, :mod:`.splits`)."""
+    from flipcheck.decide.additivity import additivity
     from flipcheck.decide.confirm import confirm as run_confirmation
     from flipcheck.decide.confirm import prepare
+    from flipcheck.decide.frontier import run_frontier, write_frontier
     from flipcheck.decide.search_report import write_search
     from flipcheck.executors import get_executor
     from flipcheck.recipes.checks import check_recipe
@@ -594,13 +621,15 @@ def search(
 
     say = progress or (lambda msg: log.info("%s", msg))
     space = parse_space(method, choices, settings)
-    judged = Budgets.parse(budgets, confidence, metric, texts)
+    sets = Budgets.parse_frontier(budgets, confidence, metric, texts)
+    judged = sets[0]
     if max_candidates < 1:
         raise FlipcheckError(f"--max-candidates {max_candidates}: must be >= 1")
     if per_round is not None and per_round < 1:
         raise FlipcheckError(f"--per-round {per_round}: must be >= 1")
-    conf, judged_search = prepare(judged, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
-                                  include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
+    confs, sets_search = prepare(sets, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
+                                 include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
+    conf, judged_search = (confs[0] if confs else None), sets_search[0]
     k = next(k for k, c in enumerate(space.choices) if not c.keep)
     keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
     first = space.settings([k]) or space.settings([k, *keep])  # a placeholder child (layer_drop: drop layer 0 of 2)
@@ -626,12 +655,18 @@ def search(
     probe = {"text": run.recipe.calibration.source, "windows": probe_windows, "ctx": probe_ctx, "seed": run.recipe.calibration.seed,
              "batch_size": probe_batch_size}
     rounds = per_round if per_round is not None else (1 if runner.name == "local" else 2)
-    s = Search(space, judged_search, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say)
-    block = s.go()
-    if conf is not None:
-        run_confirmation(s, block, conf, say)
+    s = Search(space, judged_search, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say,
+               on_step=on_step)
+    if len(sets) > 1:  # one sensitivity pass, one confirmed winner per set of budgets
+        block = run_frontier(s, sets_search, confs, say)
+    else:
+        block = s.go()
+        block["additivity"] = additivity(block["candidates"])
+        if conf is not None:
+            run_confirmation(s, block, conf, say)
     block["confidence"], block["search_confidence"] = judged.confidence, judged_search.confidence
     block["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
     block["recipe"]["evaluation"].pop("samples", None)  # the winner's recipe is judged on all the questions
+    write_frontier(out, block)  # each set's recipe (takes the sets' blocks out of the report)
     write_search(out, block)
     return block
