@@ -10,8 +10,10 @@ model", "Tokenizing inputs", the clean_up_tokenization_spaces warning, ...), sev
   handler, the log file, and do not propagate (warnings and above; lm-eval's notes too); each library's own logging set-up runs first, so
   a library configuring itself on import cannot add its stderr handler back;
 - llm-compressor's loguru logger writes to the log file only;
-- a tqdm bar created without an explicit ``file`` by code outside flipcheck writes to the log
-  file; flipcheck's own bars stay on the terminal.
+- every tqdm bar created without an explicit ``file`` writes to the log file: lm-eval's, the
+  libraries', and the per-request bars of flipcheck's own lm-eval model (FlipLM), which look like
+  lm-eval's; the command's one progress view is the rich bar the CLI draws
+  (:mod:`flipcheck.progress`).
 
 The log file is ``run.log`` when the command has a run folder, else nothing is kept. flipcheck's
 own log lines (the ``flipcheck`` logger) are untouched: every warning it emits reaches the
@@ -35,9 +37,6 @@ RUN_LOG = "run.log"
 THIRD_PARTY = ("transformers", "datasets", "huggingface_hub", "lm_eval", "lm-eval", "accelerate", "llmcompressor",
                "compressed_tensors", "urllib3", "filelock", "fsspec", "matplotlib", "PIL", "bitsandbytes", "vllm", "openai", "httpx", "py.warnings")
 LEVELS = {"lm_eval": logging.INFO}  # what reaches the log: lm-eval's progress notes; warnings of the others
-# modules whose frames sit between a tqdm bar and the code that asked for it
-_TQDM_LAYERS = ("tqdm", "huggingface_hub.utils.tqdm", "huggingface_hub.utils._tqdm", "transformers.utils.logging",
-                "datasets.utils.tqdm", __name__)
 
 
 def _configure_libraries() -> None:
@@ -51,17 +50,6 @@ def _configure_libraries() -> None:
         importlib.import_module("lm_eval.utils").setup_logging(logging.WARNING)
 
 
-def _from_flipcheck(frame: Any) -> bool:
-    """True when the first frame outside tqdm and its wrappers belongs to flipcheck."""
-    while frame is not None:
-        module = str(frame.f_globals.get("__name__", ""))
-        if module.split(".")[0] == "tqdm" or module in _TQDM_LAYERS:
-            frame = frame.f_back
-            continue
-        return module == "flipcheck" or module.startswith("flipcheck.")
-    return False
-
-
 @contextlib.contextmanager
 def _tqdm_to(stream: TextIO) -> Iterator[None]:
     try:
@@ -73,7 +61,7 @@ def _tqdm_to(stream: TextIO) -> Iterator[None]:
     original = std.tqdm.__init__
 
     def init(self, *args, **kwargs):
-        if len(args) < 5 and kwargs.get("file") is None and not _from_flipcheck(sys._getframe(1)):
+        if len(args) < 5 and kwargs.get("file") is None:
             kwargs["file"] = stream
         original(self, *args, **kwargs)
 

@@ -28,11 +28,13 @@ from flipcheck.evaluation.kl import (
     kl_topk_tensors,
     sample_tail,
 )
-from flipcheck.evaluation.packing import Row, attention_allow, plan_rows
+from flipcheck.evaluation.packing import Row, attention_allow, batch_bounds, plan_rows
 
 log = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 1 << 25  # logits computed per chunk of scored positions: positions * vocab <= this
+FORWARD_COST_CPU = 64  # tokens: on a CPU a forward's fixed cost is small, so padding is what to avoid
+FORWARD_COST_ACCELERATOR = 4096  # tokens: a GPU forward of a few thousand tokens costs about its launches
 _PACKABLE_ATTENTION = ("sdpa", "eager")  # implementations that take a custom additive 4-D mask as is
 
 
@@ -104,6 +106,9 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.device = _model_device(model)
+        # the fixed cost of one forward, in tokens' worth of work: batches are cut where padding would
+        # cost more (packing.batch_bounds); a GPU forward's launch overhead weighs far more than a CPU's
+        self.forward_cost = FORWARD_COST_CPU if self.device.type == "cpu" else FORWARD_COST_ACCELERATOR
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         weight = getattr(emb, "weight", None)
         self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
@@ -311,9 +316,14 @@ def score_items(
     if getattr(setup.runner, "prefix_cache", False):  # an engine that keeps the KV cache of the last sequence:
         rows.sort(key=lambda r: r.tokens)  # neighbours share their longest prefixes (a question's options)
     gen = torch.Generator(device=setup.runner.device).manual_seed(TAIL_SEED) if setup.tail_samples else None
+    forward_cost = getattr(setup.runner, "forward_cost", None)  # a runner that pads a batch to its longest row
+    if forward_cost is None:
+        bounds = [(s, min(s + setup.batch_size, len(rows))) for s in range(0, len(rows), setup.batch_size)]
+    else:
+        bounds = batch_bounds([len(r.tokens) for r in rows], setup.batch_size, forward_cost)
     with torch.inference_mode():
-        for start in range(0, len(rows), setup.batch_size):
-            batch = rows[start : start + setup.batch_size]
+        for start, stop in bounds:
+            batch = rows[start:stop]
             layout = _Layout.of(batch, items)
             for item, res in _score_batch(setup, batch, items, layout, reference, ref_topk, gen):
                 results[item] = res

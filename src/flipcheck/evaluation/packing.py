@@ -100,6 +100,34 @@ def plan_rows(
     return rows
 
 
+def batch_bounds(lengths: Sequence[int], max_rows: int, forward_cost: int) -> list[tuple[int, int]]:
+    """Split rows, in their order, into batches ``[(start, stop), ...]`` of at most `max_rows` rows.
+
+    A batch is padded to its longest row, so it costs ``longest * rows`` tokens plus `forward_cost`
+    tokens' worth of fixed cost per forward. Cutting every `max_rows` rows pads a short question to
+    the length of the longest one beside it: on real MMLU (SmolLM2 tokens: median 81, longest 665),
+    32 rows a batch ran 1.6-2.5x the tokens the questions hold. The cut points here minimise the
+    total cost exactly (dynamic programming over contiguous groups, O(n * max_rows)); with rows
+    sorted longest first a group's longest row is its first.
+    """
+    n = len(lengths)
+    best = [0] + [0] * n
+    cut = [0] * (n + 1)
+    for stop in range(1, n + 1):
+        longest, best[stop] = 0, -1
+        for start in range(stop - 1, max(0, stop - max_rows) - 1, -1):  # the group rows[start:stop]
+            longest = max(longest, lengths[start])
+            cost = best[start] + longest * (stop - start) + forward_cost
+            if best[stop] < 0 or cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    bounds: list[tuple[int, int]] = []
+    stop = n
+    while stop > 0:
+        bounds.append((cut[stop], stop))
+        stop = cut[stop]
+    return bounds[::-1]
+
+
 def attention_allow(row: Row, length: int, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(length, length) bool mask (True = may attend) and position ids of a (padded) row.
 
