@@ -117,7 +117,7 @@ def test_a_second_run_resumes_with_nothing_verified_anew(searched, parent4, task
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    (["--method", "awq", "--choices", "scheme=W4A16", "--max-flips", "2%"], "allowed are rtn, gptq, wanda, sparsegpt, layer_drop"),
+    (["--method", "smoothquant", "--choices", "scheme=W4A16", "--max-flips", "2%"], "allowed are rtn, gptq, awq, wanda, sparsegpt, layer_drop"),
     (["--method", "rtn", "--choices", "scheme=W4A16,W5X", "--max-flips", "2%"], "allowed: "),
     (["--method", "rtn", "--choices", "sparsity=0.5,0.6", "--max-flips", "2%"], "rtn chooses scheme per layer"),
     (["--method", "rtn", "--choices", "scheme=W4A16,W8A16", "--max-flips", "two"], "--max-flips 'two': expected a fraction"),
@@ -144,6 +144,10 @@ def test_allocations_become_the_step_settings_the_schema_validates():
     StepSpec(method="rtn", settings=s)
     assert space.settings([1, 1, 1]) == {"group_size": "64", "scheme": "W8A16", "layers": None}
     assert space.settings([2, 2]) is None  # every layer keeps the parent's: no child
+    awq = parse_space("awq", "scheme=w4a16_asym,W8A16,none")
+    assert awq.labels() == ["W4A16_ASYM", "W8A16", "none"]
+    assert awq.settings([0, 1, 2, 0]) == {"scheme": "W4A16_ASYM", "layers": {"1": "W8A16", "2": "none"}}
+    StepSpec(method="awq", settings=awq.settings([0, 1, 2, 0]))
     prune = parse_space("wanda", "sparsity=0.5,0.25,0")
     assert prune.settings([1, 2, 2, 0]) == {"sparsity": 0.5, "layers": {"0": 0.25, "1-2": 0.0}}  # default: the first compressing choice on a tie
     StepSpec(method="wanda", settings=prune.settings([1, 2, 2, 0]))
