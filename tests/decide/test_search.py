@@ -242,3 +242,26 @@ def test_spearman_by_hand():
     assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # rank differences 0, 1, -1, 0
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_awq_search_verifies_children_whose_layers_hold_the_chosen_schemes(parent4, task_dir, tmp_path):
+    """--method awq: every verified child's saved quantization_config gives each layer's Linears the
+    scheme of its allocation (int8 for W8A16, int4 for W4A16_ASYM)."""
+    import re
+
+    res = CliRunner().invoke(app, ["search", str(parent4), "--method", "awq", "--choices", "scheme=W4A16_ASYM,W8A16",
+                                   "--set", "n_grid=4", "--max-flips", BUDGET, "--tasks", TASKS, "--include-path", str(task_dir),
+                                   "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--calibration", "demo",
+                                   "--probe-windows", "2", "--probe-ctx", "32", "--batch-size", "8", "--max-candidates", "3",
+                                   "--no-confirm"])
+    assert res.exit_code in (0, 1), res.output
+    block = json.loads((tmp_path / "run" / "report.json").read_text())["search"]
+    assert len(block["candidates"]) >= 2
+    for c in block["candidates"]:
+        groups = json.loads((tmp_path / "run" / "candidates" / "children" / c["name"] / "config.json").read_text())[
+            "quantization_config"]["config_groups"].values()
+        for i, scheme in enumerate(c["allocation"]):
+            name = f"model.layers.{i}.mlp.down_proj"
+            bits = [g["weights"]["num_bits"] for g in groups
+                    if any(t == "Linear" or (t.startswith("re:") and re.match(t[3:], name)) for t in g["targets"])]
+            assert bits == [8 if scheme == "W8A16" else 4], (c["name"], i, bits)
