@@ -163,6 +163,9 @@ def eval_cmd(
         check_metric(metric)  # a bad value fails before any model is looked up
         _engine_choices(engine, parent_engine, child_engine)
         if until_decided:
+            if text or noise_floor or engine_floor or child_url or parent_url or executor != "local":
+                raise FlipcheckError("--until-decided scores question tasks round by round, here: drop --text, "
+                                     "--noise-floor, --engine-floor, --child-url/--parent-url and --executor ray")
             return _until_decided(parent, children, tasks, out, max_flips, confidence, batch_questions, seed,
                                   dict(include_path=include_path, limit=limit, metric=metric, cache_dir=cache_dir,
                                        use_cache=not no_cache, num_fewshot=num_fewshot, batch_size=batch_size,

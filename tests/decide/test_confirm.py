@@ -36,6 +36,17 @@ def test_split_is_disjoint_complete_stratified_and_seeded():
         split_questions({"t": {"t": 1}}, 0.3, seed=0)
 
 
+def test_the_split_is_in_every_cache_key(task_dir):
+    """The parent's (and every child's) results are keyed by the doc ids a run is restricted to."""
+    from flipcheck.evaluation.runner import EvalSettings
+
+    def key(samples):
+        return EvalSettings(tasks=["tiny_letters"], include_path=str(task_dir), samples=samples).key_fields()
+
+    assert key({"tiny_letters": [0, 1]}) != key({"tiny_letters": [2, 3]}) != key(None)
+    assert key({"tiny_letters": [0, 1]}) == key({"tiny_letters": [0, 1]})
+
+
 def test_bonferroni_and_the_smallest_split_that_decides():
     assert search_confidence(0.95, 8) == pytest.approx(1 - 0.05 / 8)
     assert search_confidence(None, 8) is None

@@ -78,6 +78,7 @@ def test_a_borderline_child_runs_to_the_end_and_counts_as_a_plain_eval(tiny_mode
     (["--until-decided", "--max-flips", "150%", "--confidence", "0.95"], "a flip rate between 0 and 1"),
     (["--until-decided", "--max-flips", "2%", "--confidence", "2"], "a confidence level in [0.5, 1)"),
     (["--until-decided", "--max-flips", "2%", "--confidence", "0.95", "--batch-questions", "0"], "--batch-questions 0: must be >= 1"),
+    (["--until-decided", "--max-flips", "2%", "--confidence", "0.95", "--noise-floor"], "drop --text, --noise-floor"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, extra, needle):
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "nowhere"), str(tmp_path / "child"), *extra])
