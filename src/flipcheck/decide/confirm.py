@@ -99,6 +99,9 @@ def confirm(search, block: dict[str, Any], conf: Confirmation, say: Callable[[st
         r["confirmation"] = None
     for j in judged:
         rows[j["name"]]["confirmation"] = {k: v for k, v in j.items() if k != "name"}
+    rejected = {j["name"] for j in judged if not j["passed"]}  # the reference: a uniform child not rejected here
+    uniform = [c for c in passing if c.kind == "uniform" and c.name not in rejected]
+    block["best_uniform"] = min(uniform, key=lambda c: c.size(method)).name if uniform else None
     block["search_winner"] = block.get("winner")
     block["winner"] = winner.name if winner is not None else None
     section = {**conf.describe(), "confirmed": [j["name"] for j in judged], "winner": block["winner"]}

@@ -101,7 +101,8 @@ def summary_lines(block: Mapping[str, Any]) -> list[str]:
         lines.append(f"winner {w['name']}: {w['allocation_summary']}, {_mib(w['size_bits'])} MiB, "
                      f"{figure_label(block)} {_fig(block, w['figure'])}")
         if u is not None and u["size_bits"] and w["size_bits"]:
-            lines.append(f"smallest uniform child within budget: {u['name']}, {_mib(u['size_bits'])} MiB "
+            where = " (and not rejected by the confirmation)" if block.get("confirmation") else ""
+            lines.append(f"smallest uniform child within budget{where}: {u['name']}, {_mib(u['size_bits'])} MiB "
                          f"(the winner is {1 - w['size_bits'] / u['size_bits']:.1%} smaller)")
         elif u is None:
             lines.append("no uniform child meets every budget")
