@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from flipcheck.console import CommandConsole
 from flipcheck.errors import FlipcheckError
 
 app = typer.Typer(
@@ -18,9 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Compress a language model and measure how far it drifts from its parent: flips, KL, margins.",
 )
-console = Console()
+console = CommandConsole()  # a file or a pipe gets wide lines: tables keep every figure
 log = logging.getLogger("flipcheck.cli")
-err_console = Console(stderr=True)
+err_console = CommandConsole(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -643,7 +643,9 @@ def plan_cmd(
 def localize_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
     child: Annotated[str, typer.Argument(help="child model whose layers map one-to-one onto the parent's (hub id or folder)")],
-    text: Annotated[str | None, typer.Option("--text", help="calibration text: a .txt/.jsonl file or folder, hf:NAME[:CONFIG[:SPLIT]] (default: the parent's calibration default)")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="calibration text: a .txt/.jsonl file or folder, hf:NAME[:CONFIG[:SPLIT]], prompts:TASKS (default: the parent's own, else the prompts of --tasks)")] = None,
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="without --text: the lm-eval tasks whose prompts (never answers) are the text")] = DEMO_TASKS,
+    include_path: Annotated[str | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
     windows: Annotated[int, typer.Option(min=1, help="text windows scored")] = 8,
     ctx: Annotated[int, typer.Option(min=8, help="tokens per window")] = 256,
     seed: Annotated[int, typer.Option(min=0, help="seed for cutting the windows")] = 0,
@@ -663,9 +665,12 @@ def localize_cmd(
     from flipcheck.decide.localize_report import localize_tables, write_localize
 
     def go():
-        block = localize(parent, child, text=text, windows=windows, ctx=ctx, seed=seed, batch_size=batch_size,
-                         device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                         progress=lambda m: err_console.print(f"[dim]{m}[/]"))
+        from flipcheck.runlog import third_party_output
+
+        with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
+            block = localize(parent, child, text=text, tasks=[t for t in tasks.split(",") if t], include_path=include_path,
+                             windows=windows, ctx=ctx, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                             trust_remote_code=trust_remote_code, progress=lambda m: err_console.print(f"[dim]{m}[/]"))
         for table in localize_tables(block, top=top):
             console.print(table)
         if out is not None:

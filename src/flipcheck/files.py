@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+def packaged_task_dir() -> Path:
+    """The lm-eval task folder that ships with flipcheck (the demo's tasks)."""
+    return Path(__file__).resolve().parent / "data" / "demo_task"
+
+
 def cache_root() -> Path:
     """flipcheck's cache folder: ``$FLIPCHECK_CACHE``, else ``~/.cache/flipcheck``."""
     return Path(os.environ.get("FLIPCHECK_CACHE") or Path.home() / ".cache" / "flipcheck").expanduser()

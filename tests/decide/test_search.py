@@ -46,6 +46,10 @@ def searched(parent4, task_dir, tmp_path_factory):
     return root, json.loads((root / "run" / "report.json").read_text())["search"], res.output
 
 
+def test_search_output_off_a_terminal_has_every_figure_whole(searched):
+    assert "…" not in searched[2]  # CliRunner's output is not a terminal: rich used to cut it to 80 columns
+
+
 def test_winner_meets_the_budget_and_beats_the_smallest_passing_uniform(searched):
     root, block, output = searched
     by = {c["name"]: c for c in block["candidates"]}

@@ -15,6 +15,9 @@ Text comes from one source (:class:`~flipcheck.compressors.calibration.Calibrati
   ``"text"`` column. A split sliced by rows, ``train[:1000]`` or ``train[500:1500]``, is streamed
   and only those rows are read; other forms (``train[:10%]``) go to ``datasets`` as they are. This
   needs network unless the dataset is cached or local.
+- ``prompts:TASK[,TASK...][:INCLUDE_PATH]``: the prompts of lm-eval tasks (a local task folder, the
+  packaged demo tasks, or lm-eval's own), each document's ``doc_to_text`` without its answer: in-domain
+  text that works offline wherever the tasks do (``search`` and ``localize`` take it by default).
 
 The documents are tokenized without special tokens and concatenated with the tokens of "\\n\\n"
 between them; `samples` windows of `seq_len` tokens are cut at offsets drawn uniformly from
@@ -24,12 +27,13 @@ config and text give the same samples. Windows may overlap when the text is shor
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -86,6 +90,28 @@ def default_source(parent: str | os.PathLike | None) -> str:
     return named if isinstance(named, str) and named else DEFAULT_SOURCE
 
 
+def evaluated_text_source(
+    parent: str | os.PathLike | None, tasks: Sequence[str], include_path: str | os.PathLike | None = None,
+    texts: Sequence[str] = (),
+) -> tuple[str, str | None]:
+    """(source, note) of the text to calibrate and probe on when the user gives none, for commands that
+    evaluate tasks (search, localize): the source the parent's flipcheck.json names; else the prompts of
+    the tasks being evaluated (never their answers), as ``demo --real`` does; else the first ``--text``
+    corpus. Unlike :data:`DEFAULT_SOURCE` these need no network. The note says which, for the report."""
+    own = default_source(parent)
+    if own != DEFAULT_SOURCE:
+        return own, None
+    if tasks:
+        source = prompts_source(list(tasks), include_path)
+        return source, f"no calibration text given: the prompts of the evaluated tasks ({', '.join(tasks)}), answers left out"
+    if texts:
+        spec = texts[0]
+        if spec.startswith("hf:") and spec.count(":") < 3:  # --text reads the test split by default
+            spec = spec + ":" * (3 - spec.count(":")) + "test"
+        return spec, f"no calibration text given: the first --text corpus ({texts[0]})"
+    return DEFAULT_SOURCE, None
+
+
 def resolve_calibration(config: CalibrationConfig | None, parent: str | os.PathLike | None) -> CalibrationConfig:
     """`config` with its source filled in for `parent` when it has none (:func:`default_source`)."""
     config = config or CalibrationConfig()
@@ -128,6 +154,61 @@ def _unreachable(source: str, err: Exception) -> FlipcheckError:
     )
 
 
+PROMPTS = "prompts:"
+PROMPTS_PER_TASK = 2000  # prompts read per task: far more text than calibration windows take
+
+
+def prompts_source(tasks: list[str] | tuple[str, ...], include_path: str | os.PathLike | None = None) -> str:
+    """The ``prompts:`` source naming the prompts of `tasks` (found also under `include_path`)."""
+    if not tasks:
+        raise FlipcheckError("a prompts: source needs at least one task")
+    where = f":{Path(include_path).expanduser().resolve()}" if include_path else ""
+    return f"{PROMPTS}{','.join(tasks)}{where}"
+
+
+def _parse_prompts(source: str) -> tuple[list[str], str | None]:
+    tasks, _, where = source[len(PROMPTS):].partition(":")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise FlipcheckError(f"calibration source {source!r}: expected prompts:TASK[,TASK...][:INCLUDE_PATH]")
+    if where and not Path(where).expanduser().is_dir():
+        raise FlipcheckError(f"calibration source {source!r}: {where!r} is not a folder of lm-eval task YAML files")
+    return names, where or None
+
+
+@functools.lru_cache(maxsize=4)
+def _prompt_texts(source: str) -> tuple[str, ...]:
+    """Every prompt (``doc_to_text``, never the target) of the tasks a ``prompts:`` source names."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from flipcheck.files import packaged_task_dir
+
+    names, where = _parse_prompts(source)
+    paths = [str(Path(where).expanduser().resolve())] if where else []
+    local = TaskManager(include_path=[*paths, str(packaged_task_dir())], include_defaults=False)
+    known = set(local.all_tasks) | set(local.all_groups) | set(local.all_tags)
+    manager = local if all(n in known for n in names) else TaskManager(include_path=[*paths, str(packaged_task_dir())])
+    try:
+        tasks = get_task_dict(names, manager)
+    except Exception as err:  # an unknown name, a dataset not cached offline: one line
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise FlipcheckError(f"calibration source {source!r}: could not load the tasks' documents ({msg})") from err
+    texts: list[str] = []
+    stack = list(tasks.values())
+    while stack:
+        task = stack.pop(0)
+        if isinstance(task, dict):
+            stack.extend(task.values())
+            continue
+        for doc in itertools.islice(task.eval_docs, PROMPTS_PER_TASK):
+            text = task.doc_to_text(doc)
+            if isinstance(text, str) and text.strip():
+                texts.append(text)
+    if not texts:
+        raise FlipcheckError(f"calibration source {source!r}: the tasks have no text prompts")
+    return tuple(texts)
+
+
 def check_reachable(source: str) -> None:
     """Fail now, in one line, where :func:`read_texts` would fail on `source`, without reading its text.
 
@@ -137,6 +218,9 @@ def check_reachable(source: str) -> None:
     is not asked here: it is asked when the text is read.
     """
     if _named(source) is not None:
+        return
+    if source.startswith(PROMPTS):  # lm-eval reads local task data in a moment; the texts are kept for later
+        _prompt_texts(source)
         return
     if source.startswith("hf:"):
         name, config, _ = parse_hf_source(source)
@@ -164,6 +248,8 @@ def read_texts(source: str) -> list[str]:
     named = _named(source)
     if named is not None:
         return list(named())
+    if source.startswith(PROMPTS):
+        return list(_prompt_texts(source))
     if source.startswith("hf:"):
         return _hf_texts(source)
     path = Path(os.path.expanduser(source))

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -274,6 +274,8 @@ def localize(
     child: str,
     *,
     text: str | None = None,
+    tasks: Sequence[str] = (),
+    include_path: str | None = None,
     windows: int = 8,
     ctx: int = 256,
     seed: int = 0,
@@ -284,10 +286,11 @@ def localize(
     progress: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Load `parent` and `child` (hub ids or folders; parent '-' reads it from the child's
-    flipcheck.json), cut `windows` windows of `ctx` tokens from `text` (a calibration source;
-    default: the parent's calibration default) and return the localize block with its sources."""
+    flipcheck.json), cut `windows` windows of `ctx` tokens from `text` (a calibration source; default:
+    the one the parent's flipcheck.json names, else the prompts of `tasks`, which need no network) and
+    return the localize block with its sources. The text is read before either model loads."""
     from flipcheck.compressors.calibration import CalibrationConfig
-    from flipcheck.compressors.calibration_data import build_calibration, resolve_calibration
+    from flipcheck.compressors.calibration_data import build_calibration, evaluated_text_source
     from flipcheck.models import load_model, load_tokenizer, read_provenance, resolve_source
 
     if parent == "-":
@@ -297,14 +300,17 @@ def localize(
             raise FlipcheckError(f"localize: parent '-' but {child} has no flipcheck.json naming its parent; give the parent")
     ps, cs = resolve_source(parent), resolve_source(child)
     tokenizer = load_tokenizer(ps, trust_remote_code=trust_remote_code)
-    cfg = resolve_calibration(CalibrationConfig(source=text, samples=windows, seq_len=ctx, seed=seed), ps.folder)
+    note = None
+    if text is None:
+        text, note = evaluated_text_source(ps.folder, tasks, include_path)
+    cfg = CalibrationConfig(source=text, samples=windows, seq_len=ctx, seed=seed)
     ids = build_calibration(tokenizer, cfg).input_ids
     pm = load_model(ps, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     cm = load_model(cs, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     if pm.get_output_embeddings().weight.shape[0] != cm.get_output_embeddings().weight.shape[0]:
         raise FlipcheckError("localize: parent and child have different vocabularies; they must share the tokenizer")
     block = localize_models(pm, cm, ids, batch_size=batch_size, progress=progress)
-    block.update(parent=ps.ref, child=cs.ref, text=cfg.source, seed=seed)
+    block.update(parent=ps.ref, child=cs.ref, text=cfg.source, seed=seed, **({"text_note": note} if note else {}))
     return block
 
 

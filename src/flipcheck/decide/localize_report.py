@@ -66,7 +66,8 @@ def localize_markdown(block: dict[str, Any], plot: str | None = None) -> str:
     head = _LAYER_HEAD if swaps else [_LAYER_HEAD[0], *_LAYER_HEAD[5:]]
     lines = [
         "## Where the damage is (localize)", "",
-        f"Parent `{block.get('parent')}`, child `{block.get('child')}`; text `{block.get('text')}`: "
+        f"Parent `{block.get('parent')}`, child `{block.get('child')}`; text `{block.get('text')}`"
+        + (f" ({block['text_note']})" if block.get("text_note") else "") + ": "
         f"{block['windows']} windows of {block['ctx']} tokens, {block['positions']} positions. "
         f"Text KL(P ‖ C) of the child: {block['kl_total']:.4g}.", "",
         "KL swap-in: the parent with the child's version of the layer; KL removed: the child's KL minus "

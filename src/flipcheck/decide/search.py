@@ -563,6 +563,38 @@ def _num_layers(src) -> int:
     return int(n)
 
 
+def default_text(parent: str, calibration: Mapping[str, Any] | None, tasks: Sequence[str],
+                 include_path: str | None, texts: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    """The calibration settings with a source that works offline when none is given
+    (:func:`~flipcheck.compressors.calibration_data.evaluated_text_source`), and the report's note."""
+    from flipcheck.compressors.calibration_data import evaluated_text_source
+
+    cal = dict(calibration or {})
+    if cal.get("source"):
+        return cal, None
+    cal["source"], note = evaluated_text_source(parent, tasks, include_path, texts)
+    return cal, note
+
+
+def _recipe(parent: str, space: Space, calibration: Mapping[str, Any] | None, evaluation: Mapping[str, Any], **recipe_level):
+    """The run's recipe: its evaluation section, and a placeholder child (layer_drop: drop layer 0 of 2)
+    that the candidates replace; a setting pydantic refuses is one line naming it."""
+    from flipcheck.recipes.runner import _first_error
+    from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
+
+    k = next(k for k, c in enumerate(space.choices) if not c.keep)
+    keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
+    first = space.settings([k]) or space.settings([k, *keep])
+    try:
+        return Recipe(name="search", parent=parent, calibration=CalibrationConfig(**(calibration or {})),
+                      children=[ChildSpec(name="search-placeholder", steps=[StepSpec(method=space.method, settings=first)])],
+                      evaluation=EvaluationSpec(**evaluation), **recipe_level)
+    except FlipcheckError:
+        raise
+    except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
+        raise FlipcheckError(f"search {space.method}: {_first_error(err)}") from err
+
+
 def search(
     parent: str,
     method: str,
@@ -609,6 +641,7 @@ def search(
     ``confirm`` (a share in (0, 1), None for no confirmation) or ``confirm_tasks``: the search proposes
     and verifies on the search split, at the tightened confidence, and the winner is the smallest
     candidate that also passes on the confirmation split (:mod:`.confirm`, :mod:`.splits`)."""
+    from flipcheck.compressors.calibration_data import check_reachable
     from flipcheck.decide.additivity import additivity
     from flipcheck.decide.confirm import confirm as run_confirmation
     from flipcheck.decide.confirm import prepare
@@ -616,10 +649,10 @@ def search(
     from flipcheck.decide.search_report import write_search
     from flipcheck.executors import get_executor
     from flipcheck.recipes.checks import check_recipe
-    from flipcheck.recipes.runner import RecipeRun, _first_error
-    from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
+    from flipcheck.recipes.runner import RecipeRun
 
     say = progress or (lambda msg: log.info("%s", msg))
+    calibration, text_note = default_text(parent, calibration, tasks, include_path, texts)
     space = parse_space(method, choices, settings)
     sets = Budgets.parse_frontier(budgets, confidence, metric, texts)
     judged = sets[0]
@@ -630,27 +663,17 @@ def search(
     confs, sets_search = prepare(sets, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
                                  include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
     conf, judged_search = (confs[0] if confs else None), sets_search[0]
-    k = next(k for k, c in enumerate(space.choices) if not c.keep)
-    keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
-    first = space.settings([k]) or space.settings([k, *keep])  # a placeholder child (layer_drop: drop layer 0 of 2)
-    try:
-        recipe = Recipe(
-            name="search", parent=parent, calibration=CalibrationConfig(**(calibration or {})),
-            children=[ChildSpec(name="search-placeholder", steps=[StepSpec(method=method, settings=first)])],
-            evaluation=EvaluationSpec(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
-                                      batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl,
-                                      scoring=scoring, filter=filter, per_subtask=per_subtask, engine=engine,
-                                      parent_engine=parent_engine, child_engine=child_engine,
-                                      samples=conf.split.search if conf is not None and conf.split is not None else None),
-            device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    except FlipcheckError:
-        raise
-    except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
-        raise FlipcheckError(f"search {method}: {_first_error(err)}") from err
+    evaluation = dict(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                      batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl, scoring=scoring,
+                      filter=filter, per_subtask=per_subtask, engine=engine, parent_engine=parent_engine,
+                      child_engine=child_engine,
+                      samples=conf.split.search if conf is not None and conf.split is not None else None)
+    recipe = _recipe(parent, space, calibration, evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = RecipeRun(recipe, cache_dir=cache_dir, say=say)
     check_recipe(run.recipe, run.parent_src)
+    check_reachable(run.recipe.calibration.source)  # the sensitivity probe reads it whatever the method needs
     runner = get_executor(executor)
     probe = {"text": run.recipe.calibration.source, "windows": probe_windows, "ctx": probe_ctx, "seed": run.recipe.calibration.seed,
              "batch_size": probe_batch_size}
@@ -664,6 +687,8 @@ def search(
         block["additivity"] = additivity(block["candidates"])
         if conf is not None:
             run_confirmation(s, block, conf, say)
+    if text_note:
+        block["probe"] = {**block.get("probe", {}), "note": text_note}
     block["confidence"], block["search_confidence"] = judged.confidence, judged_search.confidence
     block["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
     block["recipe"]["evaluation"].pop("samples", None)  # the winner's recipe is judged on all the questions

@@ -114,6 +114,9 @@ def summary_lines(block: Mapping[str, Any]) -> list[str]:
     lines.append(f"{cost['candidates']} candidates ({cost['new']} verified now, {cost['reused']} from an earlier run); "
                  f"{cost['wall_s']:.1f} s: probe {cost['probe_s']:.1f} s, compression {cost['compress_s']:.1f} s, "
                  f"evaluation {cost['evaluate_s']:.1f} s")
+    probe = block.get("probe") or {}
+    if probe.get("text"):
+        lines.append(f"sensitivity and calibration text: {probe['text']}" + (f" ({probe['note']})" if probe.get("note") else ""))
     return lines
 
 

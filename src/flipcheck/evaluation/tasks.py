@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flipcheck.errors import FlipcheckError, suggest
+from flipcheck.files import packaged_task_dir  # noqa: F401 - always on the include path; imported from here too
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ def _include_paths(include_path: str | os.PathLike | list | None) -> tuple[str, 
             paths.append(str(Path(p).resolve()))
     paths.append(str(packaged_task_dir()))
     return tuple(paths)
-
-
-def packaged_task_dir() -> Path:
-    """The lm-eval task folder that ships with flipcheck (the demo's tasks), always on the include path."""
-    return Path(__file__).resolve().parent.parent / "data" / "demo_task"
 
 
 @functools.lru_cache(maxsize=8)
