@@ -4,7 +4,8 @@ Both tools score the same instances of two local lm-eval tasks on a ~30M-paramet
 (hidden 512, intermediate 1536, 6 layers, 8 heads, a byte-level BPE vocabulary of ~6k tokens):
 
 - ``bench_single``: MMLU-style, a ~100-token question with four listed options, answered by one
-  letter token (" A" .. " D");
+  letter token (" A" .. " D"); with ``--models smollm2 --mmlu FOLDER`` the real model gets real MMLU
+  test questions (hendrycks' original CSVs), whose lengths run from a few dozen tokens to hundreds;
 - ``bench_multi``: HellaSwag-style, a 40-60-token context and four ~20-token endings (acc, acc_norm).
 
 The models are saved with :func:`flipcheck.models.save_model`, so flipcheck finds them as a user's
@@ -35,7 +36,8 @@ equals lm-eval's ``acc`` (and ``acc_norm``) for every document, and that the cac
 the parent.
 
     python benchmarks/eval_speed.py [--docs 200] [--batch-size 32] [--threads 2] [--repeats 1]
-                                    [--tasks single,multi] [--vocab 6144] [--profile [--profile-top N]]
+                                    [--tasks single,multi] [--models random,smollm2] [--mmlu FOLDER]
+                                    [--vocab 6144] [--profile [--profile-top N]]
 
 Prints raw timings, then ``ratio TASK uncached: X.XX`` and ``ratio TASK cached-parent: X.XX``
 (flipcheck time / lm-eval time). ``--profile`` then runs flipcheck once more per task under
@@ -166,6 +168,26 @@ def multi_docs(maker: TextMaker, tok, n: int) -> list[dict]:
         endings = [maker.tokens(tok, maker.rng.randint(18, 22)) + "." for _ in range(4)]
         docs.append({"id": i, "ctx": ctx, "endings": endings, "label": maker.rng.randrange(4)})
     return docs
+
+
+def mmlu_docs(folder: Path, n: int, seed: int = 0) -> list[dict]:
+    """`n` real MMLU test questions, drawn across every subject of an original hendrycks release folder
+    (``SUBJECT_test.csv`` rows: question, four options, answer letter), for the single-token task: the
+    subject leads the question, and the options are listed as in ``bench_single``."""
+    import csv
+
+    rows = []
+    for f in sorted(folder.glob("*_test.csv")):
+        subject = f.name[: -len("_test.csv")].replace("_", " ")
+        with open(f, newline="", encoding="utf-8") as fh:
+            for r in csv.reader(fh):
+                if len(r) == 6 and r[5].strip() in LETTERS:
+                    rows.append((subject, r))
+    if len(rows) < n:
+        raise SystemExit(f"--mmlu {folder}: {len(rows)} questions found, {n} asked for")
+    random.Random(seed).shuffle(rows)
+    return [{"id": i, "question": f"({subject}) {r[0].strip()}", "options": [o.strip() for o in r[1:5]],
+             "label": LETTERS.index(r[5].strip())} for i, (subject, r) in enumerate(rows[:n])]
 
 
 def token_stats(tok, texts: list[str]) -> str:
@@ -316,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", default="single,multi", help="comma list of: single, multi")
     ap.add_argument("--models", default="random,smollm2", help="comma list of: random, smollm2 (the real model)")
     ap.add_argument("--vocab", type=int, default=6144, help="tokenizer vocabulary size to train")
+    ap.add_argument("--mmlu", type=Path, default=None,
+                    help="folder of MMLU's original SUBJECT_test.csv files: the real model's single-token task asks "
+                         "real MMLU questions (e.g. ../shared/realdata/data/mmlu/test)")
     ap.add_argument("--profile", action="store_true", help="then profile one flipcheck run per task")
     ap.add_argument("--profile-top", type=int, default=0, help="with --profile, also print the top N functions")
     args = ap.parse_args(argv)
@@ -392,12 +417,14 @@ def bench_model(model_kind: str, args, kinds: list[str], root: Path) -> dict[str
     maker = TextMaker(words, seed=2)
     task_dir = root / "tasks"
     task_dir.mkdir()
-    docs = {"single": single_docs(maker, tok, args.docs), "multi": multi_docs(maker, tok, args.docs)}
+    real = model_kind == "smollm2" and args.mmlu is not None  # the real model on real questions
+    single = mmlu_docs(args.mmlu, args.docs) if real else single_docs(maker, tok, args.docs)
+    docs = {"single": single, "multi": multi_docs(maker, tok, args.docs)}
     write_lm_eval_task(task_dir, "bench_single", docs["single"], SINGLE_YAML)
     write_lm_eval_task(task_dir, "bench_multi", docs["multi"], MULTI_YAML)
     print(f"model {model_kind}: {n_params / 1e6:.1f}M parameters, vocabulary {len(tok)}; {args.docs} docs per task; "
           f"batch size {args.batch_size}; {args.threads} torch thread(s); best of {args.repeats}")
-    print(f"bench_single: question tokens {token_stats(tok, [d['question'] for d in docs['single']])}, "
+    print(f"bench_single ({'real MMLU test questions' if real else 'pseudo-words'}): question tokens {token_stats(tok, [d['question'] for d in docs['single']])}, "
           f"prompt tokens {token_stats(tok, [single_prompt(d) for d in docs['single']])}")
     print(f"bench_multi: context tokens {token_stats(tok, [d['ctx'] for d in docs['multi']])}, ending tokens "
           f"{token_stats(tok, [e for d in docs['multi'] for e in d['endings']])}")

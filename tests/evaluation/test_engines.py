@@ -239,3 +239,64 @@ def test_without_llama_cpp_a_gguf_is_dequantized_and_the_engine_asks_for_the_ext
                                    "--cache-dir", str(tmp_path / "cache")])
     assert res.exit_code == 2
     assert 'pip install "flipcheck[llamacpp]"' in res.output and len(res.output.strip().splitlines()) <= 3
+
+
+def _kernels() -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode()
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_K_M"])
+def test_llamacpp_batch_layout_floor(quant, tiny_tokenizer, task_dir, tmp_path):
+    """--engine-floor for a GGUF parent on llama.cpp: transformers' dequantization of the file, and the same
+    file on llama.cpp with every sequence evaluated whole instead of after the previous one's shared prefix:
+    llama.cpp's own noise, labelled and small. A tiny Llama of hidden 256, so K-quant blocks (256 wide) fit.
+    On x86 with AVX2 the K-quant kernels round differently for other batch shapes, so that row is not zero
+    there (tiny on this model: SmolLM2's figures are in the README); Q4_0's repacked kernels round alike
+    on this tiny model (0)."""
+    from flipcheck.compressors.pipeline import compress
+    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.models import save_model
+    from flipcheck.tiny import build_llama
+
+    parent = save_model(build_llama(len(tiny_tokenizer), seed=0, hidden_size=256, intermediate_size=512,
+                                    num_attention_heads=8, num_key_value_heads=8), tiny_tokenizer, tmp_path / "p", {"parent": None})
+    q, q8 = tmp_path / "q", tmp_path / "q8"
+    compress(str(parent), [("gguf", {"type": quant})], out=q)
+    compress(str(parent), [("gguf", {"type": "Q8_0"})], out=q8)
+    report = evaluate(str(q), str(q8), tasks="tiny_letters,tiny_sentences", include_path=str(task_dir),
+                      engine_floor=True, out=tmp_path / "run", cache_dir=tmp_path / "cache")
+    assert report["parent"]["engine"]["name"] == "llama.cpp" and "layout" not in report["parent"]["engine"]
+    dequant, whole = report["noise_floor"]
+    assert dequant["engine"]["name"] == "transformers"
+    assert whole["name"] == "noise floor: llama.cpp, each sequence whole (same file)"
+    assert whole["engine"]["name"] == "llama.cpp" and whole["engine"]["layout"] == "whole"
+    assert whole["engine"]["dtype"] == quant
+    kl = whole["micro"]["kl_vocab"]["mean"]
+    assert -1e-6 < kl < 1e-3, kl  # the batch layout alone moves the distributions by little, if at all (the top-K + tail estimate can dip below 0)
+    if quant == "Q4_K_M" and "AVX2 = 1" in _kernels():  # ... and on these kernels it does move some answers'
+        assert whole["micro"]["kl_options"]["max"] > 0  # distributions over options (1e-13 on this tiny model)
+    assert whole["micro"]["flips"] <= 0.1
+    assert report["children"][0]["micro"]["kl_vocab"]["mean"] > kl  # less than a real compression step
+    assert "each sequence whole" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_llamacpp_layouts_agree_on_f32(f32_gguf, tiny_tokenizer):
+    """On a float32 file no kernel quantizes activations: the two layouts give the same log-probs."""
+    from flipcheck.evaluation.engines.llamacpp import LlamaCppEngine
+    from flipcheck.evaluation.lm import FlipLM
+
+    items = _requests(tiny_tokenizer)
+    scores = {}
+    for layout in ("prefix", "whole"):
+        engine = LlamaCppEngine(f32_gguf, layout=layout)
+        try:
+            scores[layout] = FlipLM(engine, tiny_tokenizer)._score(items, disable_tqdm=True)
+        finally:
+            engine.close()
+    worst = max(float(np.abs(a.own.token_logp - b.own.token_logp).max())
+                for a, b in zip(scores["prefix"], scores["whole"], strict=True))
+    assert worst < 1e-4, worst
+    with pytest.raises(FlipcheckError, match="allowed are prefix, whole"):
+        LlamaCppEngine(f32_gguf, layout="sideways")

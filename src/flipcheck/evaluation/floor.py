@@ -15,16 +15,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def engine_floor(ev: Evaluator) -> dict:
+def engine_floor(ev: Evaluator) -> list[dict]:
     """The parent against itself on another engine, the same weights: llama.cpp on a float32 GGUF
     written from the parent (kept in the cache, keyed by the parent's fingerprint); for a GGUF
-    parent scored by llama.cpp, transformers' dequantization of the same file; for a parent on vLLM,
-    transformers on the same folder. What remains is the
-    engines' numerics (kernels, reduction order), the floor under any engine-vs-engine comparison."""
+    parent scored by llama.cpp, transformers' dequantization of the same file, and a second row, the
+    same file on llama.cpp with every sequence evaluated whole instead of after the shared prefix
+    (its kernels round differently for other batch shapes: llama.cpp's own floor); for a parent on
+    vLLM, transformers on the same folder. What remains is the engines' numerics (kernels, reduction
+    order, batch layout), the floor under any engine-vs-engine comparison."""
     from flipcheck.errors import FlipcheckError
     from flipcheck.evaluation.engines import as_engine, open_engine
     from flipcheck.evaluation.engines import llamacpp as lc
-    from flipcheck.evaluation.runner import ModelRef
     from flipcheck.files import cache_root
 
     ev.parent.ensure_loaded(ev.settings)
@@ -32,8 +33,10 @@ def engine_floor(ev: Evaluator) -> dict:
     src = ev.parent.resolved
     if src is not None and src.gguf and parent_engine.name == "llama.cpp":
         other = open_engine(src, "transformers", device=ev.settings.device, dtype="float32")
-        key, label = "engine-transformers", "transformers (dequantized GGUF)"
-    elif src is not None and parent_engine.name == "vllm":
+        rows = [_floor_row(ev, other, "engine-transformers", "transformers (dequantized GGUF)")]
+        whole = open_engine(src, "llama.cpp", device=ev.settings.device, layout="whole")
+        return [*rows, _floor_row(ev, whole, "engine-llama.cpp-whole", "llama.cpp, each sequence whole (same file)")]
+    if src is not None and parent_engine.name == "vllm":
         other = open_engine(src, "transformers", device=ev.settings.device, dtype=parent_engine.identity()["dtype"])
         key, label = "engine-transformers", "transformers engine"
     else:
@@ -50,12 +53,19 @@ def engine_floor(ev: Evaluator) -> dict:
             tmp.replace(path)
         other = lc.LlamaCppEngine(path)
         key, label = "engine-llama.cpp-F32", "llama.cpp engine (F32 GGUF)"
-    ref = ModelRef(name=f"noise floor: {label}", source=None, model=other, tokenizer=ev.parent.tokenizer,
+    return [_floor_row(ev, other, key, label)]
+
+
+def _floor_row(ev: Evaluator, engine, key: str, label: str) -> dict:
+    """`engine` (the parent's weights) scored like a child against the parent's stored results, then closed."""
+    from flipcheck.evaluation.runner import ModelRef
+
+    ref = ModelRef(name=f"noise floor: {label}", source=None, model=engine, tokenizer=ev.parent.tokenizer,
                    fingerprint=f"{ev.parent.fingerprint}:{key}", info={"method": "noise_floor", "settings": {"engine": label}})
     try:
         entry, _ = ev.evaluate_child(ref, kl="topk")
     finally:
-        other.close()
+        engine.close()
     return entry
 
 

@@ -632,7 +632,7 @@ class Evaluator:
 
         rows = noise_floor(self) if numerics else []
         if self.settings.engine_floor:
-            rows.append(engine_floor(self))
+            rows.extend(engine_floor(self))
         return rows
 
     def report(self, children_entries: list[dict], noise_floor: list[dict] | None = None) -> dict:

@@ -90,8 +90,9 @@ def engine_identity(source, name: str | None, dtype: torch.dtype) -> dict[str, A
 
 
 def open_engine(source, name: str | None, *, device: str | None = None, dtype: str | None = None,
-                trust_remote_code: bool = False) -> Engine:
-    """Open a resolved :class:`~flipcheck.models.ModelSource` with engine `name` (None: its default)."""
+                trust_remote_code: bool = False, layout: str = "prefix") -> Engine:
+    """Open a resolved :class:`~flipcheck.models.ModelSource` with engine `name` (None: its default);
+    `layout`: llama.cpp's batch layout (:mod:`~flipcheck.evaluation.engines.llamacpp`)."""
     name = check_engine(name) or default_engine(source)
     gguf = getattr(source, "gguf", None)
     if name == "llama.cpp":
@@ -103,7 +104,7 @@ def open_engine(source, name: str | None, *, device: str | None = None, dtype: s
         from flipcheck.evaluation.engines.llamacpp import LlamaCppEngine
 
         n_gpu = -1 if device not in (None, "cpu") and torch.cuda.is_available() else 0
-        return LlamaCppEngine(source.gguf_path(), n_gpu_layers=n_gpu)
+        return LlamaCppEngine(source.gguf_path(), n_gpu_layers=n_gpu, layout=layout)
     if name == "vllm":
         from flipcheck.evaluation.engines.vllm import VllmEngine
         from flipcheck.models import resolve_device, resolve_dtype

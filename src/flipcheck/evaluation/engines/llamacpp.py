@@ -5,9 +5,20 @@ vocabulary, so KL against any other engine is exact. These are the numbers a use
 Ollama or LM Studio gets: on Q4_0 and the K-quants llama.cpp multiplies with activations quantized
 to 8 bits, which a transformers dequantization of the same file never does.
 
-Sequences are evaluated one at a time; the KV cache keeps the longest prefix shared with the
-previous sequence (the context of a question's options is run once per question, as the packed
-transformers path does).
+Sequences are evaluated one at a time, in one of two batch layouts (``layout``):
+
+- ``prefix`` (the default): the KV cache keeps the longest prefix shared with the previous sequence,
+  so the context of a question's options is run once per question (as the packed transformers path
+  does, and as a llama.cpp server with prompt caching does) and each later option is evaluated as a
+  continuation after it;
+- ``whole``: every sequence evaluated from an empty cache, as ``llama-perplexity`` evaluates a window.
+
+llama.cpp's quantized kernels round differently for different batch shapes (how many tokens one
+``llama_decode`` holds), so on a K-quant or Q4_0 file the two layouts give option log-likelihoods that
+differ by hundredths of a nat: the engine's own noise. ``--engine-floor`` on a GGUF parent scored by
+llama.cpp shows it as a floor row (the same file in the other layout). flipcheck scores in ``prefix``:
+a question's context runs once instead of once per option, and it is what a served llama.cpp with
+prompt caching computes.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_N_CTX = 2048  # tokens per sequence; the scores buffer is n_ctx x vocabulary float32
 DEFAULT_N_BATCH = 512
 KV_TYPE_F32 = 0  # GGML_TYPE_F32
+LAYOUTS = ("prefix", "whole")  # a sequence after the previous one's shared prefix, or from an empty cache
 INSTALL_HINT = 'pip install "flipcheck[llamacpp]"  (builds llama-cpp-python from source: needs a C++ compiler and cmake)'
 
 
@@ -75,14 +87,18 @@ def gguf_file_type(path: str | os.PathLike) -> str:
         return f"type{value}"
 
 
-def llamacpp_identity(path: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH) -> dict[str, Any]:
+def llamacpp_identity(path: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH,
+                      layout: str = "prefix") -> dict[str, Any]:
     """The identity of a GGUF on this engine, read from the file's metadata (nothing loaded): what the
     cache keys hold before the model is opened, and what the open engine reports."""
     import llama_cpp
 
-    return {"name": LlamaCppEngine.name, "version": getattr(llama_cpp, "__version__", "?"),
-            "dtype": gguf_file_type(path), "n_ctx": min(int(n_ctx), gguf_context_length(path) or int(n_ctx)),
-            "n_batch": int(n_batch), "kv_cache": "f32"}
+    ident = {"name": LlamaCppEngine.name, "version": getattr(llama_cpp, "__version__", "?"),
+             "dtype": gguf_file_type(path), "n_ctx": min(int(n_ctx), gguf_context_length(path) or int(n_ctx)),
+             "n_batch": int(n_batch), "kv_cache": "f32"}
+    if layout != "prefix":  # the default layout leaves the keys of earlier runs as they were
+        ident["layout"] = layout
+    return ident
 
 
 class LlamaCppEngine(LoadedEngine):
@@ -92,9 +108,13 @@ class LlamaCppEngine(LoadedEngine):
     exact = True
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH,
-                 n_threads: int | None = None, n_gpu_layers: int = 0) -> None:
+                 n_threads: int | None = None, n_gpu_layers: int = 0, layout: str = "prefix") -> None:
         require()
         from llama_cpp import Llama
+
+        if layout not in LAYOUTS:
+            raise FlipcheckError(f"llama.cpp layout {layout!r}: allowed are {', '.join(LAYOUTS)}")
+        self.layout = layout
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -111,7 +131,7 @@ class LlamaCppEngine(LoadedEngine):
         self.n_ctx = int(self.llm.n_ctx())
         self._max_length = self.n_ctx
         self._vocab = int(self.llm.n_vocab())
-        self._identity = llamacpp_identity(self.path, self.n_ctx, self.n_batch)
+        self._identity = llamacpp_identity(self.path, self.n_ctx, self.n_batch, layout)
         self._runner = ExternalRunner(self, self._logits_at)
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -120,7 +140,7 @@ class LlamaCppEngine(LoadedEngine):
         if len(tokens) > self.n_ctx:
             raise FlipcheckError(f"a sequence of {len(tokens)} tokens is longer than llama.cpp's n_ctx={self.n_ctx}")
         llm = self.llm
-        done = llm.input_ids[: llm.n_tokens].tolist()
+        done = llm.input_ids[: llm.n_tokens].tolist() if self.layout == "prefix" else []
         shared = 0
         for a, b in zip(done, tokens, strict=False):
             if a != b:
