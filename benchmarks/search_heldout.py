@@ -1,6 +1,6 @@
 """Does the search meet its budget on questions it never saw? SmolLM2-135M, RTN W4A16/W8A16 per layer.
 
-    PYTHONPATH=src python benchmarks/search_heldout.py REALDATA WORK [BUDGET] [CONFIDENCE] [MAX_CANDIDATES]
+    PYTHONPATH=src python benchmarks/search_heldout.py REALDATA WORK [BUDGET] [CONFIDENCE] [MAX_CANDIDATES] [CONFIRM]
 
 REALDATA is the folder holding ``data/arc/ARC-Easy-Test.jsonl`` and ``data/mmlu/test/*.csv``. Two
 disjoint question sets, each one lm-eval task (so the gate judges their pooled counts):
@@ -12,7 +12,10 @@ The sensitivities are measured on ARC-Challenge dev questions with their answers
 tokens), text neither set contains.
 
 1. ``flipcheck search`` on the search set: rtn, scheme W4A16 or W8A16 per layer (group 64), flips
-   judged by their Clopper–Pearson upper bound at CONFIDENCE against BUDGET.
+   judged by their Clopper–Pearson upper bound at CONFIDENCE against BUDGET. With CONFIRM (default
+   0.3; ``none`` for the unconfirmed search of the README's first table) the search set is split,
+   seeded: candidates are verified on its search split at the Bonferroni-tightened confidence and the
+   winner is the smallest that also passes on its confirmation split (``flipcheck search --confirm``).
 2. On the held-out set: the winner, every uniform child, and the best uniform W4A16 child no larger
    than the winner (group 32 or 16, whichever is the largest that fits), each evaluated against the
    parent; prints flips with their two-sided 95 % Clopper–Pearson interval, the gate verdict at
@@ -68,7 +71,8 @@ def mmlu_docs(folder: Path) -> list[dict]:
     return docs
 
 
-def main(realdata: str, work: str, budget: str = "10%", confidence: str = "0.95", max_candidates: int = 8) -> None:
+def main(realdata: str, work: str, budget: str = "10%", confidence: str = "0.95", max_candidates: int = 8,
+         confirm: str = "0.3") -> None:
     data, work_dir = Path(realdata) / "data", Path(work)
     arc, mmlu = data / "arc" / "ARC-Easy-Test.jsonl", mmlu_docs(data / "mmlu" / "test")
     tasks = work_dir / "tasks"
@@ -82,7 +86,9 @@ def main(realdata: str, work: str, budget: str = "10%", confidence: str = "0.95"
     parent = str(smollm2_folder())
     cache = work_dir / "cache"
     t0 = time.perf_counter()
-    block = search(parent, "rtn", "scheme=W4A16,W8A16", out=work_dir / "search", settings={"group_size": 64},
+    confirmed = confirm.lower() != "none"
+    block = search(parent, "rtn", "scheme=W4A16,W8A16", out=work_dir / ("search-confirmed" if confirmed else "search"),
+                   settings={"group_size": 64}, confirm=confirm if confirmed else None,
                    budgets={"max_flips": budget}, confidence=confidence, metric="acc", tasks=["search_set"],
                    include_path=str(tasks), calibration={"source": str(probe)}, probe_windows=8, probe_ctx=128,
                    max_candidates=max_candidates, device="cpu", cache_dir=cache, progress=lambda m: print(m, flush=True))
@@ -90,14 +96,22 @@ def main(realdata: str, work: str, budget: str = "10%", confidence: str = "0.95"
     by = {c["name"]: c for c in block["candidates"]}
     for c in sorted(block["candidates"], key=lambda c: c["size_bits"]):
         s = c["tasks"]["search_set"]
+        conf = c.get("confirmation") or {}
+        cs = (conf.get("tasks") or {}).get("search_set")
+        shown = (f"  confirmation flips {cs['flips']:.3f} ({cs['n_c2i'] + cs['n_i2c']}/{cs['n']}) "
+                 f"{'PASS' if conf['passed'] else 'FAIL'}" if cs else "")
         print(f"  {c['name']:22s} {c['kind']:8s} {c['allocation_summary']:24s} {c['bits_per_weight']:.3f} b/w  "
               f"flips {s['flips']:.3f} ({s['n_c2i'] + s['n_i2c']}/{s['n']}, upper {cp_upper(s['n_c2i'] + s['n_i2c'], s['n'], float(confidence)):.3f})  "
-              f"{'PASS' if c['passed'] else 'FAIL'}{'  <- winner' if c['winner'] else ''}")
+              f"{'PASS' if c['passed'] else 'FAIL'}{shown}{'  <- winner' if c['winner'] else ''}")
+    if confirmed:
+        print(f"search split judged at {block['search_confidence']:.4f}; confirmed in order: "
+              f"{', '.join(block['confirmation']['confirmed']) or '-'}")
     winner = by.get(block["winner"] or "")
     if winner is None:
         print("no winner: nothing to hold out")
         return
-    children = {c["name"]: c["folder"] for c in block["candidates"] if c["kind"] == "uniform" or c["winner"]}
+    children = {c["name"]: c["folder"] for c in block["candidates"]
+                if c["kind"] == "uniform" or c["winner"] or c.get("search_winner")}
     same = None
     for g in (16, 32):  # the largest uniform W4A16 group layout no larger than the winner
         bpw = 4 + 32 / g  # fp32 scales, symmetric: no zero points
@@ -126,4 +140,4 @@ def main(realdata: str, work: str, budget: str = "10%", confidence: str = "0.95"
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], a[1], *a[2:4], *(int(x) for x in a[4:5]))
+    main(a[0], a[1], *a[2:4], *(int(x) for x in a[4:5]), *a[5:6])

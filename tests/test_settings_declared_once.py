@@ -12,8 +12,9 @@ from flipcheck.recipes.runner import sweep
 from flipcheck.recipes.schema import EvaluationSpec
 
 DECLARED = {f.name for f in dataclasses.fields(EvalSettings)}
-# not user options: the bootstrap size and the parent's stored top-K are library-level knobs
-LIBRARY_ONLY = {"n_boot", "topk"}
+# not user options: the bootstrap size and the parent's stored top-K are library-level knobs; the doc ids
+# of a split (doc_ids) are chosen by search, and a recipe can hold them
+LIBRARY_ONLY = {"n_boot", "topk", "doc_ids"}
 # where a recipe holds them: device, dtype and trust_remote_code are recipe-level keys, not evaluation's
 RECIPE_LEVEL = {"device", "dtype", "trust_remote_code"}
 # names that differ on the command line

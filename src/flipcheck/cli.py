@@ -153,6 +153,10 @@ def eval_cmd(
     gpus_per_child: GpusPerChild = None,
     cpus_per_child: CpusPerChild = None,
     shards: Shards = 1,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="score questions in seeded random batches and stop once an anytime-valid confidence sequence decides --max-flips at --confidence (one child)")] = False,
+    max_flips: Annotated[str | None, typer.Option(help="with --until-decided: the flip budget, e.g. 2%")] = None,
+    confidence: Annotated[str | None, typer.Option(help="with --until-decided: the confidence of its bounds, e.g. 0.95")] = None,
+    batch_questions: Annotated[int, typer.Option(help="with --until-decided: questions per task per round")] = 100,
     verbose: Verbose = False,
 ) -> None:
     """Score PARENT and CHILD on the same lm-eval instances and text corpora; report accuracy, flips and KL."""
@@ -163,6 +167,14 @@ def eval_cmd(
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
         _engine_choices(engine, parent_engine, child_engine)
+        if until_decided:
+            if text or noise_floor or engine_floor or child_url or parent_url or executor != "local":
+                raise FlipcheckError("--until-decided scores question tasks round by round, here: drop --text, "
+                                     "--noise-floor, --engine-floor, --child-url/--parent-url and --executor ray")
+            return _until_decided(parent, children, tasks, out, max_flips, confidence, batch_questions, seed,
+                                  dict(include_path=include_path, limit=limit, metric=metric, cache_dir=cache_dir,
+                                       use_cache=not no_cache, num_fewshot=num_fewshot, batch_size=batch_size,
+                                       device=device, dtype=dtype, trust_remote_code=trust_remote_code))
         served = _served(child_url, child_model)
         served_parent = _served([parent_url] if parent_url else [], [parent_model] if parent_model else [])
         if not children and not served:
@@ -187,6 +199,24 @@ def eval_cmd(
 
     with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
         _run(go)
+
+
+def _until_decided(parent, children, tasks, out, max_flips, confidence, batch, seed, options) -> None:
+    """`eval --until-decided`: the sequential gate (flipcheck.decide.until_decided); exit 0 PASS, 1 FAIL."""
+    from flipcheck.decide.until_decided import check_options, lines, until_decided, write
+
+    check_options(max_flips, confidence, batch)
+    if len(children or []) != 1 or parent == "-":
+        raise FlipcheckError("--until-decided judges one CHILD against a named PARENT")
+    lim = options.pop("limit")
+    block = until_decided(parent, children[0], tasks=(tasks or DEMO_TASKS).split(","), max_flips=max_flips,
+                          confidence=confidence, batch=batch, seed=seed, limit=None if lim is None else (int(lim) if lim >= 1 else lim),
+                          say=lambda m: err_console.print(m, style="dim", markup=False, highlight=False), **options)
+    for line in lines(block):
+        _verdict(line)
+    if out is not None:
+        console.print(f"report: {write(out, block)}")
+    raise typer.Exit(0 if block["verdict"] == "pass" else 1)
 
 
 def _progress(children: int, *, tasks: bool, texts: bool, compress: bool = False, judge: bool = False, title: str = "flipcheck"):
@@ -592,6 +622,8 @@ def plan_cmd(
     max_flips: Annotated[str, typer.Option(help="the flip budget to decide, e.g. 2%")],
     expected: Annotated[str, typer.Option(help="the flip rate you expect the child to have, e.g. 1% (below --max-flips)")],
     confidence: Annotated[str, typer.Option(help="confidence of the gate, e.g. 0.95")] = "0.95",
+    confirm: Annotated[str | None, typer.Option(help="also for `search --confirm SHARE`: the questions each split needs")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="with --confirm: search's --max-candidates (its split is judged at 1 - (1 - c)/K)")] = 8,
 ) -> None:
     """How many questions a flip budget needs: the smallest n such that ceil(expected*n) flips in n
     questions have a one-sided Clopper-Pearson upper bound <= --max-flips at --confidence (so a child
@@ -606,6 +638,11 @@ def plan_cmd(
         if p.every_from > p.questions:
             console.print(f"every n >= {p.every_from} decides it too (checked to {p.checked_to}); some n between fail, "
                           "as ceil(expected*n) steps up", highlight=False)
+        if confirm is not None:
+            from flipcheck.decide.splits import split_plan
+
+            for line in split_plan(p, confirm, candidates):
+                console.print(line, highlight=False)
 
     _run(go)
 
@@ -664,7 +701,7 @@ def search_cmd(
     out: Annotated[Path, typer.Option(help="folder for report.json/md/html, recipe.yaml (the winner), candidates/ and the resumable search-state.json")],
     choices: Annotated[str | None, typer.Option(help="per-layer options: scheme=W4A16,W8A16[,none] (rtn, gptq) or sparsity=0.3,0.5[,0] (wanda, sparsegpt); none for layer_drop")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="fixed key=value settings of every candidate, e.g. group_size=64")] = None,
-    max_flips: Annotated[str | None, typer.Option(help="largest allowed flip rate, e.g. 2%")] = None,
+    max_flips: Annotated[str | None, typer.Option(help="largest allowed flip rate, e.g. 2%; a list (2%,5%,10%, as for every budget) gives one confirmed recipe per budget from one sensitivity pass")] = None,
     max_kl: Annotated[str | None, typer.Option(help="largest allowed mean KL over options, e.g. 0.02")] = None,
     max_kl_text: Annotated[str | None, typer.Option(help="largest allowed mean KL(P‖C) per token on each --text corpus")] = None,
     max_ppl_ratio: Annotated[str | None, typer.Option(help="largest allowed PPL_child / PPL_parent on each --text corpus")] = None,
@@ -694,6 +731,9 @@ def search_cmd(
     probe_ctx: Annotated[int, typer.Option(min=8, help="tokens per sensitivity window")] = 256,
     max_candidates: Annotated[int, typer.Option(min=1, help="most children verified (uniform ones included)")] = 8,
     per_round: Annotated[int | None, typer.Option(min=1, help="proposals verified at once (default 1 local, 2 on Ray)")] = None,
+    confirm: Annotated[str, typer.Option(help="share of each task's questions held out to confirm the winner (seeded, stratified by task and subtask), in (0, 1)")] = "0.3",
+    confirm_tasks: Annotated[str | None, typer.Option("--confirm-tasks", help="comma-separated tasks to confirm the winner on instead (the search then uses all of --tasks)")] = None,
+    no_confirm: Annotated[bool, typer.Option("--no-confirm", help="no confirmation: search and judge on all the questions (the winner may not hold on fresh ones)")] = False,
     device: Device = None,
     dtype: Dtype = None,
     trust_remote_code: TrustRemote = False,
@@ -720,7 +760,9 @@ def search_cmd(
         _kl_choice(kl)
         ex = _executor(executor, ray_address, gpus_per_child, cpus_per_child, 1)
         chosen = tasks.split(",") if tasks else ([] if text else DEMO_TASKS.split(","))
-        with third_party_output(out, verbose=verbose):
+        steps = max_candidates + 3  # the children verified at most, plus sensitivities and confirmations (an upper bound)
+        with third_party_output(out, verbose=verbose), _progress(steps, tasks=bool(chosen), texts=bool(text), compress=True,
+                                                                 title="flipcheck search") as bar:
             block = search(
                 parent, method, choices, out=out, settings=parse_set_options(set_),
                 budgets={"max_flips": max_flips, "max_kl": max_kl, "max_kl_text": max_kl_text, "max_ppl_ratio": max_ppl_ratio,
@@ -730,8 +772,9 @@ def search_cmd(
                 filter=filter_, per_subtask=per_subtask, **_engine_choices(engine, parent_engine, child_engine),
                 calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
                 probe_windows=probe_windows, probe_ctx=probe_ctx, max_candidates=max_candidates, per_round=per_round,
+                confirm=None if no_confirm else confirm, confirm_tasks=confirm_tasks.split(",") if confirm_tasks else (),
                 device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, executor=ex,
-                progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False))
+                progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False), on_step=bar.step)
         console.print(search_table(block))
         for line in summary_lines(block):
             _verdict(line)

@@ -31,7 +31,7 @@ def test_compress_gguf_types(tiny_model_dir, tmp_path, qtype):
     assert gguf_file_type(gguf) == qtype
     prov = json.loads((out / "flipcheck.json").read_text())
     assert prov["parent"] == str(Path(tiny_model_dir).resolve()) and prov["gguf"] == gguf.name
-    assert prov["recipe"] == [{"method": "gguf", "settings": {"type": qtype}}]
+    assert prov["recipe"] == [{"method": "gguf", "settings": {"type": qtype, "layers": None}}]
     assert prov["weights"][gguf.name]["size"] == gguf.stat().st_size  # the fingerprint is bound to the file
     report = prov["reports"][0]
     expected = {"Q8_0": 8.5, "F16": 16.0}.get(qtype)
@@ -164,3 +164,26 @@ def test_writer_equals_llamacpp_converter_on_smollm2(smollm2_dir, tmp_path_facto
     finally:
         for m in models.values():
             m.close()
+
+
+def test_per_layer_tensor_types_reach_llama_cpps_overrides(tiny_model_dir, tmp_path):
+    """--set layers=1:Q8_0 on a Q4_0 child: every 2-D tensor of decoder layer 1 is Q8_0 in the file
+    llama.cpp wrote (its per-tensor overrides), layer 0's are Q4_0, and bits/weight lies between."""
+    import gguf
+
+    out = tmp_path / "mix"
+    res = runner.invoke(app, ["compress", str(tiny_model_dir), "--method", "gguf", "--set", "type=Q4_0",
+                              "--set", "layers=1:Q8_0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    (path,) = out.glob("*.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors
+             if t.name.startswith("blk.") and len([d for d in t.shape if d > 1]) == 2}
+    assert types and all(v == ("Q8_0" if k.startswith("blk.1.") else "Q4_0") for k, v in types.items()), types
+    bits = json.loads((out / "flipcheck.json").read_text())["reports"][0]["bits_per_weight"]
+    assert 4.5 < bits < 8.5  # Q4_0 is 4.5 bits per weight, Q8_0 8.5: half the Linears each
+    bad = runner.invoke(app, ["compress", str(tiny_model_dir), "--method", "gguf", "--set", "layers=0:Q4_K_M",
+                              "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "tensor type 'Q4_K_M' is not allowed; allowed: F32" in " ".join(bad.output.split())
+    far = runner.invoke(app, ["compress", str(tiny_model_dir), "--method", "gguf", "--set", "layers=5:Q8_0",
+                              "--out", str(tmp_path / "far")])
+    assert far.exit_code == 2 and "names layer 5, but the model has 2 decoder layers" in " ".join(far.output.split())

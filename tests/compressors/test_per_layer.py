@@ -197,6 +197,28 @@ def test_a_per_layer_map_naming_the_base_scheme_everywhere_equals_the_uniform_ch
         assert torch.equal(uniform(ids).logits, mapped(ids).logits)
 
 
+def test_awq_per_layer_schemes_and_none(model4, calib):
+    """AWQ with layer 0 at W8A16 and layer 3 left alone: each layer's Linears carry their own scheme,
+    layer 3's weights are the parent's bit for bit, the others lie on their integer grids; with a map
+    that names the default scheme everywhere AWQ gives the uniform child's weights."""
+    child, report = apply("awq", model4, {"layers": "0:W8A16,3:none"}, calib)
+    for name, mod in decoder_linears(child).items():
+        scheme = getattr(mod, "quantization_scheme", None)
+        if layer_of(name) == 3:
+            assert scheme is None and torch.equal(mod.weight, model4.get_submodule(name).weight), name
+            continue
+        w = scheme.weights
+        assert (w.num_bits, w.symmetric) == ((8, True) if layer_of(name) == 0 else (4, False)), name
+    assert report.extra["quantized_linears"] == 7 * (LAYERS - 1)
+    assert report.config["layers"] == {"0": "W8A16", "3": "none"}
+    uniform, _ = apply("awq", model4, {}, calib)
+    mapped, _ = apply("awq", model4, {"scheme": "W8A16", "layers": {"0-3": "W4A16_ASYM"}}, calib)
+    for name, mod in decoder_linears(uniform).items():
+        assert torch.equal(mod.weight, mapped.get_submodule(name).weight), name
+    with pytest.raises(FlipcheckError, match="allowed: W4A16_ASYM, W4A16, W8A16, none"):
+        make_config("awq", {"layers": "0:W8A8"})
+
+
 # --------------------------------------------------------------------------- pruners and layer dropping
 
 

@@ -35,7 +35,7 @@ def parent4(tmp_path_factory, tiny_tokenizer):
 def _args(parent, task_dir, out, cache, *extra):
     return ["search", str(parent), "--method", "rtn", "--choices", "scheme=W4A16,W8A16", "--max-flips", BUDGET,
             "--tasks", TASKS, "--include-path", str(task_dir), "--out", str(out), "--cache-dir", str(cache),
-            "--calibration", "demo", "--probe-windows", "2", "--probe-ctx", "32", "--batch-size", "8", *extra]
+            "--calibration", "demo", "--probe-windows", "2", "--probe-ctx", "32", "--batch-size", "8", "--no-confirm", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_a_second_run_resumes_with_nothing_verified_anew(searched, parent4, task
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    (["--method", "awq", "--choices", "scheme=W4A16", "--max-flips", "2%"], "allowed are rtn, gptq, wanda, sparsegpt, layer_drop"),
+    (["--method", "smoothquant", "--choices", "scheme=W4A16", "--max-flips", "2%"], "allowed are rtn, gptq, awq, wanda, sparsegpt, layer_drop"),
     (["--method", "rtn", "--choices", "scheme=W4A16,W5X", "--max-flips", "2%"], "allowed: "),
     (["--method", "rtn", "--choices", "sparsity=0.5,0.6", "--max-flips", "2%"], "rtn chooses scheme per layer"),
     (["--method", "rtn", "--choices", "scheme=W4A16,W8A16", "--max-flips", "two"], "--max-flips 'two': expected a fraction"),
@@ -148,6 +148,10 @@ def test_allocations_become_the_step_settings_the_schema_validates():
     StepSpec(method="rtn", settings=s)
     assert space.settings([1, 1, 1]) == {"group_size": "64", "scheme": "W8A16", "layers": None}
     assert space.settings([2, 2]) is None  # every layer keeps the parent's: no child
+    awq = parse_space("awq", "scheme=w4a16_asym,W8A16,none")
+    assert awq.labels() == ["W4A16_ASYM", "W8A16", "none"]
+    assert awq.settings([0, 1, 2, 0]) == {"scheme": "W4A16_ASYM", "layers": {"1": "W8A16", "2": "none"}}
+    StepSpec(method="awq", settings=awq.settings([0, 1, 2, 0]))
     prune = parse_space("wanda", "sparsity=0.5,0.25,0")
     assert prune.settings([1, 2, 2, 0]) == {"sparsity": 0.5, "layers": {"0": 0.25, "1-2": 0.0}}  # default: the first compressing choice on a tie
     StepSpec(method="wanda", settings=prune.settings([1, 2, 2, 0]))
@@ -190,7 +194,7 @@ def test_layer_drop_search_drops_the_layers_the_budget_allows(parent4, task_dir,
     res = CliRunner().invoke(app, ["search", str(parent4), "--method", "layer_drop", "--max-flips", "60%", "--tasks", TASKS,
                                    "--include-path", str(task_dir), "--out", str(tmp_path / "run"),
                                    "--cache-dir", str(tmp_path / "cache"), "--calibration", "demo", "--probe-windows", "2",
-                                   "--probe-ctx", "32", "--batch-size", "8"])
+                                   "--probe-ctx", "32", "--batch-size", "8", "--no-confirm"])
     assert res.exit_code == 0, res.output
     block = json.loads((tmp_path / "run" / "report.json").read_text())["search"]
     winner = next(c for c in block["candidates"] if c["winner"])
@@ -205,15 +209,65 @@ def test_layer_drop_search_drops_the_layers_the_budget_allows(parent4, task_dir,
 
 def test_search_command_and_function_offer_every_evaluation_setting():
     """EvalSettings is the one declaration (tests/test_settings_declared_once.py); search takes all of
-    it but engine_floor (a floor row is no candidate) and the library-only knobs."""
+    it but engine_floor (a floor row is no candidate), the library-only knobs and sampling (search judges
+    the greedy answers its gate counts; sampled generations are for eval)."""
     import dataclasses
     import inspect
 
     from flipcheck.decide.search import search
     from flipcheck.evaluation.runner import EvalSettings
 
-    declared = {f.name for f in dataclasses.fields(EvalSettings)} - {"n_boot", "topk", "engine_floor"}
+    declared = {f.name for f in dataclasses.fields(EvalSettings)} - {"n_boot", "topk", "engine_floor", "doc_ids",
+                                                                   "sample", "samples"}
     cmd = next(c for c in app.registered_commands if c.name == "search")
     cli = set(inspect.signature(cmd.callback).parameters)
     assert not {{"texts": "text", "filter": "filter_"}.get(n, n) for n in declared} - cli
     assert not declared - set(inspect.signature(search).parameters)
+
+
+def test_predicted_beside_measured_and_their_rank_correlation(searched):
+    """Every candidate carries its additive prediction and its measured KL and flips (micro, over both
+    tasks); ρ is Spearman's over the candidates, and the report prints it."""
+    from flipcheck.decide.additivity import spearman
+
+    root, block, output = searched
+    rows = block["candidates"]
+    for c in rows:
+        assert c["predicted"] == c["damage"] and c["measured"]["kl"] == c["micro"]["kl"]
+        assert c["measured"]["flips"] == c["micro"]["flips"]
+    a = block["additivity"]
+    assert a["n"] == len(rows)
+    x, y = [c["damage"] for c in rows], [c["micro"]["kl"] for c in rows]
+    assert a["spearman_kl"] == pytest.approx(spearman(x, y))
+    assert "Spearman rank correlation" in " ".join(output.split())
+
+
+def test_spearman_by_hand():
+    from flipcheck.decide.additivity import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * 15))  # rank differences 0, 1, -1, 0
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_awq_search_verifies_children_whose_layers_hold_the_chosen_schemes(parent4, task_dir, tmp_path):
+    """--method awq: every verified child's saved quantization_config gives each layer's Linears the
+    scheme of its allocation (int8 for W8A16, int4 for W4A16_ASYM)."""
+    import re
+
+    res = CliRunner().invoke(app, ["search", str(parent4), "--method", "awq", "--choices", "scheme=W4A16_ASYM,W8A16",
+                                   "--set", "n_grid=4", "--max-flips", BUDGET, "--tasks", TASKS, "--include-path", str(task_dir),
+                                   "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--calibration", "demo",
+                                   "--probe-windows", "2", "--probe-ctx", "32", "--batch-size", "8", "--max-candidates", "3",
+                                   "--no-confirm"])
+    assert res.exit_code in (0, 1), res.output
+    block = json.loads((tmp_path / "run" / "report.json").read_text())["search"]
+    assert len(block["candidates"]) >= 2
+    for c in block["candidates"]:
+        groups = json.loads((tmp_path / "run" / "candidates" / "children" / c["name"] / "config.json").read_text())[
+            "quantization_config"]["config_groups"].values()
+        for i, scheme in enumerate(c["allocation"]):
+            name = f"model.layers.{i}.mlp.down_proj"
+            bits = [g["weights"]["num_bits"] for g in groups
+                    if any(t == "Linear" or (t.startswith("re:") and re.match(t[3:], name)) for t in g["targets"])]
+            assert bits == [8 if scheme == "W8A16" else 4], (c["name"], i, bits)

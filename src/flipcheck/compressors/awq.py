@@ -17,20 +17,33 @@ activations count (s = s_X^α, the paper's form); "both" searches half the grid 
 Weights end as 4-bit asymmetric integers with one scale and zero point per `group_size` input
 weights: W ≈ s·(q - z), with q ∈ [-8, 7] and an integer zero point z
 (compressed-tensors keeps the codes signed).
+
+``layers`` gives decoder layers their own scheme (``{"0-3": "W8A16"}``, "none" to leave them
+unquantized), as for ``gptq``: the quantization modifier gets one config group per scheme whose
+targets name exactly those layers' Linears (:func:`~flipcheck.compressors.llmc.quant_groups`), and
+llm-compressor's AWQ searches each smoothing group's scales against its balance layers' own
+quantization arguments (a group whose Linears are all "none" is not smoothed).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from flipcheck.compressors.llmc import quant_scheme
+from flipcheck.compressors.llmc import quant_groups
+from flipcheck.compressors.per_layer import KEEP, parse_layer_map
 from flipcheck.compressors.registry import MethodConfig, none_from_text, register
+
+#: the schemes an AWQ layer may take (W4A16_ASYM: the paper's; the others for per-layer mixes)
+AWQ_SCHEMES = ("W4A16_ASYM", "W4A16", "W8A16")
 
 
 class AWQConfig(MethodConfig):
     """AWQ W4A16 (asymmetric): salient input channels scaled up before rounding (llm-compressor)."""
+
+    scheme: Literal[AWQ_SCHEMES] = Field(  # type: ignore[valid-type]
+        "W4A16_ASYM", description="weight scheme of every layer `layers` does not name (the paper: W4A16_ASYM)")
 
     group_size: int | None = Field(
         128, ge=1, le=65536, description="input weights sharing one scale and zero point; None = per output channel"
@@ -40,20 +53,42 @@ class AWQConfig(MethodConfig):
         True, description="True: s = s_X^α / s_W^(1-α); False: s = s_X^α (the paper); 'both': search both"
     )
 
+    layers: dict[str, str] | None = Field(
+        None, description="per-layer schemes {range: scheme or 'none'}, e.g. {'0-3': W8A16}; other layers take `scheme`")
+
     @field_validator("group_size", mode="before")
     @classmethod
     def _none(cls, v):
         return none_from_text(v)
 
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _upper(cls, v):
+        return v.upper() if isinstance(v, str) else v
 
-def awq_modifiers(config: AWQConfig, head: str) -> list:
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any):
+        return parse_layer_map(v, _awq_scheme)
+
+
+def _awq_scheme(value: Any) -> str:
+    v = str(value).strip().upper()
+    if v == KEEP.upper():
+        return KEEP
+    if v not in AWQ_SCHEMES:
+        raise ValueError(f"layers: scheme {value!r} is not allowed; allowed: {', '.join(AWQ_SCHEMES)}, {KEEP}")
+    return v
+
+
+def awq_modifiers(config: AWQConfig, head: str, model=None) -> list:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    scheme = quant_scheme("W4A16_ASYM", config.group_size)
+    groups, ignore = quant_groups(config.scheme, config.group_size, config.layers, model, head)
     return [
         AWQModifier(n_grid=config.n_grid, duo_scaling=config.duo_scaling),
-        QuantizationModifier(config_groups={"group_0": scheme}, ignore=[head]),
+        QuantizationModifier(config_groups=groups, ignore=ignore),
     ]
 
 

@@ -10,6 +10,13 @@ does not fit a 256-wide super-block (SmolLM2's 576 is not a multiple of 256: tho
 Q5_0/Q8_0/...). DIR holds the ``.gguf``, the parent's tokenizer files and ``flipcheck.json``; the
 llama.cpp engine scores it as it will be served.
 
+``layers`` gives decoder layers their own ggml tensor type (``{"0-3": "Q8_0"}``): llama.cpp's
+per-tensor overrides, what ``llama-quantize --tensor-type 'blk\\.(0|1|2|3)\\.=q8_0'`` does, reached
+through ``llama_model_quantize_params.tt_overrides`` of llama-cpp-python (0.3.36): one regex
+``^blk\\.(i|j|…)\\.`` per type (:func:`~flipcheck.compressors.gguf_convert.tensor_overrides`).
+``search`` does not choose GGUF types per layer yet (its sensitivities swap torch layers of the
+child into the parent; a GGUF child's are llama.cpp's).
+
 No importance matrix: llama-cpp-python's quantizer takes one only as a pointer to llama.cpp's
 C++ map, which its Python binding cannot build (``llama-imatrix`` is not packaged); IQ4_XS and the
 other types here quantize without one.
@@ -20,18 +27,20 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flipcheck.compressors.gguf_convert import (
     QUANT_TYPES,
+    TENSOR_TYPES,
     gguf_bits,
     load_gguf_weights,
     quantize_gguf,
     write_gguf,
 )
+from flipcheck.compressors.per_layer import expand, parse_layer_map
 from flipcheck.compressors.registry import CompressionReport, MethodConfig, register
 from flipcheck.compressors.stats import measure
 
@@ -44,6 +53,22 @@ class GGUFConfig(MethodConfig):
     """GGUF file quantized by llama.cpp (F32, F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ...)."""
 
     type: GGUFType = Field("Q4_K_M", description="llama.cpp quantization type (llama-quantize's names)")
+    layers: dict[str, str] | None = Field(
+        None, description="per-layer ggml tensor types {range: type}, e.g. {'0-3': Q8_0}, through llama.cpp's per-tensor "
+        "overrides (llama-quantize --tensor-type); other layers follow `type` (--set layers=0-3:Q8_0)")
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any):
+        return parse_layer_map(v, _tensor_type)
+
+
+def _tensor_type(value: Any) -> str:
+    """A per-layer value: a ggml tensor type (not a mix such as Q4_K_M: one type per tensor)."""
+    v = str(value).strip().upper()
+    if v not in TENSOR_TYPES:
+        raise ValueError(f"layers: tensor type {value!r} is not allowed; allowed: {', '.join(TENSOR_TYPES)}")
+    return v
 
 
 def gguf_name(config: GGUFConfig) -> str:
@@ -60,10 +85,11 @@ def apply_gguf(model: torch.nn.Module, config: GGUFConfig, calibration) -> Compr
     tmp = Path(tempfile.mkdtemp(prefix="flipcheck-gguf-"))
     f32 = write_gguf(model, tokenizer, tmp / "model-F32.gguf")
     out = tmp / gguf_name(config)
-    if config.type == "F32":
+    layers = expand(config.layers, int(getattr(model.config, "num_hidden_layers", 0) or 0)) if config.layers else None
+    if config.type == "F32" and not layers:
         f32.rename(out)
     else:
-        quantize_gguf(f32, out, config.type)
+        quantize_gguf(f32, out, config.type, layers=layers)
         f32.unlink()
     stats = gguf_bits(out)
     sparsity = measure(model).sparsity  # zeros an earlier step (wanda, sparsegpt) left, before quantization

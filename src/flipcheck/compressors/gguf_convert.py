@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +241,35 @@ QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0",
                "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL")
 
 
-def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str, *, threads: int | None = None) -> Path:
-    """llama.cpp's own quantizer (``llama_model_quantize``) from a float GGUF to `type_name`."""
+#: ggml tensor types a decoder layer's tensors may be given (llama-quantize --tensor-type's values)
+TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS")
+
+
+def tensor_overrides(layers: Mapping[int, str]):
+    r"""llama.cpp's per-tensor type overrides (``llama_model_quantize_params.tt_overrides``: what
+    ``llama-quantize --tensor-type PATTERN=TYPE`` fills): one regex per type, ``^blk\.(i|j|...)\.``,
+    naming every tensor of those decoder layers; the array ends with a null pattern. Returns the
+    ctypes array (kept alive by the caller while llama.cpp reads it)."""
+    import ctypes
+
+    import llama_cpp
+    from gguf import GGMLQuantizationType
+
+    by_type: dict[str, list[int]] = {}
+    for i, t in sorted(layers.items()):
+        by_type.setdefault(t, []).append(i)
+    arr = (llama_cpp.llama_model_tensor_override * (len(by_type) + 1))()
+    for k, (t, idx) in enumerate(sorted(by_type.items())):
+        arr[k].pattern = ("^blk\\.(" + "|".join(str(i) for i in idx) + ")\\.").encode()
+        arr[k].type = int(GGMLQuantizationType[t].value)
+    arr[len(by_type)].pattern = None
+    return arr, ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+
+
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str, *, threads: int | None = None,
+                  layers: Mapping[int, str] | None = None) -> Path:
+    """llama.cpp's own quantizer (``llama_model_quantize``) from a float GGUF to `type_name`; `layers`
+    gives decoder layers their own ggml tensor type through llama.cpp's per-tensor overrides."""
     from flipcheck.evaluation.engines.llamacpp import require
 
     require()
@@ -253,8 +281,15 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = int(threads or max(1, torch.get_num_threads()))
+    keep = None
+    if layers:
+        if not hasattr(params, "tt_overrides"):
+            raise FlipcheckError("gguf: per-layer types need llama-cpp-python with llama_model_quantize_params.tt_overrides "
+                                 "(0.3.36 has it)")
+        keep, params.tt_overrides = tensor_overrides(layers)
     with _quiet_stderr():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    del keep
     if rc != 0:
         raise FlipcheckError(f"gguf: llama.cpp's quantizer failed on {type_name} (code {rc})")
     return Path(dst)

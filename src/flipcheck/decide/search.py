@@ -46,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flipcheck.decide.budgets import BUDGET_NAMES, Budgets  # noqa: F401 - re-exported
 from flipcheck.decide.search_space import PRUNERS, Space, digest, parse_space, size_bits
+from flipcheck.decide.splits import DEFAULT_CONFIRM
 from flipcheck.errors import FlipcheckError
 
 log = logging.getLogger(__name__)
@@ -54,90 +56,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "flipcheck.search"
 VERSION = 1
 STATE = "search-state.json"
-BUDGET_NAMES = ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio")
 Say = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- budgets
-
-
-@dataclass
-class Budgets:
-    """The gate's budgets (texts as the user wrote them) and how they are judged."""
-
-    values: dict[str, str | None]
-    confidence: float | None = None
-    metric: str | None = None
-
-    @classmethod
-    def parse(cls, values: Mapping[str, Any], confidence: str | float | None = None, metric: str | None = None,
-              texts: Sequence[str] = ()) -> Budgets:
-        """Checked before any work: every budget parses, at least one is given, a text budget has texts."""
-        from flipcheck.decide.confidence import check_confidence
-        from flipcheck.evaluation.samples import check_metric
-        from flipcheck.gate import parse_budget
-
-        check_metric(metric)
-        given = {k: (None if values.get(k) is None else str(values[k])) for k in BUDGET_NAMES}
-        for k, v in given.items():
-            if v is not None:
-                parse_budget(v, "--" + k.replace("_", "-"))
-        if all(v is None for v in given.values()):
-            raise FlipcheckError("search: give at least one budget: " + ", ".join("--" + k.replace("_", "-") for k in BUDGET_NAMES))
-        if (given["max_kl_text"] or given["max_ppl_ratio"]) and not texts:
-            raise FlipcheckError("search: --max-kl-text / --max-ppl-ratio judge text corpora; give --text")
-        conf = None if confidence is None else check_confidence(confidence)
-        return cls(given, conf, metric)
-
-    def verdicts(self, entry: Mapping[str, Any]) -> tuple[bool, list[str]]:
-        """(passes every budget, the gate's verdict lines) for one evaluated child."""
-        from flipcheck.gate import check
-
-        vs = check({"children": [entry]}, **self.values, metric=self.metric, confidence=self.confidence)
-        return all(v.passed for v in vs), [v.text for v in vs]
-
-    def primary(self) -> tuple[str, float] | None:
-        """The figure the search steers by, and its budget: flips, else text KL, else KL."""
-        from flipcheck.gate import parse_budget
-
-        for k in ("max_flips", "max_kl_text", "max_kl"):
-            if self.values.get(k) is not None:
-                return k, parse_budget(self.values[k], k)
-        return None
-
-    def figure(self, entry: Mapping[str, Any]) -> float | None:
-        """The steering figure of a child as the gate judges it (the worst task or corpus):
-        flips (their upper bound with a confidence), text KL, or KL over options."""
-        from flipcheck.gate import _figures, _kl
-
-        p = self.primary()
-        if p is None:
-            return None
-        kind = p[0]
-        vals: list[float] = []
-        if kind == "max_kl_text":
-            for fig in (entry.get("corpus") or {}).values():
-                kl = (fig.get("kl") or {}).get("mean")
-                if kl is not None:
-                    vals.append(float(kl))
-            return max(vals) if vals else None
-        summaries = list((entry.get("tasks") or {}).values()) + ([entry["micro"]] if entry.get("micro") else [])
-        for s in summaries:
-            fig, _ = _figures(s, self.metric)
-            if kind == "max_kl":
-                v, _ = _kl(fig)
-                if v is not None:
-                    vals.append(v)
-                continue
-            v = fig.get("flips")
-            if v is None:
-                continue
-            if self.confidence is not None and fig.get("n") and fig.get("n_c2i") is not None:
-                from flipcheck.decide.confidence import cp_upper
-
-                v = cp_upper(int(fig["n_c2i"]) + int(fig["n_i2c"]), int(fig["n"]), self.confidence)
-            vals.append(float(v))
-        return max(vals) if vals else None
 
 
 # --------------------------------------------------------------------------- state
@@ -245,7 +164,7 @@ class Tables:
 
 class Search:
     def __init__(self, space: Space, budgets: Budgets, run, out: Path, executor, *, probe: dict[str, Any],
-                 max_candidates: int, per_round: int, say: Say):
+                 max_candidates: int, per_round: int, say: Say, on_step: Say | None = None):
         self.space, self.budgets, self.run, self.out = space, budgets, run, out
         self.work = out / "candidates"
         self.executor, self.probe_cfg = executor, probe
@@ -255,6 +174,7 @@ class Search:
         self.errors: list[dict[str, Any]] = []
         self.seen: set[tuple[int, ...]] = set()
         self.clock = _Clock()
+        self.on_step = on_step  # the CLI's progress view: "CHILD: compress", "CHILD: tasks", "CHOICE: sensitivities"
         self.probe_seconds = 0.0
         self.num_layers = _num_layers(run.parent_src)
         self._parent = None
@@ -328,6 +248,12 @@ class Search:
             self.state.save()
         return done
 
+    def step(self, message: str) -> None:
+        """The evaluator's step hook: timed by the clock, shown by the progress view."""
+        self.clock.step(message)
+        if self.on_step is not None:
+            self.on_step(message)
+
     def _judge(self, c: Candidate) -> Candidate:
         c.passed, c.verdicts = self.budgets.verdicts(c.entry)
         c.figure = self.budgets.figure(c.entry)
@@ -400,6 +326,8 @@ class Search:
 
                 parent = self._parent_model()
                 ids = self._probe_ids() if ids is None else ids
+                if self.on_step is not None:
+                    self.on_step(f"{choice.label}: sensitivities")
                 self.say(f"sensitivities of {choice.label}: {self.num_layers} layers swapped into the parent, "
                          f"{ids.shape[0]} windows of {ids.shape[1]} tokens")
                 if self.space.method == "layer_drop":
@@ -518,7 +446,13 @@ class Search:
 
     def go(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.run.evaluator.on_step = self.clock.step
+        self.setup()
+        self.explore(self.max_candidates)
+        return self.summary(time.perf_counter() - t0)
+
+    def setup(self) -> None:
+        """The parent scored, one uniform child per choice verified, the sensitivities measured."""
+        self.run.evaluator.on_step = self.step
         self.executor.open(self.work, self.run.cache, self.say)
         self.run.evaluator.score_parent()
         uniform: dict[int, Candidate] = {}
@@ -535,8 +469,11 @@ class Search:
         self.tables = self.sensitivities(uniform)
         for c in self.candidates:
             c.damage, c.predicted_size = self.tables.damage(c.allocation), self.tables.size(c.allocation)
-        while len(self.candidates) + len(self.errors) < self.max_candidates:
-            proposals = self.propose()[: self.max_candidates - len(self.candidates) - len(self.errors)]
+
+    def explore(self, cap: int) -> None:
+        """Propose and verify (module docstring, steps 3–5) until `cap` candidates in all are verified."""
+        while len(self.candidates) + len(self.errors) < cap:
+            proposals = self.propose()[: cap - len(self.candidates) - len(self.errors)]
             if not proposals:
                 self.say("search: no new allocation can be smaller than the best verified child; done")
                 break
@@ -544,7 +481,13 @@ class Search:
             self.verify(proposals)
             if len(self.candidates) + len(self.errors) == before:
                 break  # nothing new could be verified
-        return self.summary(time.perf_counter() - t0)
+
+    def rejudge(self, budgets: Budgets) -> None:
+        """Judge every verified candidate anew by other budgets (the frontier's next one)."""
+        self.budgets = budgets
+        for c in self.candidates:
+            c.passed, c.verdicts = budgets.verdicts(c.entry)
+            c.figure = budgets.figure(c.entry)
 
     def summary(self, wall: float) -> dict[str, Any]:
         method = self.space.method
@@ -633,6 +576,25 @@ def default_text(parent: str, calibration: Mapping[str, Any] | None, tasks: Sequ
     return cal, note
 
 
+def _recipe(parent: str, space: Space, calibration: Mapping[str, Any] | None, evaluation: Mapping[str, Any], **recipe_level):
+    """The run's recipe: its evaluation section, and a placeholder child (layer_drop: drop layer 0 of 2)
+    that the candidates replace; a setting pydantic refuses is one line naming it."""
+    from flipcheck.recipes.runner import _first_error
+    from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
+
+    k = next(k for k, c in enumerate(space.choices) if not c.keep)
+    keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
+    first = space.settings([k]) or space.settings([k, *keep])
+    try:
+        return Recipe(name="search", parent=parent, calibration=CalibrationConfig(**(calibration or {})),
+                      children=[ChildSpec(name="search-placeholder", steps=[StepSpec(method=space.method, settings=first)])],
+                      evaluation=EvaluationSpec(**evaluation), **recipe_level)
+    except FlipcheckError:
+        raise
+    except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
+        raise FlipcheckError(f"search {space.method}: {_first_error(err)}") from err
+
+
 def search(
     parent: str,
     method: str,
@@ -664,45 +626,49 @@ def search(
     probe_batch_size: int = 4,
     max_candidates: int = 8,
     per_round: int | None = None,
+    confirm: float | str | None = DEFAULT_CONFIRM,
+    confirm_tasks: Sequence[str] = (),
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
     executor: Any = None,
     progress: Say | None = None,
+    on_step: Say | None = None,
 ) -> dict[str, Any]:
-    """Search, write DIR/report.json (+ md, html, recipe.yaml) and return the search block."""
+    """Search, write DIR/report.json (+ md, html, recipe.yaml) and return the search block.
+
+    ``confirm`` (a share in (0, 1), None for no confirmation) or ``confirm_tasks``: the search proposes
+    and verifies on the search split, at the tightened confidence, and the winner is the smallest
+    candidate that also passes on the confirmation split (:mod:`.confirm`, :mod:`.splits`)."""
     from flipcheck.compressors.calibration_data import check_reachable
+    from flipcheck.decide.additivity import additivity
+    from flipcheck.decide.confirm import confirm as run_confirmation
+    from flipcheck.decide.confirm import prepare
+    from flipcheck.decide.frontier import run_frontier, write_frontier
     from flipcheck.decide.search_report import write_search
     from flipcheck.executors import get_executor
     from flipcheck.recipes.checks import check_recipe
-    from flipcheck.recipes.runner import RecipeRun, _first_error
-    from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
+    from flipcheck.recipes.runner import RecipeRun
 
     say = progress or (lambda msg: log.info("%s", msg))
     calibration, text_note = default_text(parent, calibration, tasks, include_path, texts)
     space = parse_space(method, choices, settings)
-    judged = Budgets.parse(budgets, confidence, metric, texts)
+    sets = Budgets.parse_frontier(budgets, confidence, metric, texts)
+    judged = sets[0]
     if max_candidates < 1:
         raise FlipcheckError(f"--max-candidates {max_candidates}: must be >= 1")
     if per_round is not None and per_round < 1:
         raise FlipcheckError(f"--per-round {per_round}: must be >= 1")
-    k = next(k for k, c in enumerate(space.choices) if not c.keep)
-    keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
-    first = space.settings([k]) or space.settings([k, *keep])  # a placeholder child (layer_drop: drop layer 0 of 2)
-    try:
-        recipe = Recipe(
-            name="search", parent=parent, calibration=CalibrationConfig(**(calibration or {})),
-            children=[ChildSpec(name="search-placeholder", steps=[StepSpec(method=method, settings=first)])],
-            evaluation=EvaluationSpec(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
-                                      batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl,
-                                      scoring=scoring, filter=filter, per_subtask=per_subtask, engine=engine,
-                                      parent_engine=parent_engine, child_engine=child_engine),
-            device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    except FlipcheckError:
-        raise
-    except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
-        raise FlipcheckError(f"search {method}: {_first_error(err)}") from err
+    confs, sets_search = prepare(sets, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
+                                 include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
+    conf, judged_search = (confs[0] if confs else None), sets_search[0]
+    evaluation = dict(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                      batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl, scoring=scoring,
+                      filter=filter, per_subtask=per_subtask, engine=engine, parent_engine=parent_engine,
+                      child_engine=child_engine,
+                      doc_ids=conf.split.search if conf is not None and conf.split is not None else None)
+    recipe = _recipe(parent, space, calibration, evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = RecipeRun(recipe, cache_dir=cache_dir, say=say)
@@ -712,10 +678,20 @@ def search(
     probe = {"text": run.recipe.calibration.source, "windows": probe_windows, "ctx": probe_ctx, "seed": run.recipe.calibration.seed,
              "batch_size": probe_batch_size}
     rounds = per_round if per_round is not None else (1 if runner.name == "local" else 2)
-    s = Search(space, judged, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say)
-    block = s.go()
+    s = Search(space, judged_search, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say,
+               on_step=on_step)
+    if len(sets) > 1:  # one sensitivity pass, one confirmed winner per set of budgets
+        block = run_frontier(s, sets_search, confs, say)
+    else:
+        block = s.go()
+        block["additivity"] = additivity(block["candidates"])
+        if conf is not None:
+            run_confirmation(s, block, conf, say)
     if text_note:
         block["probe"] = {**block.get("probe", {}), "note": text_note}
+    block["confidence"], block["search_confidence"] = judged.confidence, judged_search.confidence
     block["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
+    block["recipe"]["evaluation"].pop("doc_ids", None)  # the winner's recipe is judged on all the questions
+    write_frontier(out, block)  # each set's recipe (takes the sets' blocks out of the report)
     write_search(out, block)
     return block

@@ -30,8 +30,9 @@ def _fig(block: Mapping[str, Any], x: float | None) -> str:
 
 def figure_label(block: Mapping[str, Any]) -> str:
     label = _LABEL.get(block.get("figure") or "", "figure")
-    if block.get("figure") == "max_flips" and block.get("confidence"):
-        label = f"flips, {block['confidence']:.0%} upper bound"
+    conf = block.get("search_confidence", block.get("confidence"))  # the candidates' figures: on the search split
+    if block.get("figure") == "max_flips" and conf:
+        label = f"flips, {conf:.2%} upper bound"
     return f"{label} (worst task)" if block.get("figure") in ("max_flips", "max_kl") else label
 
 
@@ -42,11 +43,38 @@ def _rows(block: Mapping[str, Any]) -> list[list[str]]:
         out.append([mark + c["name"], c["kind"], c["allocation_summary"], _mib(c["size_bits"]),
                     f"{c['bits_per_weight']:.3f}" if c.get("bits_per_weight") is not None else "n/a",
                     _fig(block, c["figure"]), f"{c['damage']:.4g}" if c.get("damage") is not None else "n/a",
-                    "PASS" if c["passed"] else "FAIL", "yes" if c["pareto"] else "", "cached" if c["reused"] else "new"])
+                    _num((c.get("measured") or {}).get("kl")),
+                    "PASS" if c["passed"] else "FAIL", _confirmed(block, c), "yes" if c["pareto"] else "",
+                    "cached" if c["reused"] else "new"])
     return out
 
 
-_HEAD = ["candidate", "kind", "layers", "size MiB", "bits/weight", "figure", "additive KL", "verdict", "Pareto", "run"]
+def _confirmed(block: Mapping[str, Any], c: Mapping[str, Any]) -> str:
+    conf = c.get("confirmation")
+    if not block.get("confirmation"):
+        return "-"
+    if conf is None:
+        return ""
+    return f"{'PASS' if conf['passed'] else 'FAIL'} ({_fig(block, conf.get('figure'))})"
+
+
+_HEAD = ["candidate", "kind", "layers", "size MiB", "bits/weight", "figure", "predicted (additive text KL)",
+         "measured KL", "verdict", "confirmed", "Pareto", "run"]
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def additivity_line(block: Mapping[str, Any]) -> str | None:
+    """Spearman's ρ of the additive prediction against the measured figures (decide.additivity)."""
+    a = block.get("additivity") or {}
+    parts = [f"{name} {a[key]:+.2f}" for key, name in (("spearman_kl", "KL over options"), ("spearman_flips", "flips"),
+                                                      ("spearman_kl_text", "text KL")) if a.get(key) is not None]
+    if not parts:
+        return None
+    return (f"predicted against measured over {a['n']} candidates: Spearman rank correlation of the additive "
+            f"text KL with {', '.join(parts)} (near 1: damage adds up over layers; near 0: it does not)")
 
 
 def search_table(block: Mapping[str, Any]) -> Table:
@@ -73,16 +101,62 @@ def summary_lines(block: Mapping[str, Any]) -> list[str]:
         lines.append(f"winner {w['name']}: {w['allocation_summary']}, {_mib(w['size_bits'])} MiB, "
                      f"{figure_label(block)} {_fig(block, w['figure'])}")
         if u is not None and u["size_bits"] and w["size_bits"]:
-            lines.append(f"smallest uniform child within budget: {u['name']}, {_mib(u['size_bits'])} MiB "
+            where = " (and not rejected by the confirmation)" if block.get("confirmation") else ""
+            lines.append(f"smallest uniform child within budget{where}: {u['name']}, {_mib(u['size_bits'])} MiB "
                          f"(the winner is {1 - w['size_bits'] / u['size_bits']:.1%} smaller)")
         elif u is None:
             lines.append("no uniform child meets every budget")
+    lines += frontier_lines(block)
+    lines += confirmation_lines(block)
+    add = additivity_line(block)
+    if add:
+        lines.append(add)
     lines.append(f"{cost['candidates']} candidates ({cost['new']} verified now, {cost['reused']} from an earlier run); "
                  f"{cost['wall_s']:.1f} s: probe {cost['probe_s']:.1f} s, compression {cost['compress_s']:.1f} s, "
                  f"evaluation {cost['evaluate_s']:.1f} s")
     probe = block.get("probe") or {}
     if probe.get("text"):
         lines.append(f"sensitivity and calibration text: {probe['text']}" + (f" ({probe['note']})" if probe.get("note") else ""))
+    return lines
+
+
+def frontier_lines(block: Mapping[str, Any]) -> list[str]:
+    """One line per set of budgets (decide.frontier): its confirmed winner, size and recipe."""
+    out = []
+    for f in block.get("frontier") or []:
+        budgets = ", ".join(f"{k} {v}" for k, v in f["budgets"].items())
+        if f["winner"] is None:
+            out.append(f"frontier {budgets}: no confirmed winner")
+            continue
+        conf = f.get("winner_confirmation")
+        out.append(f"frontier {budgets}: {f['winner']}, {_mib(f['winner_size_bits'])} MiB, "
+                   f"{f['winner_bits_per_weight']:.3f} bits/weight, search {_fig(block, f['winner_figure'])}"
+                   + (f", confirmation {_fig(block, conf.get('figure'))}" if conf else "") + f" -> {f['recipe']}")
+    return out
+
+
+def confirmation_lines(block: Mapping[str, Any]) -> list[str]:
+    """How the winner was confirmed: the split (or tasks), the two confidences, each confirmed candidate."""
+    conf = block.get("confirmation")
+    if not conf:
+        return ["not confirmed (--no-confirm): the winner was judged on the questions that chose it"]
+    if conf["mode"] == "split":
+        sp = conf["split"]
+        sizes = ", ".join(f"{u} {sp['sizes']['search'][u]}/{sp['sizes']['confirm'][u]}" for u in sp["units"])
+        where = f"a {sp['fraction']:.0%} confirmation split (seed {sp['seed']}; questions search/confirmation: {sizes})"
+    else:
+        where = f"the confirmation tasks {', '.join(conf['tasks'])}"
+    lines = [f"confirmed on {where}"
+             + (f"; search split judged at {conf['search_confidence']:.2%} (1 - (1 - c)/{conf['candidates_bound']}), "
+                f"confirmation at {conf['confidence']:.0%}" if conf.get("confidence") else "")]
+    by = {c["name"]: c for c in block["candidates"]}
+    for name in conf["confirmed"]:
+        c = by[name]
+        cf = c.get("confirmation") or {}
+        lines.append(f"  {name}: search {_fig(block, c['figure'])} PASS, confirmation {_fig(block, cf.get('figure'))} "
+                     f"{'PASS' if cf.get('passed') else 'FAIL'}" + (" -> winner" if c.get("winner") else ""))
+    if block.get("winner") is None and conf["confirmed"]:
+        lines.append("  no candidate that passed the search split also passed the confirmation")
     return lines
 
 
@@ -109,7 +183,20 @@ def plot_search(block: Mapping[str, Any]) -> str | None:
     front = sorted((c["size_bits"] / 8 / 2**20, c["figure"] * scale) for c in pts if c["pareto"])
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="#1f77b4", lw=1, label="Pareto front")
-    if block.get("figure_budget") is not None:
+    frontier = block.get("frontier") or []
+    if frontier:  # every set's budget and its winner (decide.frontier)
+        by = {c["name"]: c for c in pts}
+        for i, f in enumerate(frontier):
+            if f.get("figure_budget") is not None:
+                ax.axhline(f["figure_budget"] * scale, color="k", ls="--", lw=0.8, alpha=0.4 + 0.6 * (i == 0),
+                           label="budgets" if i == 0 else None)
+            w = by.get(f.get("winner") or "")
+            if w is not None:
+                x, y = w["size_bits"] / 8 / 2**20, w["figure"] * scale
+                ax.scatter([x], [y], marker="*", s=200, color="gold", edgecolors="k", zorder=4)
+                ax.annotate(", ".join(str(v) for v in f["budgets"].values()), (x, y), textcoords="offset points",
+                            xytext=(6, -10), fontsize=8)
+    elif block.get("figure_budget") is not None:
         ax.axhline(block["figure_budget"] * scale, color="k", ls="--", lw=0.8, label="budget")
     ax.scatter([], [], color="#2ca02c", label="meets every budget")
     ax.scatter([], [], color="#d62728", label="fails a budget")
@@ -136,7 +223,24 @@ def search_markdown(block: Mapping[str, Any], plot: str | None = None) -> str:
     for c in block["candidates"]:
         for v in c["verdicts"]:
             lines.append(f"- `{c['name']}`: {v}")
+        for v in (c.get("confirmation") or {}).get("verdicts", []):
+            lines.append(f"- `{c['name']}` (confirmation): {v}")
+    split = (block.get("confirmation") or {}).get("split")
+    if split:
+        lines += ["", "Question ids (lm-eval doc ids) of the confirmation split; the search split holds the others:", ""]
+        lines += [f"- `{task}`: {_spans(ids)}" for task, ids in split["confirm"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _spans(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    out: list[str] = []
+    for i in sorted(ids):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
 def search_html(block: Mapping[str, Any], png: str | None) -> str:

@@ -2,7 +2,7 @@
 
 A *space* is a method with a list of per-layer options:
 
-- quantizers (``rtn``, ``gptq``): ``--choices scheme=W4A16,W8A16[,none]``, a preset scheme per
+- quantizers (``rtn``, ``gptq``, ``awq``): ``--choices scheme=W4A16,W8A16[,none]`` (awq: W4A16_ASYM, W4A16, W8A16), a preset scheme per
   layer, ``none`` leaving the layer unquantized; the step gets ``scheme`` (the most common choice)
   and a ``layers`` map for the rest (:mod:`flipcheck.compressors.per_layer`);
 - pruners (``wanda``, ``sparsegpt``): ``--choices sparsity=0.3,0.5[,0]``, a sparsity per layer,
@@ -27,7 +27,7 @@ from typing import Any
 
 from flipcheck.errors import FlipcheckError
 
-QUANTIZERS = ("rtn", "gptq")
+QUANTIZERS = ("rtn", "gptq", "awq")
 PRUNERS = ("wanda", "sparsegpt")
 DROP = "layer_drop"
 SEARCHABLE = (*QUANTIZERS, *PRUNERS, DROP)

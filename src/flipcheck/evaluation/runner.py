@@ -88,6 +88,7 @@ class EvalSettings:
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
     sample: str | None = None  # seed-synchronised sampling, e.g. "temperature=0.7,top_p=0.95" (None: greedy)
     samples: int = 1  # generations per question with `sample`
+    doc_ids: dict[str, list[int]] | None = None  # only these doc ids per leaf task (lm-eval's samples=; search's splits)
 
     def __post_init__(self) -> None:
         from flipcheck.evaluation.corpus import check_scoring
@@ -383,7 +384,8 @@ def _lm_eval_samples(lm, unit: str, settings: EvalSettings) -> tuple[dict[str, l
             model=lm,
             tasks=[unit],
             num_fewshot=settings.num_fewshot,
-            limit=settings.limit,
+            limit=None if settings.doc_ids else settings.limit,  # the split's ids already respect the limit
+            samples=settings.doc_ids or None,
             task_manager=task_manager(settings.include_path, [unit]),
             log_samples=True,
             bootstrap_iters=0,
@@ -853,6 +855,7 @@ def evaluate(
     on_step: Any = None,
     sample: str | None = None,
     samples: int = 1,
+    doc_ids: dict[str, list[int]] | None = None,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
@@ -864,7 +867,8 @@ def evaluate(
     K+1 model passes for K children), the top-K + tail-bucket lower bound (``"bound"``) or exact with
     the parent in lock-step (``"exact"``). `served`: (URL, model name) of children already served behind
     an OpenAI-compatible /v1/completions; `served_parent`: the parent's (`parent` then gives the
-    tokenizer). A report with a served model has the bound as its KL method.
+    tokenizer). A report with a served model has the bound as its KL method. `doc_ids`: only these doc
+    ids per leaf task (lm-eval's ``samples=``, as search's splits use it).
     """
     children = [child] if isinstance(child, str) else list(child or [])
     if not children and not served:
@@ -882,7 +886,7 @@ def evaluate(
         topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
         per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
         engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
-        sample=sample, samples=samples,
+        sample=sample, samples=samples, doc_ids=doc_ids,
     )
     parent_ref = (ModelRef("parent", parent_src, engine=settings.engine_of("parent")) if not served_parent
                   else served_ref(*served_parent, settings, tokenizer_from=parent_src))

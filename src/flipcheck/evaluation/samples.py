@@ -735,6 +735,11 @@ def summarize_group(
     out["weights"] = None if pooled else {t: float(weights.get(t, 0.0)) for t in sizes}
     if not pooled:
         _reweight(out, leaf_rows, leaf_summaries, weights, n_boot, seed)
+    else:  # questions clustered by subtask: intervals that resample subtasks (evaluation.clustered)
+        from flipcheck.evaluation.clustered import clustered_figures
+
+        out["clustered"] = clustered_figures({t: ([r.view()[0] for r in rs], [r.view()[1] for r in rs])
+                                              for t, rs in leaf_rows.items() if rs}, n_boot=n_boot, seed=seed)
     # the group row carries the slices (by subtask) and the largest-KL questions; its subtasks the figures
     out["subtasks"] = {t: {k: v for k, v in leaf_summaries[t].items() if k not in SLICE_KEYS} for t in leaf_summaries}
     return jsonable(out)

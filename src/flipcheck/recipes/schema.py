@@ -133,6 +133,7 @@ class EvaluationSpec(_Strict):
     engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
     sample: str | None = None  # seed-synchronised sampling of generative tasks, e.g. temperature=0.7,top_p=0.95
     samples: int = Field(1, ge=1)  # generations per question with sample
+    doc_ids: dict[str, list[int]] | None = None  # only these doc ids per leaf task (set by search's splits)
 
     @model_validator(mode="after")
     def _tasks_or_texts(self) -> EvaluationSpec:

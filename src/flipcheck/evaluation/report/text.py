@@ -204,6 +204,13 @@ def headline(s: Mapping[str, Any] | None) -> str | None:
     text += f", {'yet' if hidden else 'and'} {pct(flips)} of answers flipped"
     if s.get("flips_c2i") is not None and s.get("flips_i2c") is not None:
         text += f" ({pct(s['flips_c2i'])} right → wrong, {pct(s['flips_i2c'])} wrong → right)"
+    cl = s.get("clustered")
+    if cl:  # beside the plain intervals: subtasks resampled (evaluation.clustered)
+        text += (f"; clustered by {cl['clusters']} subtasks: Δacc 95% CI {signed(cl['delta_acc_ci'][0])} to "
+                 f"{signed(cl['delta_acc_ci'][1])}, flips 95% CI {pct(cl['flips_ci'][0])} to {pct(cl['flips_ci'][1])}"
+                 ).replace("-", "−")
+        if cl.get("flips_ci_plain"):
+            text += f" (questions independent: {pct(cl['flips_ci_plain'][0])} to {pct(cl['flips_ci_plain'][1])})"
     return text
 
 
@@ -369,4 +376,7 @@ def group_rows(report: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, A
 def group_note(s: Mapping[str, Any]) -> str:
     how = ("each weighted by its share of the questions" if s.get("aggregation") != "weighted mean of subtasks"
            else "averaged with the group's weights")
-    return f"{len(s['subtasks'])} subtasks, {how}"
+    cl = s.get("clustered")
+    extra = (f"; clustered by subtask: flips 95% CI {pct(cl['flips_ci'][0])} to {pct(cl['flips_ci'][1])}, "
+             f"Δacc {signed(cl['delta_acc_ci'][0])} to {signed(cl['delta_acc_ci'][1])}" if cl else "")
+    return f"{len(s['subtasks'])} subtasks, {how}{extra}"
