@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--parent", default="smollm2", help="smollm2, tiny (a random Llama: a smoke run) or a folder")
     args = ap.parse_args()
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     if not args.gsm8k.is_file():
         raise SystemExit(f"--gsm8k {args.gsm8k}: no such file")

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 from flipcheck.compressors.pipeline import compress
-from flipcheck.decide.confidence import cp_lower, cp_upper
 from flipcheck.decide.search import search
-from flipcheck.evaluation.runner import evaluate
+from flipcheck.evaluation.confidence import cp_lower, cp_upper
 from flipcheck.gate import check
+from flipcheck.orchestrate.evaluate import evaluate
 from flipcheck.tiny import smollm2_folder, write_lm_eval_task
 
 BODY = """output_type: multiple_choice

@@ -7,8 +7,9 @@ import dataclasses
 import inspect
 
 from flipcheck.cli import app
-from flipcheck.evaluation.runner import EvalSettings, evaluate
-from flipcheck.recipes.runner import sweep
+from flipcheck.evaluation.runner import EvalSettings
+from flipcheck.orchestrate.evaluate import evaluate
+from flipcheck.orchestrate.recipe import sweep
 from flipcheck.recipes.schema import EvaluationSpec
 
 DECLARED = {f.name for f in dataclasses.fields(EvalSettings)}

@@ -161,8 +161,8 @@ def eval_cmd(
 ) -> None:
     """Score PARENT and CHILD on the same lm-eval instances and text corpora; report accuracy, flips and KL."""
     _setup_logging(verbose)
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.evaluation.samples import check_metric
+    from flipcheck.orchestrate.evaluate import evaluate
 
     def go():
         check_metric(metric)  # a bad value fails before any model is looked up
@@ -398,9 +398,9 @@ def run_cmd(
 ) -> None:
     """Compress, evaluate every child against the parent, write the report, apply the recipe's gate."""
     _setup_logging(verbose)
-    from flipcheck.evaluation.runner import parse_batch_size
     from flipcheck.evaluation.samples import check_metric
-    from flipcheck.recipes.runner import run_recipe
+    from flipcheck.evaluation.settings import parse_batch_size
+    from flipcheck.orchestrate.recipe import run_recipe
     from flipcheck.recipes.schema import load_recipe
 
     def go():
@@ -508,7 +508,7 @@ def sweep_cmd(
     _setup_logging(verbose)
     from flipcheck.compressors.registry import parse_set_options
     from flipcheck.evaluation.samples import check_metric
-    from flipcheck.recipes.runner import parse_grid, sweep
+    from flipcheck.orchestrate.recipe import parse_grid, sweep
 
     def go():
         import math
@@ -628,7 +628,7 @@ def plan_cmd(
     """How many questions a flip budget needs: the smallest n such that ceil(expected*n) flips in n
     questions have a one-sided Clopper-Pearson upper bound <= --max-flips at --confidence (so a child
     flipping the expected rate passes `gate --confidence`); also from which n every larger n does."""
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
     from flipcheck.gate import parse_budget
 
     def go():

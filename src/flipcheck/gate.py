@@ -37,7 +37,7 @@ the report's headline (acc_norm where the task reports it), or `metric` ("acc" /
 the task has that figure.
 
 With ``confidence`` (``--confidence 0.95``) flips and Δacc are judged by one-sided confidence bounds
-instead of their point estimates (flipcheck.decide.confidence): flips by the Clopper–Pearson upper
+instead of their point estimates (flipcheck.evaluation.confidence): flips by the Clopper–Pearson upper
 bound of (c→i + i→c) flips in n questions, Δacc by the lower bound of Tango's score interval for
 paired proportions. A child passes when even that bound is inside the budget: 0 flips in 400
 (bound 0.75 %) pass ``--max-flips 1%``; 1 flip in 100 (point 1 %, bound 4.7 %) fails ``--max-flips 2%``.
@@ -134,7 +134,7 @@ def _where(name: str, task: str, several: bool, summary: Mapping[str, Any], metr
 
 def _bounds(summary: Mapping[str, Any], confidence: float | None) -> dict[str, float | None]:
     """The one-sided confidence bounds of flips (upper) and Δacc (lower) from the summary's counts."""
-    from flipcheck.decide.confidence import cp_upper, delta_acc_lower
+    from flipcheck.evaluation.confidence import cp_upper, delta_acc_lower
 
     n, b, c = summary.get("n"), summary.get("n_c2i"), summary.get("n_i2c")
     if confidence is None or not n or b is None or c is None:
@@ -228,7 +228,7 @@ def check(
 
     check_metric(metric)
     if confidence is not None:
-        from flipcheck.decide.confidence import check_confidence
+        from flipcheck.evaluation.confidence import check_confidence
 
         confidence = check_confidence(confidence)
     budgets = {

@@ -52,7 +52,7 @@ def test_bonferroni_and_the_smallest_split_that_decides():
     assert search_confidence(None, 8) is None
     n = min_questions({"max_flips": "2%"}, 0.95)
     assert n == math.ceil(math.log(0.05) / math.log(0.98))  # 149: 0 flips in n bounded under 2 %
-    from flipcheck.decide.confidence import cp_upper
+    from flipcheck.evaluation.confidence import cp_upper
 
     assert cp_upper(0, n, 0.95) <= 0.02 < cp_upper(0, n - 1, 0.95)
     assert min_questions({"max_flips": "2%"}, None) == 1
@@ -122,7 +122,7 @@ def test_the_split_scores_each_side_on_its_own_questions(parent4, task_dir, tmp_
     winner = next(c for c in block["candidates"] if c["winner"])
     assert {t: f["n"] for t, f in winner["confirmation"]["tasks"].items()} == {"tiny_letters": 6, "tiny_sentences": 6}
     # the winner on the confirmation questions equals `evaluate` restricted to those doc ids by hand
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     report = evaluate(str(parent4), [winner["folder"]], tasks=["tiny_letters", "tiny_sentences"], include_path=str(task_dir),
                       batch_size=8, use_cache=False, doc_ids=expected.confirm)
@@ -154,7 +154,7 @@ def test_plan_says_how_many_questions_each_split_needs():
     res = CliRunner().invoke(app, ["plan", "--max-flips", "10%", "--expected", "2%", "--confidence", "0.95",
                                    "--confirm", "0.3", "--candidates", "8"])
     assert res.exit_code == 0, res.output
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
 
     conf = plan_questions(0.10, 0.02, 0.95).questions
     search = plan_questions(0.10, 0.02, 1 - 0.05 / 8).questions

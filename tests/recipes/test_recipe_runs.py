@@ -9,7 +9,7 @@ import pytest
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import runner
 from flipcheck.models import save_model
-from flipcheck.recipes.runner import run_recipe, sweep
+from flipcheck.orchestrate.recipe import run_recipe, sweep
 from flipcheck.recipes.schema import load_recipe
 
 TASKS = ["tiny_letters", "tiny_sentences"]

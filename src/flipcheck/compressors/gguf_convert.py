@@ -172,7 +172,7 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
         special.add_to_gguf(writer)
     # llama.cpp's default BOS handling differs by vocabulary type: say what the HF tokenizer does
     if "tokenizer.ggml.add_bos_token" not in writer.kv_data[0]:
-        from flipcheck.evaluation.corpus import adds_bos
+        from flipcheck.models import adds_bos
 
         writer.add_add_bos_token(adds_bos(tokenizer))
 
@@ -270,9 +270,9 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
                   layers: Mapping[int, str] | None = None) -> Path:
     """llama.cpp's own quantizer (``llama_model_quantize``) from a float GGUF to `type_name`; `layers`
     gives decoder layers their own ggml tensor type through llama.cpp's per-tensor overrides."""
-    from flipcheck.evaluation.engines.llamacpp import require
+    from flipcheck.extras import require_llamacpp
 
-    require()
+    require_llamacpp("gguf quantization")
     import llama_cpp
 
     if type_name not in QUANT_TYPES:

@@ -50,6 +50,7 @@ from flipcheck.decide.budgets import BUDGET_NAMES, Budgets  # noqa: F401 - re-ex
 from flipcheck.decide.search_space import PRUNERS, Space, digest, parse_space, size_bits
 from flipcheck.decide.splits import DEFAULT_CONFIRM
 from flipcheck.errors import FlipcheckError
+from flipcheck.orchestrate.children import cache_root, recipe_children
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class Search:
             for _, c in group:
                 self.say(f"verifying {c.name}: {self.space.describe(c.allocation)}")
             before, t0 = dict(self.clock.totals), time.perf_counter()
-            outcome = self.executor.recipe_children(self.run, self.work, self.say)
+            outcome = recipe_children(self.executor, self.run, self.work, self.say)
             self.clock.close()
             split = self.clock.split(before)
             wall = time.perf_counter() - t0
@@ -453,7 +454,7 @@ class Search:
     def setup(self) -> None:
         """The parent scored, one uniform child per choice verified, the sensitivities measured."""
         self.run.evaluator.on_step = self.step
-        self.executor.open(self.work, self.run.cache, self.say)
+        self.executor.open(self.work, cache_root(self.run.evaluator), self.say)
         self.run.evaluator.score_parent()
         uniform: dict[int, Candidate] = {}
         if self.space.method != "layer_drop":

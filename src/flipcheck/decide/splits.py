@@ -175,7 +175,7 @@ def check_decidable(sizes: Mapping[str, int], budgets: Mapping[str, Any], confid
 def split_plan(plan, confirm: str | float, candidates: int) -> list[str]:
     """`plan --confirm`: the questions each split needs per task to decide the budget for a child at the
     expected rate (the search split at the Bonferroni-tightened confidence), and the total that gives both."""
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
 
     fraction = parse_confirm(confirm)
     c_s = search_confidence(plan.confidence, candidates)

@@ -163,7 +163,7 @@ class GateSpec(_Strict):
 
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
-        from flipcheck.decide.confidence import check_confidence
+        from flipcheck.evaluation.confidence import check_confidence
         from flipcheck.gate import parse_budget
 
         if self.confidence is not None:

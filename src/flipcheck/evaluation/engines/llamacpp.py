@@ -33,6 +33,7 @@ import torch
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.engines.base import ExternalRunner, LoadedEngine
+from flipcheck.extras import LLAMACPP_HINT, llamacpp_available, require_llamacpp
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,9 @@ DEFAULT_N_CTX = 2048  # tokens per sequence; the scores buffer is n_ctx x vocabu
 DEFAULT_N_BATCH = 512
 KV_TYPE_F32 = 0  # GGML_TYPE_F32
 LAYOUTS = ("prefix", "whole")  # a sequence after the previous one's shared prefix, or from an empty cache
-INSTALL_HINT = 'pip install "flipcheck[llamacpp]"  (builds llama-cpp-python from source: needs a C++ compiler and cmake)'
-
-
-def available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require() -> None:
-    if not available():
-        raise FlipcheckError(f"the llama.cpp engine needs llama-cpp-python, which is not installed: {INSTALL_HINT}")
+INSTALL_HINT = LLAMACPP_HINT
+available = llamacpp_available
+require = require_llamacpp
 
 
 def _field(reader, name: str):

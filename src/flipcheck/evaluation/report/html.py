@@ -13,6 +13,7 @@ from flipcheck.evaluation.report.corpus import corpus_html
 from flipcheck.evaluation.report.generations import generations_html
 from flipcheck.evaluation.report.plots import _CAPTIONS, FLOOR_COLOUR, PLOTS, child_colours
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
+from flipcheck.evaluation.report.sections import html_sections
 from flipcheck.evaluation.report.slices import slices_html
 from flipcheck.evaluation.report.text import (
     EXPLAIN,
@@ -216,9 +217,7 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
     if figures:
         parts.append("<h2>Plots</h2>")
         parts.append('<div class="plots">' + "".join(figures) + "</div>")
-    from flipcheck.judge.report import judge_html
-
-    parts += judge_html(report)
+    parts += html_sections(report)  # the judge's, where the report has one
     if not questions:  # text corpora or judged answers alone: no questions to flip
         parts.append("</body></html>")
         return "\n".join(parts) + "\n"
