@@ -67,7 +67,9 @@ class ModelRef:
     @property
     def served(self) -> bool:
         """An already served model (no weights here; the parent's tokenizer encodes for it)."""
-        return self.source is None and getattr(self.model, "name", None) == "served"
+        from flipcheck.evaluation.engines.base import REMOTE, Engine
+
+        return self.source is None and isinstance(self.model, Engine) and REMOTE in self.model.capabilities
 
     def ensure_loaded(self, settings: EvalSettings) -> None:
         """The weights, behind the engine asked for: a torch model (transformers) or an engine object."""
@@ -78,7 +80,9 @@ class ModelRef:
             log.info("loading %s", self.source)
             eng = open_engine(self.src(), self.engine, device=settings.device, dtype=settings.dtype,
                               trust_remote_code=settings.trust_remote_code)
-            self.model = eng.model if isinstance(eng, TransformersEngine) and not eng.dequantized_from else eng
+            # the plain transformers engine hands over its torch model (compressors, the noise floor and
+            # FlipLM's HF generation use it); every other engine, subclasses included, stays an engine
+            self.model = eng.model if type(eng) is TransformersEngine and not eng.dequantized_from else eng
         self.ensure_identity(settings)
 
     def engine_identity(self, settings: EvalSettings | None = None) -> dict[str, Any]:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from flipcheck.executors.base import ChildPlan, Executor, Outcome, get_executor
 from flipcheck.executors.options import (
-    EXECUTORS,
     EXIT_CHILD_FAILED,
     ExecutorOptions,
+    executor_names,
     executor_options,
     failed_children,
     failed_entry,
     finish_report,
+    register_executor,
 )
 
-__all__ = ["EXECUTORS", "EXIT_CHILD_FAILED", "ChildPlan", "Executor", "ExecutorOptions", "Outcome", "executor_options",
-           "failed_children", "failed_entry", "finish_report", "get_executor"]
+__all__ = ["EXIT_CHILD_FAILED", "ChildPlan", "Executor", "ExecutorOptions", "Outcome", "executor_names",
+           "executor_options", "failed_children", "failed_entry", "finish_report", "get_executor", "register_executor"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flipcheck.executors.options import ExecutorOptions, failed_entry
+from flipcheck.executors.options import _EXECUTORS, ExecutorOptions, failed_entry, register_executor
 
 Say = Callable[[str], None]
 Job = tuple[str, dict]  # ("module:function", job values)
@@ -101,6 +101,9 @@ class LocalExecutor(Executor):
 
     name = "local"
 
+    def __init__(self, options: ExecutorOptions | None = None) -> None:
+        self.options = options
+
     def run(self, plans: list[ChildPlan], say: Say, *, on_done: OnDone | None = None,
             on_progress: OnProgress | None = None) -> Outcome:
         collect = Collector(plans, on_done, on_progress, say)
@@ -139,10 +142,9 @@ class RayExecutor(Executor):
 
 def get_executor(options: ExecutorOptions | None = None) -> Executor:
     """The executor for :class:`~flipcheck.executors.ExecutorOptions` (None: local)."""
-    if options is None or options.name == "local":
-        return LocalExecutor()
-    if options.name == "ray":
-        return RayExecutor(options)
-    from flipcheck.errors import FlipcheckError
+    options = options or ExecutorOptions()
+    return _EXECUTORS[options.name](options)
 
-    raise FlipcheckError(f"--executor {options.name!r}: allowed are local, ray")
+
+register_executor("local", LocalExecutor)
+register_executor("ray", RayExecutor)

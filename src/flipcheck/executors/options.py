@@ -7,7 +7,18 @@ from typing import Any
 
 from flipcheck.errors import FlipcheckError
 
-EXECUTORS = ("local", "ray")
+_EXECUTORS: dict[str, Any] = {}  # name -> the Executor class (built from ExecutorOptions)
+
+
+def register_executor(name: str, cls: Any) -> Any:
+    """Make `cls` (an :class:`~flipcheck.executors.base.Executor`, built as ``cls(options)``) the executor
+    `name` of ``--executor``. Registering a name again replaces it."""
+    _EXECUTORS[name] = cls
+    return cls
+
+
+def executor_names() -> tuple[str, ...]:
+    return tuple(_EXECUTORS)
 
 EXIT_CHILD_FAILED = 3  # a child failed after its retry; gate failures stay 1, bad input 2
 
@@ -25,8 +36,8 @@ class ExecutorOptions:
     shards: int = 1
 
     def __post_init__(self) -> None:
-        if self.name not in EXECUTORS:
-            raise FlipcheckError(f"--executor {self.name!r}: allowed are {', '.join(EXECUTORS)}")
+        if self.name not in _EXECUTORS:
+            raise FlipcheckError(f"--executor {self.name!r}: allowed are {', '.join(executor_names())}")
         if self.shards < 1:
             raise FlipcheckError(f"--shards {self.shards}: must be >= 1 (evaluation shards per child)")
         for flag, v in (("--gpus-per-child", self.gpus_per_child), ("--cpus-per-child", self.cpus_per_child)):
