@@ -137,6 +137,11 @@ class EvalSettings:
             "ctx": self.ctx,
             "scoring": self.scoring,
             **{k: getattr(self, k) for k in ("engine", "parent_engine", "child_engine") if getattr(self, k)},
+            # shown where they are not the default (a report of a default run stays as it was)
+            **({"sample": self.sample, "samples": self.samples} if self.sample else {}),
+            **({"engine_floor": True} if self.engine_floor else {}),
+            **({"trust_remote_code": True} if self.trust_remote_code else {}),
+            **({"n_boot": self.n_boot} if self.n_boot != 1000 else {}),
         }
 
 
