@@ -117,7 +117,7 @@ class RecipeRun:
     or found in the cache) and the calibration data (tokenized once, on first need).
 
     The driver builds one for the whole run; a Ray worker builds its own from the same recipe dump
-    (:mod:`flipcheck.executors.work`), so a child is made and scored by the same code either way.
+    (:mod:`flipcheck.orchestrate.work`), so a child is made and scored by the same code either way.
     """
 
     def __init__(self, recipe: Recipe, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
