@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -130,6 +131,46 @@ def test_the_split_scores_each_side_on_its_own_questions(parent4, task_dir, tmp_
         e = report["children"][0]["tasks"][t]
         assert (f["n"], f["n_c2i"], f["n_i2c"]) == (e["n"], e["n_c2i"], e["n_i2c"])
     assert block["recipe"]["evaluation"].get("doc_ids") is None  # recipe.yaml judges all the questions
+
+
+def _prompts(task_dir, task):
+    """The task's prompts in doc-id order (the prompts: source of one task reads them so)."""
+    from flipcheck.compressors.calibration_data import prompts_source, read_texts
+
+    texts = read_texts(prompts_source([task], task_dir))
+    assert len(texts) == 20
+    return texts
+
+
+def test_the_default_probe_text_reads_the_search_split_only(tiny_model_dir, task_dir, tmp_path):
+    """Without --calibration a split search probes and calibrates on its search split's prompts: no
+    confirmation question's prompt is in the text, every search question's is (--no-confirm reading
+    them all: test_offline_text); the file is named by its content, so another split is another key."""
+    from flipcheck.compressors.calibration_data import read_texts
+    from flipcheck.decide.search import search
+    from flipcheck.decide.splits import search_split_text
+
+    tasks = ["tiny_letters", "tiny_sentences"]
+    block = search(str(tiny_model_dir), "rtn", "scheme=W4A16,W8A16", out=tmp_path / "run", budgets={"max_flips": "50%"},
+                   tasks=tasks, include_path=str(task_dir), cache_dir=tmp_path / "cache", probe_windows=2, probe_ctx=32,
+                   batch_size=8, max_candidates=2, device="cpu")
+    source, split = block["probe"]["text"], block["confirmation"]["split"]
+    assert "search split only" in block["probe"]["note"] and block["recipe"]["calibration"]["source"] == source
+    probe, searched = Counter(read_texts(source)), Counter()
+    for t in tasks:
+        prompts = _prompts(task_dir, t)
+        searched.update(prompts[i] for i in split["search"][t])
+        confirm_only = {prompts[i] for i in split["confirm"][t]} - {prompts[i] for i in split["search"][t]}
+        assert confirm_only and not confirm_only & set(probe)  # (a prompt two questions share may be in both)
+    assert probe == searched  # every search question's prompt, once, and nothing else
+    assert "search split only" in (tmp_path / "run" / "report.md").read_text()
+    cal = {"source": f"prompts:{','.join(tasks)}:{task_dir.resolve()}"}
+    counts = {t: {t: 20} for t in tasks}
+    again, _ = search_split_text(cal, "note", split_questions(counts, 0.3, 1234), str(task_dir), tmp_path / "run")
+    other, _ = search_split_text(cal, "note", split_questions(counts, 0.3, 99), str(task_dir), tmp_path / "run")
+    assert again["source"] == source != other["source"]  # the same split resumes; another is another text
+    given = {"source": "demo"}  # a text the user chose is left as it is
+    assert search_split_text(given, None, split_questions(counts, 0.3, 1), str(task_dir), tmp_path) == (given, None)
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

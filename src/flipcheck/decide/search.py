@@ -648,6 +648,7 @@ def search(
     from flipcheck.decide.confirm import prepare
     from flipcheck.decide.frontier import run_frontier, write_frontier
     from flipcheck.decide.search_report import write_search
+    from flipcheck.decide.splits import search_split_text
     from flipcheck.executors import get_executor
     from flipcheck.recipes.checks import check_recipe
     from flipcheck.recipes.runner import RecipeRun
@@ -664,6 +665,7 @@ def search(
     confs, sets_search = prepare(sets, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
                                  include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
     conf, judged_search = (confs[0] if confs else None), sets_search[0]
+    calibration, text_note = search_split_text(calibration, text_note, conf and conf.split, include_path, out)
     evaluation = dict(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
                       batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl, scoring=scoring,
                       filter=filter, per_subtask=per_subtask, engine=engine, parent_engine=parent_engine,
