@@ -151,6 +151,91 @@ def _kind(job: Job) -> str:
     return job[0].rpartition(":")[2]
 
 
+class _Driver:
+    """The driver's state while the plans run: the Ray tasks in flight (ref -> child, job, attempt),
+    and the jobs' summed ``counts`` and phase seconds."""
+
+    def __init__(self, plans: list[ChildPlan], session: Session, say: Say, collect: Collector, remote):
+        self.plans, self.session, self.say, self.collect, self.remote = plans, session, say, collect, remote
+        self.pending: dict[Any, tuple[_Child, Job, int]] = {}
+        self.counts: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self.children = [_Child(p) for p in plans]
+
+    def submit(self, c: _Child, job: Job, attempt: int = 1) -> None:
+        res = self.session.res
+        fn, values = job
+        ref = self.remote.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=0,
+                                  name=f"flipcheck-{_kind(job)}-{c.plan.name}").remote(
+            fn, {**values, "threads": res.threads})
+        self.pending[ref] = (c, job, attempt)
+        c.refs.append(ref)
+
+    def start(self, c: _Child) -> None:
+        """A child's first job (the compression, where it has one), else its evaluation shards."""
+        if c.plan.first is not None:
+            c.stage = "first"
+            self.submit(c, c.plan.first)
+        else:
+            self.start_shards(c, None)
+
+    def start_shards(self, c: _Child, result: dict | None) -> None:
+        c.result = result
+        jobs = c.plan.shard_jobs(result)
+        c.shards_left = len(jobs)
+        for job in jobs:
+            self.submit(c, job)
+
+    def fail(self, c: _Child, reason: str, attempts: int) -> None:
+        import ray
+
+        c.failed = True
+        for ref in c.refs:
+            if ref in self.pending:
+                ray.cancel(ref, force=True)
+        self.collect.fail(c.plan, reason, attempts)
+
+    def retry_or_fail(self, c: _Child, job: Job, attempt: int, err: BaseException) -> None:
+        """A task raised or its worker died: submit it once more, else fail the child."""
+        reason = _reason(err)
+        if attempt < ATTEMPTS:
+            self.say(f"[{c.plan.index}] {c.plan.name}: {_kind(job)} task failed ({reason}); retrying once")
+            self.submit(c, job, attempt + 1)
+        else:
+            self.fail(c, reason, attempt)
+
+    def finished(self, c: _Child, entry: dict, rows: list[dict]) -> None:
+        self.collect.done(c.plan, entry, rows)
+        self.say(f"[{c.plan.index}/{len(self.plans)}] {c.plan.name}: done")
+
+    def record(self, out: dict) -> None:
+        for name, n in (out.get("counts") or {}).items():
+            self.counts[name] = self.counts.get(name, 0) + int(n)
+        for phase, seconds in (out.get("timings") or {}).items():
+            self.timings[phase] = self.timings.get(phase, 0.0) + float(seconds)
+
+    def advance(self, c: _Child, out: dict) -> None:
+        """A task of `c` returned `out`: after its first job start the shards (or finish); after its
+        last shard merge them (a failing merge fails this child only)."""
+        self.record(out)
+        self.collect.info = _info(self.session, self.counts, self.timings)
+        if c.stage == "first":
+            c.stage = "shards"
+            if "entry" in out:
+                self.finished(c, out["entry"], out["rows"])
+            else:
+                self.start_shards(c, out)
+            return
+        c.shards_left -= 1
+        if c.shards_left == 0:
+            try:
+                entry, rows = c.plan.merge(c.result)
+            except Exception as err:  # the merge runs here: a failure of it fails this child only
+                self.fail(c, _reason(err), 1)
+                return
+            self.finished(c, entry, rows)
+
+
 def run_plans(plans: list[ChildPlan], session: Session, say: Say, collect: Collector) -> Outcome:
     """Run every plan's jobs to completion (or failure), each as a Ray task; a failed task is
     submitted once more. The outcome's info: the cluster, the resources per task, the jobs' summed
@@ -158,52 +243,12 @@ def run_plans(plans: list[ChildPlan], session: Session, say: Say, collect: Colle
     import ray
 
     res = session.res
-    remote = ray.remote(run_job)
-    pending: dict[Any, tuple[_Child, Job, int]] = {}
-    counts: dict[str, int] = {}
-    timings: dict[str, float] = {}
-    children = [_Child(p) for p in plans]
-
-    def submit(c: _Child, job: Job, attempt: int = 1) -> None:
-        fn, values = job
-        ref = remote.options(num_cpus=res.cpus, num_gpus=res.gpus, max_retries=0,
-                             name=f"flipcheck-{_kind(job)}-{c.plan.name}").remote(
-            fn, {**values, "threads": res.threads})
-        pending[ref] = (c, job, attempt)
-        c.refs.append(ref)
-
-    def start_shards(c: _Child, result: dict | None) -> None:
-        c.result = result
-        jobs = c.plan.shard_jobs(result)
-        c.shards_left = len(jobs)
-        for job in jobs:
-            submit(c, job)
-
-    def fail(c: _Child, reason: str, attempts: int) -> None:
-        c.failed = True
-        for ref in c.refs:
-            if ref in pending:
-                ray.cancel(ref, force=True)
-        collect.fail(c.plan, reason, attempts)
-
-    def finished(c: _Child, entry: dict, rows: list[dict]) -> None:
-        collect.done(c.plan, entry, rows)
-        say(f"[{c.plan.index}/{len(plans)}] {c.plan.name}: done")
-
-    def record(out: dict) -> None:
-        for name, n in (out.get("counts") or {}).items():
-            counts[name] = counts.get(name, 0) + int(n)
-        for phase, seconds in (out.get("timings") or {}).items():
-            timings[phase] = timings.get(phase, 0.0) + float(seconds)
-
-    for c in children:
-        if c.plan.first is not None:
-            c.stage = "first"
-            submit(c, c.plan.first)
-        else:
-            start_shards(c, None)
+    run = _Driver(plans, session, say, collect, ray.remote(run_job))
+    for c in run.children:
+        run.start(c)
     collect.info = _info(session, {}, {})
     say(f"ray: {len(plans)} children, {session.opts.shards} shard(s) each; {res.cpus:g} CPU / {res.gpus:g} GPU per task")
+    pending = run.pending
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout lets Ctrl-C through
@@ -215,36 +260,13 @@ def run_plans(plans: list[ChildPlan], session: Session, say: Say, collect: Colle
             try:
                 out = ray.get(ready[0])
             except ray.exceptions.RayError as err:
-                reason = _reason(err)
-                if attempt < ATTEMPTS:
-                    say(f"[{c.plan.index}] {c.plan.name}: {_kind(job)} task failed ({reason}); retrying once")
-                    submit(c, job, attempt + 1)
-                else:
-                    fail(c, reason, attempt)
+                run.retry_or_fail(c, job, attempt, err)
                 continue
-            record(out)
-            collect.info = _info(session, counts, timings)
-            if c.stage == "first":
-                c.stage = "shards"
-                if "entry" in out:
-                    finished(c, out["entry"], out["rows"])
-                else:
-                    start_shards(c, out)
-                continue
-            c.shards_left -= 1
-            if c.shards_left == 0:
-                try:
-                    entry, rows = c.plan.merge(c.result)
-                except Exception as err:  # the merge runs here: a failure of it fails this child only
-                    fail(c, _reason(err), 1)
-                    continue
-                finished(c, entry, rows)
+            run.advance(c, out)
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)
         say(f"interrupted: cancelled {len(pending)} running Ray task(s); finished children are kept")
         raise
-    collect.info = _info(session, counts, timings)
+    collect.info = _info(session, run.counts, run.timings)
     return collect.outcome()
-
-

@@ -90,13 +90,7 @@ def evaluate(
     tokenizer). A report with a served model has the bound as its KL method. `doc_ids`: only these doc
     ids per leaf task (lm-eval's ``samples=``, as search's splits use it).
     """
-    children = [child] if isinstance(child, str) else list(child or [])
-    if not children and not served:
-        raise FlipcheckError("no child model given")
-    child_sources = [resolve_source(c) for c in children]  # a missing path or hub id fails before any loading
-    if parent is None and not child_sources:
-        raise FlipcheckError("a served child needs the parent named (its flipcheck.json is not here to read)")
-    parent_src = resolve_source(parent or parent_source_for(child_sources[0]))
+    parent_src, child_sources = _sources(parent, child, served)
     kl = served_kl(kl, list(served or []) + ([served_parent] if served_parent else []), texts)
     if served_parent and (noise_floor or engine_floor):
         raise FlipcheckError("--noise-floor and --engine-floor run the parent's weights here; a served parent has none")
@@ -112,11 +106,7 @@ def evaluate(
                   else served_ref(*served_parent, settings, tokenizer_from=parent_src))
     ev = Evaluator(parent_ref, settings, ResultCache(cache_dir, enabled=use_cache))
     ev.on_step = on_step  # progress: "CHILD: tasks", "CHILD: texts" (the CLI draws them)
-    refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
-    refs += [served_ref(url, name, settings) for url, name in served or []]
-    for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
-        ev.check_child(ref)
-    ev.preflight(refs)
+    refs = _child_refs(ev, settings, child_sources, served)
     done = evaluate_children(get_executor(executor), ev, refs, Path(out) if out is not None else None,
                              lambda msg: log.info("%s", msg))
     floor = ev.noise_floor(numerics=noise_floor) if noise_floor or engine_floor else None
@@ -124,3 +114,27 @@ def evaluate(
     if out is not None:
         write_report(out, report, done.rows)
     return report
+
+
+def _sources(parent: str | None, child: str | list[str], served: list[tuple[str, str]] | None):
+    """(parent source, child sources), each resolved; the parent read from the first child's
+    flipcheck.json when not named. Refuses no child at all, and a served child alone with no parent."""
+    children = [child] if isinstance(child, str) else list(child or [])
+    if not children and not served:
+        raise FlipcheckError("no child model given")
+    child_sources = [resolve_source(c) for c in children]  # a missing path or hub id fails before any loading
+    if parent is None and not child_sources:
+        raise FlipcheckError("a served child needs the parent named (its flipcheck.json is not here to read)")
+    parent_src = resolve_source(parent or parent_source_for(child_sources[0]))
+    return parent_src, child_sources
+
+
+def _child_refs(ev: Evaluator, settings: EvalSettings, child_sources: list, served: list[tuple[str, str]] | None) -> list:
+    """The children's model references (local, then served), each checked against the parent and
+    preflighted before the parent or any child is scored."""
+    refs = [child_ref(c, engine=settings.engine_of("child")) for c in child_sources]
+    refs += [served_ref(url, name, settings) for url, name in served or []]
+    for ref in refs:  # vocabularies and engines checked before the parent or any child is scored
+        ev.check_child(ref)
+    ev.preflight(refs)
+    return refs
