@@ -86,8 +86,15 @@ class TransformersEngine(Engine):
         logits = self.model(input_ids=ids.to(self.device())).logits[:, start:stop]
         return logits.reshape(-1, logits.shape[-1]), logits.device
 
-    def generate(self, ctxs, max_new, stop_fn, eos_ids):  # pragma: no cover - FlipLM drives HF generate itself
-        raise NotImplementedError("the transformers engine generates through FlipLM's batched HF generate")
+    def generate(self, ctxs, max_new, stop_fn, eos_ids):  # pragma: no cover - batched through hf_generate instead
+        raise NotImplementedError("the transformers engine generates in batches: flipcheck.evaluation.decoding")
+
+
+def hf_generate(model: torch.nn.Module, device, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """HF ``generate`` on a batch of left-padded contexts (``kwargs``: max_length, stopping criteria,
+    pad id and the sampling settings), with the KV cache; the whole rows, contexts included."""
+    with torch.inference_mode():
+        return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **kwargs)
 
 
 register_engine(TransformersEngine)
