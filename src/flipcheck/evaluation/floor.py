@@ -62,7 +62,7 @@ def _f32_gguf(ev: Evaluator):
 
 def _floor_row(ev: Evaluator, engine, key: str, label: str) -> dict:
     """`engine` (the parent's weights) scored like a child against the parent's stored results, then closed."""
-    from flipcheck.evaluation.runner import ModelRef
+    from flipcheck.evaluation.model_ref import ModelRef
 
     ref = ModelRef(name=f"noise floor: {label}", source=None, model=engine, tokenizer=ev.parent.tokenizer,
                    fingerprint=f"{ev.parent.fingerprint}:{key}", info={"method": "noise_floor", "settings": {"engine": label}})
@@ -83,7 +83,7 @@ def noise_floor(ev: Evaluator) -> list[dict]:
     Each is scored like a child against the parent's stored top-K and tail (``kl_method`` of
     the entries): lock-step would run both sides on the same batches and measure nothing.
     """
-    from flipcheck.evaluation.runner import ModelRef
+    from flipcheck.evaluation.model_ref import ModelRef
 
     ev.parent.ensure_loaded(ev.settings)
     bs = 1 if ev.settings.batch_size > 1 else 2

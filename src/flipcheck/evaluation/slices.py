@@ -1,6 +1,6 @@
 """Slices of one task's damage: flips and Δacc with intervals by subtask or category, prompt-length
 tercile and the parent's margin decile; the questions with the largest KL, flipped or not; where two
-generations first differ. Functions of a task's :class:`~flipcheck.evaluation.samples.SampleRow` list
+generations first differ. Functions of a task's :class:`~flipcheck.evaluation.rows.SampleRow` list
 (:func:`~flipcheck.evaluation.samples.summarize_task` calls them); md/html in ``report/slices.py``.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from flipcheck.evaluation import metrics as M
 from flipcheck.evaluation.lm_eval_records import _py
-from flipcheck.evaluation.samples import SampleRow
+from flipcheck.evaluation.rows import SampleRow
 
 TOP_KL = 20  # questions listed per task by KL
 LENGTH_BINS, MARGIN_BINS = 3, 10  # prompt-length terciles, parent-margin deciles

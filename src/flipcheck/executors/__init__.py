@@ -12,6 +12,7 @@ Exit codes of ``eval``/``run``/``sweep``: 0 done, 1 a gate budget exceeded, 2 ba
 
 from __future__ import annotations
 
+from flipcheck.executors import ray_exec  # noqa: F401 - registers "ray" (Ray itself is imported when used)
 from flipcheck.executors.base import ChildPlan, Executor, Outcome, get_executor
 from flipcheck.executors.options import (
     EXIT_CHILD_FAILED,

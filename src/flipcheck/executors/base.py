@@ -113,33 +113,6 @@ class LocalExecutor(Executor):
         return collect.outcome()
 
 
-class RayExecutor(Executor):
-    """Each child (or each evaluation shard of it) as a Ray task (:mod:`.ray_exec`)."""
-
-    name = "ray"
-    remote = True
-
-    def __init__(self, options: ExecutorOptions) -> None:
-        self.options = options
-        self.session = None
-
-    def open(self, out: Path | None, cache_root: Path | None, say: Say) -> None:
-        from flipcheck.executors.ray_exec import check_folders, open_session
-
-        if self.session is None:
-            self.session = open_session(self.options, out, cache_root, say)
-        else:  # connected already: this run folder gets the probe its workers look for
-            check_folders(out, cache_root)
-
-    def run(self, plans: list[ChildPlan], say: Say, *, on_done: OnDone | None = None,
-            on_progress: OnProgress | None = None) -> Outcome:
-        from flipcheck.executors.ray_exec import run_plans
-
-        if self.session is None:
-            raise RuntimeError("RayExecutor.run before open()")
-        return run_plans(plans, self.session, say, Collector(plans, on_done, on_progress, say))
-
-
 def get_executor(options: ExecutorOptions | None = None) -> Executor:
     """The executor for :class:`~flipcheck.executors.ExecutorOptions` (None: local)."""
     options = options or ExecutorOptions()
@@ -147,4 +120,3 @@ def get_executor(options: ExecutorOptions | None = None) -> Executor:
 
 
 register_executor("local", LocalExecutor)
-register_executor("ray", RayExecutor)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.executors.base import ChildPlan, Collector, Job, Outcome, Say
-from flipcheck.executors.options import ExecutorOptions
+from flipcheck.executors.base import ChildPlan, Collector, Executor, Job, OnDone, OnProgress, Outcome, Say
+from flipcheck.executors.options import ExecutorOptions, register_executor
 from flipcheck.executors.work import PROBE, run_job
 
 log = logging.getLogger(__name__)
@@ -270,3 +270,29 @@ def run_plans(plans: list[ChildPlan], session: Session, say: Say, collect: Colle
         raise
     collect.info = _info(session, run.counts, run.timings)
     return collect.outcome()
+
+
+class RayExecutor(Executor):
+    """Each child (or each evaluation shard of it) as a Ray task (:mod:`.ray_exec`)."""
+
+    name = "ray"
+    remote = True
+
+    def __init__(self, options: ExecutorOptions) -> None:
+        self.options = options
+        self.session = None
+
+    def open(self, out: Path | None, cache_root: Path | None, say: Say) -> None:
+        if self.session is None:
+            self.session = open_session(self.options, out, cache_root, say)
+        else:  # connected already: this run folder gets the probe its workers look for
+            check_folders(out, cache_root)
+
+    def run(self, plans: list[ChildPlan], say: Say, *, on_done: OnDone | None = None,
+            on_progress: OnProgress | None = None) -> Outcome:
+        if self.session is None:
+            raise RuntimeError("RayExecutor.run before open()")
+        return run_plans(plans, self.session, say, Collector(plans, on_done, on_progress, say))
+
+
+register_executor("ray", RayExecutor)
