@@ -232,7 +232,7 @@ def tables(rows: list[dict], near: set[str]) -> str:
                 f"{_f(r['limit_P'], True)} → {_f(r['limit_C'], True)} | {r['s_per_100']:.0f} |")
         if has_mc:
             line += (f" {_f(r.get('mc_delta_acc'), True)} | {_f(r.get('mc_flips'), True)} | {_f(r.get('mc_kl'))} | "
-                     f"{_f(r.get('mc_kl_vocab'))} | {_f(r.get('mc_s_per_100'))} |")
+                     f"{_f(r.get('mc_kl_vocab'))} | {r.get('mc_s_per_100', 0):.0f} |")
         lines.append(line)
     sets = (("all", rows), ("near-lossless", [r for r in rows if r["child"] in near]))
     cols = [(name, sub, loss, label) for name, sub in sets for loss, label in LOSSES if has_mc or loss == "loss_gen"]
