@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--max-gen", type=int, default=64)
     ap.add_argument("--sigma", default="0.01")
     ap.add_argument("--realdata", type=Path, default=HERE.parents[1] / "shared/realdata")
-    ap.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm/bin/python"))
+    ap.add_argument("--vllm-python", default=os.environ.get("FLIPCHECK_VLLM_PYTHON") or str(HERE.parent / ".venv-vllm/bin/python"))
     ap.add_argument("--batch-size", default="8")
     args = ap.parse_args()
     from flipcheck.tiny import smollm2_folder
