@@ -12,7 +12,7 @@ own CLI (``flipcheck eval``) on the first `--questions` GSM8K test questions, ze
 - a Gaussian weight-noise child (σ `--sigma`): both on transformers; both on vLLM with
   ``--engine-floor`` (the parent again on transformers); parent on transformers, child on vLLM.
 
-vLLM runs from its own venv (``--vllm-python``, default .venv-vllm beside this repository's
+vLLM runs from its own venv (``--vllm-python``, default $FLIPCHECK_VLLM_PYTHON, else .venv-vllm of this
 checkout; flipcheck there is this checkout through PYTHONPATH). Every call shares one cache
 (OUT/cache), so each call scores only the models not scored before; its wall time is printed with
 which models it scored, so seconds per 100 questions per engine are read off the calls that scored
