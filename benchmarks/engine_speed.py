@@ -87,7 +87,7 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 
 
 def _flipcheck(parent: Path, children: list[Path], text_file: Path, engine: str, n: int) -> tuple[tuple, dict]:
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     with tempfile.TemporaryDirectory() as cache:
         t = _clock()

@@ -70,7 +70,8 @@ import torch  # noqa: E402
 
 from flipcheck.compressors.noise import NoiseConfig, apply_noise  # noqa: E402
 from flipcheck.evaluation.cache import ResultCache  # noqa: E402
-from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, child_ref  # noqa: E402
+from flipcheck.evaluation.model_ref import child_ref  # noqa: E402
+from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.models import save_model  # noqa: E402
 from flipcheck.tiny import build_llama, build_tokenizer, write_lm_eval_task  # noqa: E402
 
@@ -270,7 +271,7 @@ def profile_parts() -> list[tuple[str, object]]:
     from lm_eval.loggers import utils as lm_eval_log_utils
 
     from flipcheck import models
-    from flipcheck.evaluation import cache, forward, kl, lm, metrics, runner, samples
+    from flipcheck.evaluation import cache, forward, kl, lm, metrics, model_ref, runner, samples
 
     return [
         ("score_items: packing, forwards, log-softmax, top-K, KL", forward.score_items),
@@ -288,8 +289,8 @@ def profile_parts() -> list[tuple[str, object]]:
         ("  task folder hash for the cache key (folder_content_hash)", cache.folder_content_hash),
         ("model loading (load_model)", models.load_model),
         ("tokenizer loading (load_tokenizer)", models.load_tokenizer),
-        ("fingerprints (cached_fingerprint)", runner.cached_fingerprint),
-        ("tokenizer comparison (tokenizer_hash)", runner.tokenizer_hash),
+        ("fingerprints (cached_fingerprint)", model_ref.cached_fingerprint),
+        ("tokenizer comparison (tokenizer_hash)", model_ref.tokenizer_hash),
         ("cache writes (ResultCache.put)", cache.ResultCache.put),
         ("cache reads (ResultCache.get)", cache.ResultCache.get),
         ("rows (build_rows)", samples.build_rows),

@@ -248,7 +248,7 @@ def tables(rows: list[dict], near: set[str]) -> str:
 
 def run_child(parent: Path, spec: str, args, tasks: Path, n_mc: int) -> dict:
     """Evaluate one child on GSM8K (and the multiple-choice task) against the parent; its row."""
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     child = make_child(parent, spec, args.out / "children")
     common = {"include_path": str(tasks), "cache_dir": args.out / "cache", "batch_size": args.batch_size}

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from flipcheck.compressors.pipeline import compress
     from flipcheck.evaluation.cache import ResultCache
-    from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, child_ref
+    from flipcheck.evaluation.model_ref import child_ref
+    from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
     from flipcheck.models import load_model, resolve_device, resolve_dtype, suggest_batch_size
 
     if args.cpu_small:

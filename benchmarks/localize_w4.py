@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flipcheck.compressors.pipeline import compress
 from flipcheck.decide.localize import localize, ranking
-from flipcheck.evaluation.runner import evaluate
+from flipcheck.orchestrate.evaluate import evaluate
 from flipcheck.tiny import smollm2_folder, write_lm_eval_task
 
 BODY = """output_type: multiple_choice

@@ -80,7 +80,7 @@ def warm_up(parent: Path, task_dir: Path, root: Path) -> None:
 
 
 def run(parent: Path, task_dir: Path, root: Path, name: str, executor=None) -> tuple[float, dict, list[str]]:
-    from flipcheck.recipes.runner import sweep
+    from flipcheck.orchestrate.recipe import sweep
 
     said: list[tuple[float, str]] = []
     t0 = time.perf_counter()

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 from flipcheck.compressors.pipeline import compress
-from flipcheck.decide.confidence import cp_lower, cp_upper
 from flipcheck.decide.search import search
-from flipcheck.evaluation.runner import evaluate
+from flipcheck.evaluation.confidence import cp_lower, cp_upper
 from flipcheck.gate import check
+from flipcheck.orchestrate.evaluate import evaluate
 from flipcheck.tiny import smollm2_folder, write_lm_eval_task
 
 BODY = """output_type: multiple_choice
@@ -94,14 +94,16 @@ def main(realdata: str, work: str, budget: str = "10%", confidence: str = "0.95"
                    max_candidates=max_candidates, device="cpu", cache_dir=cache, progress=lambda m: print(m, flush=True))
     print(f"search {time.perf_counter() - t0:.0f} s; cost {json.dumps(block['cost'])}")
     by = {c["name"]: c for c in block["candidates"]}
+    c_s = block.get("search_confidence") or float(confidence)  # the search (split) is judged at this confidence
     for c in sorted(block["candidates"], key=lambda c: c["size_bits"]):
         s = c["tasks"]["search_set"]
         conf = c.get("confirmation") or {}
         cs = (conf.get("tasks") or {}).get("search_set")
-        shown = (f"  confirmation flips {cs['flips']:.3f} ({cs['n_c2i'] + cs['n_i2c']}/{cs['n']}) "
+        k = cs["n_c2i"] + cs["n_i2c"] if cs else 0
+        shown = (f"  confirmation flips {cs['flips']:.3f} ({k}/{cs['n']}, upper {cp_upper(k, cs['n'], float(confidence)):.3f}) "
                  f"{'PASS' if conf['passed'] else 'FAIL'}" if cs else "")
         print(f"  {c['name']:22s} {c['kind']:8s} {c['allocation_summary']:24s} {c['bits_per_weight']:.3f} b/w  "
-              f"flips {s['flips']:.3f} ({s['n_c2i'] + s['n_i2c']}/{s['n']}, upper {cp_upper(s['n_c2i'] + s['n_i2c'], s['n'], float(confidence)):.3f})  "
+              f"flips {s['flips']:.3f} ({s['n_c2i'] + s['n_i2c']}/{s['n']}, upper {cp_upper(s['n_c2i'] + s['n_i2c'], s['n'], c_s):.3f})  "
               f"{'PASS' if c['passed'] else 'FAIL'}{shown}{'  <- winner' if c['winner'] else ''}")
     if confirmed:
         print(f"search split judged at {block['search_confidence']:.4f}; confirmed in order: "

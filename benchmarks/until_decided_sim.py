@@ -25,8 +25,8 @@ import time
 import numpy as np
 from scipy import stats
 
-from flipcheck.decide.confidence import cp_upper, plan_questions
 from flipcheck.decide.sequential import thresholds
+from flipcheck.evaluation.confidence import cp_upper, plan_questions
 
 
 def main(runs: int = 2000, budget: float = 0.02, confidence: float = 0.95, batch: int = 50, questions: int = 10_000) -> None:

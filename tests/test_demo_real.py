@@ -137,7 +137,7 @@ def test_real_demo_rejects_toy_options(tmp_path):
 def test_smollm2_answers_a_slice_of_the_task(smollm2_dir, docs, tmp_path):
     """The real parent, through flipcheck's own evaluator, on the first questions of every category:
     well above chance (25 %), and against itself not a single flip."""
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     report = evaluate(str(smollm2_dir), str(smollm2_dir), tasks=[demo.WORLD_TASK], limit=SLICE, batch_size=32,
                       cache_dir=tmp_path / "cache")

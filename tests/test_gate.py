@@ -211,7 +211,7 @@ def test_confidence_fails_one_flip_in_100_that_the_point_estimate_passes():
 
 
 def test_confidence_judges_delta_acc_by_its_lower_bound():
-    from flipcheck.decide.confidence import delta_acc_lower
+    from flipcheck.evaluation.confidence import delta_acc_lower
 
     rep = _report(child_entry("c", {"t": _counted(200, 3, 1)}))  # Δacc −1 %
     (point,) = check(rep, min_acc_delta="-2%")
@@ -250,7 +250,7 @@ def test_plan_command_prints_the_planned_questions_and_refuses_bad_input():
     from typer.testing import CliRunner
 
     from flipcheck.cli import app
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
 
     runner = CliRunner()
     res = runner.invoke(app, ["plan", "--max-flips", "2%", "--expected", "1%"])

@@ -13,8 +13,9 @@ import pytest
 import flipcheck
 from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.runner import evaluate, parent_source_for
+from flipcheck.evaluation.model_ref import parent_source_for
 from flipcheck.models import read_provenance, save_model
+from flipcheck.orchestrate.evaluate import evaluate
 from flipcheck.tiny import write_lm_eval_task
 
 TASKS = ["tiny_letters"]

@@ -7,8 +7,9 @@ import dataclasses
 import inspect
 
 from flipcheck.cli import app
-from flipcheck.evaluation.runner import EvalSettings, evaluate
-from flipcheck.recipes.runner import sweep
+from flipcheck.evaluation.runner import EvalSettings
+from flipcheck.orchestrate.evaluate import evaluate
+from flipcheck.orchestrate.recipe import sweep
 from flipcheck.recipes.schema import EvaluationSpec
 
 DECLARED = {f.name for f in dataclasses.fields(EvalSettings)}
@@ -95,3 +96,64 @@ def test_a_bad_batch_size_is_one_line():
 
     with pytest.raises(FlipcheckError, match="allowed are an integer >= 1 or auto"):
         EvalSettings(tasks=["x"], batch_size="big")
+
+
+# A value other than the default for every setting (the test fails when a setting is added without one).
+OTHER = {"tasks": ["tiny_sums"], "include_path": "elsewhere", "num_fewshot": 2, "limit": 7, "seed": 9, "batch_size": 3,
+         "topk": 64, "device": "meta", "dtype": "bfloat16", "trust_remote_code": True, "n_boot": 200, "metric": "acc",
+         "filter": "strict-match", "per_subtask": True, "kl": "exact", "texts": ["a.txt"], "ctx": 64, "scoring": "half",
+         "engine": "llama.cpp", "parent_engine": "transformers", "child_engine": "vllm", "engine_floor": True,
+         "sample": "temperature=0.7", "samples": 2, "doc_ids": {"tiny_sums": [1, 2]}}
+
+
+def test_every_accepted_setting_reaches_the_cache_key_or_the_report(tmp_path):
+    """A setting that is accepted and then dropped would change neither what keys the results nor what
+    the report says was run: each one, changed alone, must change one of them."""
+    assert set(OTHER) == DECLARED, set(OTHER) ^ DECLARED
+    (tmp_path / "t.yaml").write_text("task: t\n")
+    OTHER["include_path"] = str(tmp_path)
+    base = EvalSettings(tasks=["tiny_letters"])
+    base_key, base_public = base.key_fields(), base.public()
+    for name, value in OTHER.items():
+        if name == "device":  # this CPU machine has one device; the report names the resolved one
+            assert base_public["device"] == "cpu" and base_key["device_kind"] == "cpu"
+            continue
+        start = base if name != "samples" else dataclasses.replace(base, sample="temperature=0.7")  # needs --sample
+        changed = dataclasses.replace(start, **{name: value})
+        assert changed.key_fields() != start.key_fields() or changed.public() != start.public(), \
+            f"{name} reaches neither the cache key nor the report"
+
+
+def _defaults(fn) -> dict:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
+
+
+def test_every_setting_has_one_default_everywhere_it_is_declared():
+    """The dataclass, the recipe section, evaluate(), sweep(), search() and the eval/sweep/search
+    commands agree on each default (the CLI spells batch_size as text and collections as None)."""
+    from flipcheck.decide.search import search
+
+    declared = {}
+    for f in dataclasses.fields(EvalSettings):
+        if f.default is not dataclasses.MISSING:
+            declared[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            declared[f.name] = f.default_factory()
+    spec = {n: f.get_default(call_default_factory=True) for n, f in EvaluationSpec.model_fields.items()}
+    places = {"recipe": spec, "evaluate": _defaults(evaluate), "sweep": _defaults(sweep), "search": _defaults(search)}
+    for command in ("eval", "sweep", "search"):
+        cmd = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == command)
+        places[f"cli {command}"] = {next((k for k, v in CLI_NAMES.items() if v == n), n): p
+                                    for n, p in _defaults(cmd.callback).items()}
+
+    def same(a, b) -> bool:
+        if isinstance(a, (list, tuple)) and not a:  # an empty collection: None or () elsewhere
+            return b in (None, (), [])
+        return a == b or str(a) == str(b)  # --batch-size is text on the command line
+
+    for name, default in declared.items():
+        if name == "tasks":
+            continue  # required by evaluate/eval; sweep, search and recipes default to the demo tasks
+        for where, values in places.items():
+            if name in values:
+                assert same(default, values[name]), (name, where, default, values[name])

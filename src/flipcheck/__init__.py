@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 
 _API = {
     "compress": ("flipcheck.compressors.pipeline", "compress"),
-    "evaluate": ("flipcheck.evaluation.runner", "evaluate"),
+    "evaluate": ("flipcheck.orchestrate.evaluate", "evaluate"),
     "compare": ("flipcheck.evaluation.compare", "compare"),
-    "sweep": ("flipcheck.recipes.runner", "sweep"),
-    "run_recipe": ("flipcheck.recipes.runner", "run_recipe"),
+    "sweep": ("flipcheck.orchestrate.recipe", "sweep"),
+    "run_recipe": ("flipcheck.orchestrate.recipe", "run_recipe"),
     "load_recipe": ("flipcheck.recipes.schema", "load_recipe"),
     "FlipcheckError": ("flipcheck.errors", "FlipcheckError"),
 }

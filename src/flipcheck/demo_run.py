@@ -47,7 +47,7 @@ def hidden_change_lines(report: dict[str, Any]) -> list[str]:
 def run_demo(out: str | Path, *, retrain: bool = False, quick: bool = False, console: Console | None = None) -> dict:
     """Train or load the demo parent, run the demo recipe into `out`, print the summary."""
     from flipcheck.demo import demo_model_path
-    from flipcheck.recipes.runner import run_recipe
+    from flipcheck.orchestrate.recipe import run_recipe
 
     console = console or Console()
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def register_world_facts() -> None:
 
 def run_real_demo(out: str | Path, *, console: Console | None = None) -> dict:
     """Build or load SmolLM2-135M-Instruct, run the ``demo-real`` recipe into `out`, print the summary."""
-    from flipcheck.recipes.runner import run_recipe
+    from flipcheck.orchestrate.recipe import run_recipe
 
     console = console or Console()
     t0 = time.perf_counter()

@@ -37,7 +37,7 @@ the report's headline (acc_norm where the task reports it), or `metric` ("acc" /
 the task has that figure.
 
 With ``confidence`` (``--confidence 0.95``) flips and Δacc are judged by one-sided confidence bounds
-instead of their point estimates (flipcheck.decide.confidence): flips by the Clopper–Pearson upper
+instead of their point estimates (flipcheck.evaluation.confidence): flips by the Clopper–Pearson upper
 bound of (c→i + i→c) flips in n questions, Δacc by the lower bound of Tango's score interval for
 paired proportions. A child passes when even that bound is inside the budget: 0 flips in 400
 (bound 0.75 %) pass ``--max-flips 1%``; 1 flip in 100 (point 1 %, bound 4.7 %) fails ``--max-flips 2%``.
@@ -134,7 +134,7 @@ def _where(name: str, task: str, several: bool, summary: Mapping[str, Any], metr
 
 def _bounds(summary: Mapping[str, Any], confidence: float | None) -> dict[str, float | None]:
     """The one-sided confidence bounds of flips (upper) and Δacc (lower) from the summary's counts."""
-    from flipcheck.decide.confidence import cp_upper, delta_acc_lower
+    from flipcheck.evaluation.confidence import cp_upper, delta_acc_lower
 
     n, b, c = summary.get("n"), summary.get("n_c2i"), summary.get("n_i2c")
     if confidence is None or not n or b is None or c is None:
@@ -228,31 +228,13 @@ def check(
 
     check_metric(metric)
     if confidence is not None:
-        from flipcheck.decide.confidence import check_confidence
+        from flipcheck.evaluation.confidence import check_confidence
 
         confidence = check_confidence(confidence)
-    budgets = {
-        "max_flips": None if max_flips is None else parse_budget(max_flips, "--max-flips"),
-        "max_kl": None if max_kl is None else parse_budget(max_kl, "--max-kl"),
-        "min_acc_delta": None if min_acc_delta is None else parse_budget(min_acc_delta, "--min-acc-delta"),
-        "min_acc": None if min_acc is None else parse_budget(min_acc, "--min-acc"),
-        "min_survival": parse_survival(min_survival),
-        "max_length_ratio": parse_length_ratio(max_length_ratio),
-    }
-    text_budgets = {
-        "max_kl_text": None if max_kl_text is None else parse_budget(max_kl_text, "--max-kl-text"),
-        "max_ppl_ratio": None if max_ppl_ratio is None else parse_budget(max_ppl_ratio, "--max-ppl-ratio"),
-    }
-    judge_budget = None if min_judge_delta is None else _judge_budget(min_judge_delta)
-    if all(v is None for v in (*budgets.values(), *text_budgets.values())) and judge_budget is None:
-        raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta, --min-acc, "
-                             "--min-survival, --max-length-ratio, --max-kl-text, --max-ppl-ratio or --min-judge-delta")
-    for key, opt in (("max_kl", "--max-kl"), ("max_kl_text", "--max-kl-text")):
-        v = {**budgets, **text_budgets}[key]
-        if v is not None and v < 0:
-            raise FlipcheckError(f"{opt} {v!r}: KL is never negative; give a budget >= 0")
-    if text_budgets["max_ppl_ratio"] is not None and (str(max_ppl_ratio).strip().endswith("%") or text_budgets["max_ppl_ratio"] <= 0):
-        raise FlipcheckError(f"--max-ppl-ratio {max_ppl_ratio!r}: a ratio of perplexities, e.g. 1.05 (> 0)")
+    budgets, text_budgets, judge_budget = _parse_budgets(
+        max_flips, max_kl, min_acc_delta, min_acc, min_survival, max_length_ratio, max_kl_text, max_ppl_ratio,
+        min_judge_delta,
+    )
     children = report.get("children") or []
     failed = [f for f in report.get("failed") or [] if f.get("status") == "failed"]
     if not children and not failed:
@@ -287,6 +269,35 @@ def check(
     if judge_budget is not None:
         verdicts += _judge_verdicts(children, judge_budget)
     return verdicts
+
+
+def _parse_budgets(max_flips, max_kl, min_acc_delta, min_acc, min_survival, max_length_ratio, max_kl_text,
+                   max_ppl_ratio, min_judge_delta) -> tuple[dict, dict, Any]:
+    """(task budgets, text-corpus budgets, judge budget) parsed from the options; refuses none at all,
+    a negative KL budget and a perplexity ratio that is not a positive number."""
+    budgets = {
+        "max_flips": None if max_flips is None else parse_budget(max_flips, "--max-flips"),
+        "max_kl": None if max_kl is None else parse_budget(max_kl, "--max-kl"),
+        "min_acc_delta": None if min_acc_delta is None else parse_budget(min_acc_delta, "--min-acc-delta"),
+        "min_acc": None if min_acc is None else parse_budget(min_acc, "--min-acc"),
+        "min_survival": parse_survival(min_survival),
+        "max_length_ratio": parse_length_ratio(max_length_ratio),
+    }
+    text_budgets = {
+        "max_kl_text": None if max_kl_text is None else parse_budget(max_kl_text, "--max-kl-text"),
+        "max_ppl_ratio": None if max_ppl_ratio is None else parse_budget(max_ppl_ratio, "--max-ppl-ratio"),
+    }
+    judge_budget = None if min_judge_delta is None else _judge_budget(min_judge_delta)
+    if all(v is None for v in (*budgets.values(), *text_budgets.values())) and judge_budget is None:
+        raise FlipcheckError("gate: give at least one budget: --max-flips, --max-kl, --min-acc-delta, --min-acc, "
+                             "--min-survival, --max-length-ratio, --max-kl-text, --max-ppl-ratio or --min-judge-delta")
+    for key, opt in (("max_kl", "--max-kl"), ("max_kl_text", "--max-kl-text")):
+        v = {**budgets, **text_budgets}[key]
+        if v is not None and v < 0:
+            raise FlipcheckError(f"{opt} {v!r}: KL is never negative; give a budget >= 0")
+    if text_budgets["max_ppl_ratio"] is not None and (str(max_ppl_ratio).strip().endswith("%") or text_budgets["max_ppl_ratio"] <= 0):
+        raise FlipcheckError(f"--max-ppl-ratio {max_ppl_ratio!r}: a ratio of perplexities, e.g. 1.05 (> 0)")
+    return budgets, text_budgets, judge_budget
 
 
 def _task_floor(report: Mapping[str, Any], task: str, metric: str | None) -> dict[str, float | None]:

@@ -95,7 +95,7 @@ def judge(summary: Mapping[str, Any], survival: tuple[int, float] | None, max_ra
             parts.append(f"S({t}) n/a")
         else:
             s, k, n = point
-            from flipcheck.decide.confidence import cp_lower
+            from flipcheck.evaluation.confidence import cp_lower
 
             value = cp_lower(k, n, confidence) if confidence is not None else s
             ok = value >= share - TOLERANCE

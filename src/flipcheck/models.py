@@ -625,3 +625,9 @@ def save_model(
 def folder_weight_bytes(folder: str | os.PathLike) -> int:
     """Bytes of the weight files (``*.safetensors``) in a model folder."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of a text by default (Llama 2 does, SmolLM2 not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]

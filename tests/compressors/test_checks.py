@@ -14,7 +14,7 @@ from flipcheck.compressors.calibration import DEFAULT_SOURCE
 from flipcheck.compressors.calibration_data import check_reachable
 from flipcheck.compressors.stats import targeted_linears
 from flipcheck.errors import FlipcheckError
-from flipcheck.recipes.runner import run_recipe
+from flipcheck.orchestrate.recipe import run_recipe
 from flipcheck.recipes.schema import parse_recipe
 from flipcheck.tiny import build_llama
 

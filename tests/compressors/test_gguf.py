@@ -78,7 +78,7 @@ def test_wanda_then_gguf_keeps_the_zeros(tiny_model_dir, tmp_path, tiny_tokenize
 
 
 def test_sweep_over_gguf_types(tiny_model_dir, task_dir, tmp_path):
-    from flipcheck.recipes.runner import sweep
+    from flipcheck.orchestrate.recipe import sweep
 
     report = sweep(str(tiny_model_dir), "gguf", {"type": ["Q8_0", "Q4_0"]}, tasks=["tiny_letters"],
                    include_path=str(task_dir), out=tmp_path / "run", cache_dir=tmp_path / "cache")

@@ -251,13 +251,13 @@ def test_layer_drop_removes_exactly_the_listed_layers(model4, ids):
 
 
 def test_set_options_reach_the_childs_flipcheck_json(model4, tiny_tokenizer, tmp_path):
-    from flipcheck.cli import _steps_from_options
+    from flipcheck.commands.compress import steps_from_options
     from flipcheck.compressors.pipeline import compress
 
     parent = tmp_path / "parent"
     model4.save_pretrained(parent)
     tiny_tokenizer.save_pretrained(parent)
-    steps = _steps_from_options(["rtn"], parse_set_options(["scheme=W4A16", "layers=1-3:W8A16"]))
+    steps = steps_from_options(["rtn"], parse_set_options(["scheme=W4A16", "layers=1-3:W8A16"]))
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

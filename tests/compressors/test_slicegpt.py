@@ -10,11 +10,9 @@ import torch
 
 from flipcheck.compressors.calibration import Calibration
 from flipcheck.compressors.registry import get_method, make_config
-from flipcheck.compressors.slicegpt import (
-    SlicedRMSNorm,
-    SliceGPTConfig,
-    apply_slicegpt,
-    kept_dim,
+from flipcheck.compressors.slicegpt import SliceGPTConfig, apply_slicegpt, kept_dim
+from flipcheck.compressors.slicegpt_model import SlicedRMSNorm
+from flipcheck.compressors.slicegpt_pca import (
     pca_rotations,
     principal_basis,
     random_orthogonal,
@@ -294,10 +292,10 @@ def test_one_covariance_alive_at_a_time(calib, tiny_tokenizer, monkeypatch):
     """Sequential: at most one D x D covariance and a few bases exist at once, whatever the depth."""
     import weakref
 
-    from flipcheck.compressors import slicegpt
+    from flipcheck.compressors import slicegpt_pca
 
     covs, bases, peaks = [], [], {"cov": 0, "bases": 0}
-    real_cov, real_basis = slicegpt._covariance, slicegpt.principal_basis
+    real_cov, real_basis = slicegpt_pca._covariance, slicegpt_pca.principal_basis
 
     def alive(refs):  # tensors are freed by reference counting
         return sum(r() is not None for r in refs)
@@ -314,8 +312,8 @@ def test_one_covariance_alive_at_a_time(calib, tiny_tokenizer, monkeypatch):
         peaks["bases"] = max(peaks["bases"], alive(bases))
         return vals, vecs
 
-    monkeypatch.setattr(slicegpt, "_covariance", cov)
-    monkeypatch.setattr(slicegpt, "principal_basis", basis)
+    monkeypatch.setattr(slicegpt_pca, "_covariance", cov)
+    monkeypatch.setattr(slicegpt_pca, "principal_basis", basis)
     apply_slicegpt(build(tiny_tokenizer, layers=4, seed=5), SliceGPTConfig(slicing=0.25), calib)
     assert len(covs) == 8  # 2 per layer, the head's stream needs none
     assert peaks["cov"] == 1 and peaks["bases"] <= 3, peaks

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 from typer.testing import CliRunner
@@ -52,7 +53,7 @@ def test_bonferroni_and_the_smallest_split_that_decides():
     assert search_confidence(None, 8) is None
     n = min_questions({"max_flips": "2%"}, 0.95)
     assert n == math.ceil(math.log(0.05) / math.log(0.98))  # 149: 0 flips in n bounded under 2 %
-    from flipcheck.decide.confidence import cp_upper
+    from flipcheck.evaluation.confidence import cp_upper
 
     assert cp_upper(0, n, 0.95) <= 0.02 < cp_upper(0, n - 1, 0.95)
     assert min_questions({"max_flips": "2%"}, None) == 1
@@ -122,7 +123,7 @@ def test_the_split_scores_each_side_on_its_own_questions(parent4, task_dir, tmp_
     winner = next(c for c in block["candidates"] if c["winner"])
     assert {t: f["n"] for t, f in winner["confirmation"]["tasks"].items()} == {"tiny_letters": 6, "tiny_sentences": 6}
     # the winner on the confirmation questions equals `evaluate` restricted to those doc ids by hand
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     report = evaluate(str(parent4), [winner["folder"]], tasks=["tiny_letters", "tiny_sentences"], include_path=str(task_dir),
                       batch_size=8, use_cache=False, doc_ids=expected.confirm)
@@ -130,6 +131,46 @@ def test_the_split_scores_each_side_on_its_own_questions(parent4, task_dir, tmp_
         e = report["children"][0]["tasks"][t]
         assert (f["n"], f["n_c2i"], f["n_i2c"]) == (e["n"], e["n_c2i"], e["n_i2c"])
     assert block["recipe"]["evaluation"].get("doc_ids") is None  # recipe.yaml judges all the questions
+
+
+def _prompts(task_dir, task):
+    """The task's prompts in doc-id order (the prompts: source of one task reads them so)."""
+    from flipcheck.compressors.calibration_data import prompts_source, read_texts
+
+    texts = read_texts(prompts_source([task], task_dir))
+    assert len(texts) == 20
+    return texts
+
+
+def test_the_default_probe_text_reads_the_search_split_only(tiny_model_dir, task_dir, tmp_path):
+    """Without --calibration a split search probes and calibrates on its search split's prompts: no
+    confirmation question's prompt is in the text, every search question's is (--no-confirm reading
+    them all: test_offline_text); the file is named by its content, so another split is another key."""
+    from flipcheck.compressors.calibration_data import read_texts
+    from flipcheck.decide.search import search
+    from flipcheck.decide.splits import search_split_text
+
+    tasks = ["tiny_letters", "tiny_sentences"]
+    block = search(str(tiny_model_dir), "rtn", "scheme=W4A16,W8A16", out=tmp_path / "run", budgets={"max_flips": "50%"},
+                   tasks=tasks, include_path=str(task_dir), cache_dir=tmp_path / "cache", probe_windows=2, probe_ctx=32,
+                   batch_size=8, max_candidates=2, device="cpu")
+    source, split = block["probe"]["text"], block["confirmation"]["split"]
+    assert "search split only" in block["probe"]["note"] and block["recipe"]["calibration"]["source"] == source
+    probe, searched = Counter(read_texts(source)), Counter()
+    for t in tasks:
+        prompts = _prompts(task_dir, t)
+        searched.update(prompts[i] for i in split["search"][t])
+        confirm_only = {prompts[i] for i in split["confirm"][t]} - {prompts[i] for i in split["search"][t]}
+        assert confirm_only and not confirm_only & set(probe)  # (a prompt two questions share may be in both)
+    assert probe == searched  # every search question's prompt, once, and nothing else
+    assert "search split only" in (tmp_path / "run" / "report.md").read_text()
+    cal = {"source": f"prompts:{','.join(tasks)}:{task_dir.resolve()}"}
+    counts = {t: {t: 20} for t in tasks}
+    again, _ = search_split_text(cal, "note", split_questions(counts, 0.3, 1234), str(task_dir), tmp_path / "run")
+    other, _ = search_split_text(cal, "note", split_questions(counts, 0.3, 99), str(task_dir), tmp_path / "run")
+    assert again["source"] == source != other["source"]  # the same split resumes; another is another text
+    given = {"source": "demo"}  # a text the user chose is left as it is
+    assert search_split_text(given, None, split_questions(counts, 0.3, 1), str(task_dir), tmp_path) == (given, None)
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
@@ -154,7 +195,7 @@ def test_plan_says_how_many_questions_each_split_needs():
     res = CliRunner().invoke(app, ["plan", "--max-flips", "10%", "--expected", "2%", "--confidence", "0.95",
                                    "--confirm", "0.3", "--candidates", "8"])
     assert res.exit_code == 0, res.output
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
 
     conf = plan_questions(0.10, 0.02, 0.95).questions
     search = plan_questions(0.10, 0.02, 1 - 0.05 / 8).questions

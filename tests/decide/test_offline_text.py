@@ -55,11 +55,16 @@ def test_an_unreachable_source_stops_search_and_localize_before_any_model(tiny_m
 
 def test_without_text_search_and_localize_read_the_task_prompts_offline(tiny_model_dir, task_dir, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, _search(tiny_model_dir, task_dir, tmp_path / "s", tmp_path / "cache"))
+    res = runner.invoke(app, _search(tiny_model_dir, task_dir, tmp_path / "s", tmp_path / "cache", "--no-confirm"))
     assert res.exit_code in (0, 1), res.output  # a winner or none: either way the search ran to its end
     block = json.loads((tmp_path / "s" / "report.json").read_text())["search"]
     source = f"prompts:tiny_letters:{task_dir.resolve()}"
     assert block["probe"]["text"] == source and "prompts of the evaluated tasks" in block["probe"]["note"]
+    assert "search split only" not in block["probe"]["note"]
+    from flipcheck.compressors.calibration_data import read_texts
+
+    rows = [json.loads(x) for x in (task_dir / "tiny_letters.jsonl").read_text().splitlines()]
+    assert len(read_texts(source)) == len(rows) == 20  # unsplit: every question's prompt is read
     assert block["recipe"]["calibration"]["source"] == source  # the winner's recipe calibrates on it too
     assert "prompts of the evaluated tasks" in (tmp_path / "s" / "report.md").read_text()
 

@@ -73,8 +73,8 @@ def test_every_candidate_is_what_flipcheck_eval_gives_and_its_size_is_measured(s
     """Re-evaluating each candidate's child through `evaluate` (flipcheck eval) gives equal figures;
     the reported size is stats.measure's storage bits of the child loaded back."""
     from flipcheck.compressors.stats import measure
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import load_model, resolve_source
+    from flipcheck.orchestrate.evaluate import evaluate
 
     root, block, _ = searched
     folders = [c["folder"] for c in block["candidates"]]

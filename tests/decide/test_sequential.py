@@ -44,7 +44,7 @@ def test_a_wider_sample_narrows_the_sequence_and_more_confidence_widens_it():
     assert sq.upper_bound(10, 1000, 0.05) < sq.upper_bound(1, 100, 0.05)
     assert sq.upper_bound(10, 1000, 0.01) > sq.upper_bound(10, 1000, 0.05)
     # anytime-valid costs width: wider than the fixed-n Clopper–Pearson bound at the same n
-    from flipcheck.decide.confidence import cp_upper
+    from flipcheck.evaluation.confidence import cp_upper
 
     assert sq.upper_bound(10, 1000, 0.05) > cp_upper(10, 1000, 0.95)
 

@@ -56,7 +56,7 @@ def test_a_clearly_failing_child_stops_early(tiny_model_dir, task_dir, children,
 def test_a_borderline_child_runs_to_the_end_and_counts_as_a_plain_eval(tiny_model_dir, task_dir, children, tmp_path):
     """The budget is the child's own flip rate on all 40 questions: no sequence can put the rate on
     either side of it, so every question is scored, and the flips equal `flipcheck eval`'s."""
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     root, kids = children
     plain = evaluate(str(tiny_model_dir), [str(kids["noisy"])], tasks=TASKS.split(","), include_path=str(task_dir),

@@ -16,8 +16,8 @@ import pytest
 
 from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.evaluation.cache import ResultCache
-from flipcheck.evaluation.runner import evaluate
 from flipcheck.models import read_provenance, save_model
+from flipcheck.orchestrate.evaluate import evaluate
 
 TASKS = ["tiny_letters"]
 
@@ -126,7 +126,8 @@ def test_changed_weights_under_an_old_flipcheck_json_are_not_served_from_the_cac
 
 
 def test_an_edited_tokenizer_or_length_limit_changes_the_keys(family, task_dir, tmp_path):
-    from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, child_ref
+    from flipcheck.evaluation.model_ref import child_ref
+    from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 
     parent, child = tmp_path / "parent", tmp_path / "child"
     shutil.copytree(family / "parent", parent)

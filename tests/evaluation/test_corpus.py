@@ -15,9 +15,11 @@ from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.cache import ResultCache
 from flipcheck.evaluation.corpus import scored_range, windows
-from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, child_ref, evaluate
+from flipcheck.evaluation.model_ref import child_ref
+from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.gate import run_gate
 from flipcheck.models import load_model, save_model
+from flipcheck.orchestrate.evaluate import evaluate
 from flipcheck.tiny import write_lm_eval_task
 
 CTX = 24

@@ -13,8 +13,8 @@ from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.evaluation import corpora as corpora_mod
 from flipcheck.evaluation import corpus as corpus_mod
 from flipcheck.evaluation.corpus import Corpus, _encode_pieces, adds_bos, iter_windows
-from flipcheck.evaluation.runner import evaluate
 from flipcheck.models import save_model
+from flipcheck.orchestrate.evaluate import evaluate
 
 TEXT = "\n".join(corpus()) + "\n\nnaïve café — déjà vu, 12345 et 3.14159!\n\n   spaced   out\ttabs\n" * 3
 

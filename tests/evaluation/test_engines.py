@@ -71,7 +71,7 @@ def test_llamacpp_logits_equal_transformers_on_an_f32_gguf(tiny_model, tiny_toke
 def test_engine_floor_through_evaluate(tiny_model_dir, task_dir, f32_gguf, text_file, tmp_path):
     """The same weights on two engines: identical answers, KL under 1e-5, on questions, generation and text,
     and each model's engine named in the report."""
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     report = evaluate(str(tiny_model_dir), str(f32_gguf), tasks=TASKS, include_path=str(task_dir), kl="exact",
                       texts=[str(text_file)], ctx=64, out=tmp_path / "run", cache_dir=tmp_path / "cache")
@@ -95,7 +95,7 @@ def test_engine_floor_through_evaluate(tiny_model_dir, task_dir, f32_gguf, text_
 
 def test_engine_floor_row(tiny_model_dir, task_dir, tmp_path):
     """--engine-floor: the parent on llama.cpp (an F32 GGUF written from it) as a floor row."""
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     child = tmp_path / "noisy"
     from flipcheck.compressors.pipeline import compress
@@ -136,8 +136,8 @@ def test_a_changed_gguf_is_never_served_from_the_cache(tmp_path, f32_gguf):
 
 def test_hub_gguf_through_a_local_hf_cache(tmp_path, monkeypatch, f32_gguf, tiny_model_dir, task_dir):
     """ORG/REPO:file.gguf, offline, from a Hugging Face cache laid out as huggingface_hub lays it out."""
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import resolve_source
+    from flipcheck.orchestrate.evaluate import evaluate
 
     hub = tmp_path / "hf" / "hub"
     repo = hub / "models--someorg--tiny-GGUF"
@@ -164,7 +164,7 @@ def test_hub_gguf_through_a_local_hf_cache(tmp_path, monkeypatch, f32_gguf, tiny
 
 def test_a_gguf_with_another_vocabulary_is_refused_before_scoring(tmp_path, tiny_model_dir, task_dir):
     from flipcheck.compressors.gguf_convert import write_gguf
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
     from flipcheck.tiny import build_llama, build_tokenizer
 
     tok = build_tokenizer([f"other words {i} and more text" for i in range(200)], vocab_size=300)
@@ -195,7 +195,7 @@ def test_llamacpp_engine_refuses_a_safetensors_folder(tiny_model_dir):
 
 
 def test_transformers_dequantizes_a_gguf_child_and_says_so(tiny_model_dir, task_dir, f32_gguf, tmp_path):
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     report = evaluate(str(tiny_model_dir), str(f32_gguf), tasks="tiny_letters", include_path=str(task_dir),
                       child_engine="transformers", cache_dir=tmp_path / "cache")
@@ -256,8 +256,8 @@ def test_llamacpp_batch_layout_floor(quant, tiny_tokenizer, task_dir, tmp_path):
     there (tiny on this model: SmolLM2's figures are in the README); Q4_0's repacked kernels round alike
     on this tiny model (0)."""
     from flipcheck.compressors.pipeline import compress
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import save_model
+    from flipcheck.orchestrate.evaluate import evaluate
     from flipcheck.tiny import build_llama
 
     parent = save_model(build_llama(len(tiny_tokenizer), seed=0, hidden_size=256, intermediate_size=512,

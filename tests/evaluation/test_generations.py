@@ -169,8 +169,8 @@ def test_child_altered_at_a_known_step_diverges_exactly_there(tiny_model, tiny_t
 def gen_run(tmp_path_factory, tiny_model, tiny_tokenizer, task_dir):
     """parent, an identical twin and a noisy child on the generative tiny_sums, with the noise floor."""
     from flipcheck.compressors.noise import NoiseConfig, apply_noise
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import save_model
+    from flipcheck.orchestrate.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("gen_run")
     save_model(tiny_model, tiny_tokenizer, root / "parent", {"parent": None})

@@ -25,7 +25,7 @@ def _gguf(model, tok, folder):
 
 def test_f32_gguf_on_llamacpp_never_diverges_from_the_transformers_parent(tiny_model_dir, task_dir, tmp_path,
                                                                           tiny_model, tiny_tokenizer):
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     gguf = _gguf(tiny_model, tiny_tokenizer, tmp_path / "gguf")
     report = evaluate(str(tiny_model_dir), str(gguf), tasks="tiny_sums", include_path=str(task_dir),

@@ -13,11 +13,11 @@ from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import metrics as M
 from flipcheck.evaluation.report import load_report, render_table
-from flipcheck.evaluation.runner import evaluate
 from flipcheck.evaluation.samples import SampleRow, summarize_group, summarize_task
 from flipcheck.evaluation.tasks import TaskNode, leaf_weights
 from flipcheck.gate import check
 from flipcheck.models import save_model
+from flipcheck.orchestrate.evaluate import evaluate
 
 # lm-eval averages this group's two subtasks alike (weight_by_size: false), so its figures are not
 # the pooled ones: tg_small has 6 questions, tg_large 18.

@@ -93,8 +93,8 @@ def test_text_evaluation_block_matches_numpy(tmp_path, tiny_model, tiny_tokenize
     from conftest import corpus
     from flipcheck.compressors.noise import NoiseConfig, apply_noise
     from flipcheck.evaluation.corpus import Corpus, scored_range, windows
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import save_model
+    from flipcheck.orchestrate.evaluate import evaluate
 
     save_model(tiny_model, tiny_tokenizer, tmp_path / "parent", {"parent": None})
     child = copy.deepcopy(tiny_model)

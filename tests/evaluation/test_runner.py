@@ -11,10 +11,11 @@ import torch
 
 from flipcheck.compressors.noise import NoiseConfig, apply_noise
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation import runner
+from flipcheck.evaluation import model_ref, runner
 from flipcheck.evaluation.cache import ResultCache
-from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, evaluate
+from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.models import save_model
+from flipcheck.orchestrate.evaluate import evaluate
 
 TASKS = ["tiny_letters", "tiny_sentences", "tiny_sums"]
 
@@ -56,23 +57,23 @@ def test_identical_child_has_no_flips_and_zero_kl(folders, task_dir, tmp_path):
 
 def test_parent_cache_hit_skips_the_parent_and_matches_lockstep(folders, task_dir, tmp_path):
     ev = _evaluator(folders, task_dir, tmp_path / "cache")
-    entry_a, _ = ev.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    entry_a, _ = ev.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     assert ev.parent_passes == len(TASKS)  # miss: the parent scored alone, once per task
 
     # a second child against the same parent: the parent is never loaded again. With top-K = the
     # whole vocabulary (384) the cached distributions are complete, so the cached KL must equal the
     # lock-step KL (the approximation error at smaller K is bounded in test_lm.py).
     ev = _evaluator(folders, task_dir, tmp_path / "cache", topk=384)
-    ev.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    ev.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     ev2 = _evaluator(folders, task_dir, tmp_path / "cache", topk=384)
-    entry_b_cached, _ = ev2.evaluate_child(runner.child_ref(str(folders / "child_b")))
+    entry_b_cached, _ = ev2.evaluate_child(model_ref.child_ref(str(folders / "child_b")))
     assert ev2.parent_passes == 0
     assert ev2.parent.model is None
 
     # the same child scored in lock-step (kl="exact", fresh cache) gives the same answers; with
     # K = the whole vocabulary the bound from the parent's stored top-K equals the exact KL
     ev3 = _evaluator(folders, task_dir, tmp_path / "other_cache", topk=384, kl="exact")
-    entry_b_exact, _ = ev3.evaluate_child(runner.child_ref(str(folders / "child_b")))
+    entry_b_exact, _ = ev3.evaluate_child(model_ref.child_ref(str(folders / "child_b")))
     for task in TASKS:
         c, e = entry_b_cached["tasks"][task], entry_b_exact["tasks"][task]
         assert c["flips"] == e["flips"] and c["acc_C"] == e["acc_C"] and c["acc_P"] == e["acc_P"], task
@@ -83,14 +84,14 @@ def test_parent_cache_hit_skips_the_parent_and_matches_lockstep(folders, task_di
 
 def test_changed_parent_never_reuses_stale_entries(folders, task_dir, tmp_path, tiny_model, tiny_tokenizer):
     ev = _evaluator(folders, task_dir, tmp_path / "cache", tasks=["tiny_letters"])
-    ev.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    ev.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     changed = copy.deepcopy(tiny_model)
     with torch.no_grad():
         changed.model.layers[0].self_attn.q_proj.weight[0, 0] += 0.5
     save_model(changed, tiny_tokenizer, tmp_path / "parent2", {"parent": None})
     settings = EvalSettings(tasks=["tiny_letters"], include_path=str(task_dir), batch_size=8, n_boot=200)
     ev2 = Evaluator(ModelRef("parent", str(tmp_path / "parent2")), settings, ResultCache(tmp_path / "cache"))
-    ev2.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    ev2.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     assert ev2.parent_passes == 1
 
 
@@ -107,12 +108,12 @@ def test_interrupted_run_resumes_with_finished_tasks(folders, task_dir, tmp_path
     monkeypatch.setattr(runner, "_lm_eval_samples", flaky)
     ev = _evaluator(folders, task_dir, tmp_path / "cache", tasks=["tiny_letters", "tiny_sentences"])
     with pytest.raises(KeyboardInterrupt):
-        ev.evaluate_child(runner.child_ref(str(folders / "child_a")))
+        ev.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     done = list(calls)
     assert done == ["tiny_letters", "tiny_letters", "tiny_sentences"]  # child pass + parent replay, then stop
 
     ev2 = _evaluator(folders, task_dir, tmp_path / "cache", tasks=["tiny_letters", "tiny_sentences"])
-    entry, _ = ev2.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    entry, _ = ev2.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     assert calls[len(done):] == ["tiny_sentences", "tiny_sentences"]  # only the unfinished task ran
     assert set(entry["tasks"]) == {"tiny_letters", "tiny_sentences"}
 
@@ -123,7 +124,7 @@ def test_nonfinite_child_logits_are_reported_not_fatal(folders, task_dir, tmp_pa
         broken.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
     save_model(broken, tiny_tokenizer, tmp_path / "nan_child", {"parent": str(folders / "parent")})
     ev = _evaluator(folders, task_dir, tmp_path / "cache", tasks=["tiny_letters"])
-    entry, _ = ev.evaluate_child(runner.child_ref(str(tmp_path / "nan_child")))
+    entry, _ = ev.evaluate_child(model_ref.child_ref(str(tmp_path / "nan_child")))
     assert entry["tasks"]["tiny_letters"]["nonfinite"]["child"] > 0
 
 
@@ -140,13 +141,13 @@ def test_different_tokenizer_is_refused(folders, task_dir, tmp_path, tiny_model)
     save_model(tiny_model, other, tmp_path / "other_tok", {"parent": str(folders / "parent")})
     ev = _evaluator(folders, task_dir, tmp_path / "cache", tasks=["tiny_letters"])
     with pytest.raises(FlipcheckError, match="tokenizer differs"):
-        ev.evaluate_child(runner.child_ref(str(tmp_path / "other_tok")))
+        ev.evaluate_child(model_ref.child_ref(str(tmp_path / "other_tok")))
 
 
 def test_parent_found_from_child_provenance(folders):
-    assert runner.parent_source_for(str(folders / "child_a")) == str(folders / "parent")
+    assert model_ref.parent_source_for(str(folders / "child_a")) == str(folders / "parent")
     with pytest.raises(FlipcheckError, match="no flipcheck.json naming its parent"):
-        runner.parent_source_for(str(folders / "parent"))
+        model_ref.parent_source_for(str(folders / "parent"))
 
 
 def _parent_entry(ev, unit):
@@ -167,7 +168,7 @@ def test_cached_parent_does_not_depend_on_the_first_child(folders, task_dir, tmp
     want_samples, want = alone._parent_results("tiny_sentences")
     for name in ("short", "long"):
         ev = _evaluator(folders, task_dir, tmp_path / f"cache_{name}", tasks=["tiny_sentences"])
-        ev.evaluate_child(runner.child_ref(str(tmp_path / name)))
+        ev.evaluate_child(model_ref.child_ref(str(tmp_path / name)))
         samples, records = _parent_entry(ev, "tiny_sentences")
         assert records.keys() == want.keys()
         for key, rec in want.items():
@@ -180,10 +181,10 @@ def test_cached_parent_does_not_depend_on_the_first_child(folders, task_dir, tmp
 
 def test_one_kl_method_for_every_child_whatever_the_order(folders, task_dir, tmp_path):
     ev1 = _evaluator(folders, task_dir, tmp_path / "c1", tasks=["tiny_letters"])
-    first_a, _ = ev1.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    first_a, _ = ev1.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     ev2 = _evaluator(folders, task_dir, tmp_path / "c2", tasks=["tiny_letters"])
-    ev2.evaluate_child(runner.child_ref(str(folders / "child_b")))
-    second_a, _ = ev2.evaluate_child(runner.child_ref(str(folders / "child_a")))
+    ev2.evaluate_child(model_ref.child_ref(str(folders / "child_b")))
+    second_a, _ = ev2.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
     # the first child's KL is the bound too: the order of the children does not matter
     assert first_a["tasks"]["tiny_letters"]["kl_vocab"] == second_a["tasks"]["tiny_letters"]["kl_vocab"]
     method = {"name": "topk_sampled_tail", "k": 64, "tail_samples": 256,
@@ -194,8 +195,8 @@ def test_one_kl_method_for_every_child_whatever_the_order(folders, task_dir, tmp
     assert first_a["tasks"]["tiny_letters"]["kl_vocab"]["tokens"] < 4 * first_a["tasks"]["tiny_letters"]["n"]
 
     exact = _evaluator(folders, task_dir, tmp_path / "c1", tasks=["tiny_letters"], kl="exact")
-    ea, _ = exact.evaluate_child(runner.child_ref(str(folders / "child_a")))
-    eb, _ = exact.evaluate_child(runner.child_ref(str(folders / "child_b")))
+    ea, _ = exact.evaluate_child(model_ref.child_ref(str(folders / "child_a")))
+    eb, _ = exact.evaluate_child(model_ref.child_ref(str(folders / "child_b")))
     assert exact.parent_passes == 2  # the parent cached already, run in lock-step with each child
     assert exact.report([ea, eb])["kl_method"] == {"name": "exact", "label": "exact (parent in lock-step)"}
     cached, true = first_a["tasks"]["tiny_letters"]["kl_vocab"]["mean"], ea["tasks"]["tiny_letters"]["kl_vocab"]["mean"]

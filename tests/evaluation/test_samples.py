@@ -328,8 +328,8 @@ def shapes(tmp_path_factory, tiny_model, tiny_tokenizer):
     """A parent, a noisy child and three task shapes, evaluated once (cached for further runs)."""
     from conftest import ANIMALS, COLORS, write_task
     from flipcheck.compressors.noise import NoiseConfig, apply_noise
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import save_model
+    from flipcheck.orchestrate.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("shapes")
     save_model(tiny_model, tiny_tokenizer, root / "parent", {"parent": None})

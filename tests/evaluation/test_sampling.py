@@ -111,8 +111,8 @@ def test_a_changed_child_keeps_the_parent_text_less_often(tiny_model, tiny_token
 
 
 def test_sampling_settings_reach_the_cache_key_and_the_report(tiny_model, tiny_tokenizer, task_dir, tmp_path):
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import save_model
+    from flipcheck.orchestrate.evaluate import evaluate
 
     save_model(tiny_model, tiny_tokenizer, tmp_path / "parent", {"parent": None})
     save_model(copy.deepcopy(tiny_model), tiny_tokenizer, tmp_path / "twin", {"parent": str(tmp_path / "parent")})

@@ -161,8 +161,8 @@ def test_a_real_run_has_slices_that_add_up(tiny_model, tiny_tokenizer, tmp_path)
     """flipcheck.evaluate on a task whose docs carry a subject and a generative task: report.json, md, html."""
     from conftest import ANIMALS, COLORS, GENERATE, MC_LETTERS, write_task
     from flipcheck.compressors.noise import NoiseConfig, apply_noise
-    from flipcheck.evaluation.runner import evaluate
     from flipcheck.models import save_model
+    from flipcheck.orchestrate.evaluate import evaluate
 
     save_model(tiny_model, tiny_tokenizer, tmp_path / "parent", {"parent": None})
     child = copy.deepcopy(tiny_model)

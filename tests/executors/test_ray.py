@@ -13,7 +13,8 @@ import ray_cluster
 from flipcheck.evaluation import runner
 from flipcheck.executors import ExecutorOptions
 from flipcheck.models import save_model
-from flipcheck.recipes.runner import slug, sweep
+from flipcheck.orchestrate.recipe import sweep
+from flipcheck.recipes.runner import slug
 
 pytest.importorskip("ray")
 ray_address = ray_cluster.ray_address  # the session fixture (not in a conftest.py, which would shadow tests/conftest.py)
@@ -76,7 +77,7 @@ def test_ray_sweep_equals_local_and_scores_the_parent_once(ray_address, parent_d
 def test_sharded_eval_equals_one_process(ray_address, parent_dir, task_dir, tmp_path, local_run, monkeypatch):
     """Two children on two tasks, each child's tasks split into 2 shards (4 Ray tasks); the driver
     scores only the parent, the merge reads the workers' entries, the report equals one process."""
-    from flipcheck.evaluation.runner import evaluate
+    from flipcheck.orchestrate.evaluate import evaluate
 
     children = [c["source"] for c in local_run[0]["children"][:2]]  # two children the local sweep saved
     common = dict(tasks=TASKS, include_path=str(task_dir), batch_size=8)

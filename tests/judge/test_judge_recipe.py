@@ -10,7 +10,7 @@ import yaml
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.gate import run_gate
-from flipcheck.recipes.runner import run_recipe
+from flipcheck.orchestrate.recipe import run_recipe
 from flipcheck.recipes.schema import dump_recipe, parse_recipe
 
 chat_tokenizer, chat_parent_dir, judge_dir, judge_server, own_cache = (

@@ -9,7 +9,7 @@ import pytest
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import runner
 from flipcheck.models import save_model
-from flipcheck.recipes.runner import run_recipe, sweep
+from flipcheck.orchestrate.recipe import run_recipe, sweep
 from flipcheck.recipes.schema import load_recipe
 
 TASKS = ["tiny_letters", "tiny_sentences"]
@@ -163,10 +163,8 @@ def test_sweep_reloads_the_parent_and_never_copies_a_model(parent_dir, task_dir,
 
     monkeypatch.setattr(torch.nn.Module, "__deepcopy__", no_copy, raising=False)
     loads, distances = [], []
-    from flipcheck.evaluation import engines as eval_mod
-
     real_load, real_dist = sweep_mod.load_model, layer_drop.angular_distances
-    for mod in (sweep_mod, eval_mod):  # children load in the recipe runner, the parent through its engine
+    for mod in (sweep_mod, models):  # children load in the recipe runner, the parent through its engine's open
         monkeypatch.setattr(mod, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     monkeypatch.setattr(layer_drop, "angular_distances", lambda *a, **k: distances.append(1) or real_dist(*a, **k))
     hashed, real_fp = [], models.fingerprint

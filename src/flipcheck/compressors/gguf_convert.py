@@ -115,11 +115,27 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
     `tokenizer_folder`: a folder holding the tokenizer's files (merges and special tokens are read
     from there by ``gguf.SpecialVocab``); by default the tokenizer is saved to a temporary folder.
     """
-    import tempfile
-
     import gguf
 
     config = model.config
+    _check_convertible(config, dtype)
+    emb = model.get_input_embeddings().weight
+    n_vocab = int(emb.shape[0])
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch)
+    _add_hparams(writer, config, n_vocab, dtype, name)
+    _add_tokenizer(writer, tokenizer, n_vocab, tokenizer_folder)
+    _add_tensors(writer, model, dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _check_convertible(config, dtype: str) -> None:
+    """Refuse (one line) an architecture, dtype, RoPE scaling or bias the converter does not write."""
     mtype = getattr(config, "model_type", None)
     if mtype not in SUPPORTED:
         raise FlipcheckError(
@@ -131,16 +147,23 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
     _check_rope(config)
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise FlipcheckError("gguf: Llama models with attention or MLP biases are not supported by flipcheck's converter")
+
+
+def _dims(config) -> tuple[int, int, int, int, int]:
+    """(layers, attention heads, key/value heads, hidden size, head dimension) of a Llama config."""
     n_layer = int(config.num_hidden_layers)
     n_head = int(config.num_attention_heads)
     n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
     hidden = int(config.hidden_size)
     head_dim = int(getattr(config, "head_dim", None) or hidden // n_head)
-    emb = model.get_input_embeddings().weight
-    n_vocab = int(emb.shape[0])
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
-    path = Path(path)
-    writer = gguf.GGUFWriter(str(path), arch)
+    return n_layer, n_head, n_kv, hidden, head_dim
+
+
+def _add_hparams(writer, config, n_vocab: int, dtype: str, name: str | None) -> None:
+    """The ``llama.*`` hyperparameters llama.cpp reads to build the graph."""
+    import gguf
+
+    n_layer, n_head, n_kv, hidden, head_dim = _dims(config)
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model")
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
@@ -157,6 +180,13 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
 
+
+def _add_tokenizer(writer, tokenizer, n_vocab: int, tokenizer_folder: str | os.PathLike | None) -> None:
+    """The byte-level BPE vocabulary, its merges and special tokens, and whether a BOS is added."""
+    import tempfile
+
+    import gguf
+
     tokens, types = _vocab(tokenizer, n_vocab)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
@@ -172,10 +202,17 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
         special.add_to_gguf(writer)
     # llama.cpp's default BOS handling differs by vocabulary type: say what the HF tokenizer does
     if "tokenizer.ggml.add_bos_token" not in writer.kv_data[0]:
-        from flipcheck.evaluation.corpus import adds_bos
+        from flipcheck.models import adds_bos
 
         writer.add_add_bos_token(adds_bos(tokenizer))
 
+
+def _add_tensors(writer, model: torch.nn.Module, dtype: str) -> None:
+    """Every weight under its GGUF name; q/k rows permuted to llama.cpp's RoPE layout, 1-D ones in float32."""
+    import gguf
+
+    config = model.config
+    n_layer, n_head, n_kv, _, _ = _dims(config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     float_dtype = np.float32 if dtype == "F32" else np.float16
@@ -194,11 +231,6 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str | os.PathLike, *, dt
             data = _permute_rope(data, n_kv)
         data = data.astype(np.float32 if data.ndim == 1 else float_dtype)
         writer.add_tensor(gname, np.ascontiguousarray(data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -270,9 +302,9 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
                   layers: Mapping[int, str] | None = None) -> Path:
     """llama.cpp's own quantizer (``llama_model_quantize``) from a float GGUF to `type_name`; `layers`
     gives decoder layers their own ggml tensor type through llama.cpp's per-tensor overrides."""
-    from flipcheck.evaluation.engines.llamacpp import require
+    from flipcheck.extras import require_llamacpp
 
-    require()
+    require_llamacpp("gguf quantization")
     import llama_cpp
 
     if type_name not in QUANT_TYPES:

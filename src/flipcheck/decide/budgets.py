@@ -24,7 +24,7 @@ class Budgets:
     def parse(cls, values: Mapping[str, Any], confidence: str | float | None = None, metric: str | None = None,
               texts: Sequence[str] = ()) -> Budgets:
         """Checked before any work: every budget parses, at least one is given, a text budget has texts."""
-        from flipcheck.decide.confidence import check_confidence
+        from flipcheck.evaluation.confidence import check_confidence
         from flipcheck.evaluation.samples import check_metric
         from flipcheck.gate import parse_budget
 
@@ -112,7 +112,7 @@ class Budgets:
             if v is None:
                 continue
             if self.confidence is not None and fig.get("n") and fig.get("n_c2i") is not None:
-                from flipcheck.decide.confidence import cp_upper
+                from flipcheck.evaluation.confidence import cp_upper
 
                 v = cp_upper(int(fig["n_c2i"]) + int(fig["n_i2c"]), int(fig["n"]), self.confidence)
             vals.append(float(v))

@@ -63,7 +63,9 @@ def confirm(search, block: dict[str, Any], conf: Confirmation, say: Callable[[st
     """Judge the search's passing candidates on the confirmation split, smallest first (module
     docstring); update `block` in place (winner, each row's ``confirmation``) and return its
     ``confirmation`` section."""
-    from flipcheck.evaluation.runner import Evaluator, ModelRef, child_ref
+    from flipcheck.evaluation.model_ref import child_ref
+    from flipcheck.evaluation.runner import Evaluator, ModelRef
+    from flipcheck.orchestrate.children import evaluate_children
 
     run, method = search.run, search.space.method
     settings = conf.settings(run.evaluator.settings)
@@ -79,7 +81,7 @@ def confirm(search, block: dict[str, Any], conf: Confirmation, say: Callable[[st
     for c in order:
         say(f"confirming {c.name} on the confirmation {'split' if conf.split is not None else 'tasks'}")
         ref = child_ref(c.folder, name=c.name, engine=settings.engine_of("child"))
-        outcome = search.executor.evaluate_children(ev, [ref], search.work / "confirm", say)
+        outcome = evaluate_children(search.executor, ev, [ref], search.work / "confirm", say)
         if outcome.failed or not outcome.entries:
             reason = outcome.failed[0].get("reason") if outcome.failed else "no result"
             judged.append({"name": c.name, "passed": False, "verdicts": [f"FAIL: not evaluated ({reason})"], "figure": None})

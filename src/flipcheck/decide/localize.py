@@ -225,10 +225,21 @@ def localize_models(
         if progress is not None:
             progress(f"localize: batch {b + 1}/{len(batches)} done")
     total = kl_total / positions
+    layers = _layer_rows(own, stream, kl_in, kl_back, total, positions, swaps)
+    modules = [{"layer": i, "module": name, **error_figures(s)} for (i, name), s in mods.items()]
+    modules.sort(key=lambda r: -r["rel_error"])
+    return {"kl_total": total, "positions": positions, "windows": int(input_ids.shape[0]), "ctx": int(input_ids.shape[1]),
+            "layers": layers, "modules": modules}
+
+
+def _layer_rows(own: list, stream: list, kl_in: list[float], kl_back: list[float], total: float, positions: int,
+                swaps: bool) -> list[dict[str, Any]]:
+    """One row per decoder layer from the summed errors and swap KLs: its own and stream error, the stream
+    error it adds, and (with `swaps`) its swap-in and restored KL and their shares."""
     layers = []
     prev_rel = 0.0
     sum_in = sum(kl_in) / positions if swaps else None
-    for i in range(n_layers):
+    for i in range(len(own)):
         st = error_figures(stream[i])
         row: dict[str, Any] = {"layer": i, "own": error_figures(own[i]), "stream": st,
                                "stream_added": st["rel_error"] - prev_rel}
@@ -239,10 +250,7 @@ def localize_models(
                        share_swap_in=ki / sum_in if sum_in else None,
                        share_removed=(total - kb) / total if total > 0 else None)
         layers.append(row)
-    modules = [{"layer": i, "module": name, **error_figures(s)} for (i, name), s in mods.items()]
-    modules.sort(key=lambda r: -r["rel_error"])
-    return {"kl_total": total, "positions": positions, "windows": int(input_ids.shape[0]), "ctx": int(input_ids.shape[1]),
-            "layers": layers, "modules": modules}
+    return layers
 
 
 def ranking(block: dict[str, Any], figure: str) -> list[int]:

@@ -48,8 +48,10 @@ from typing import Any
 
 from flipcheck.decide.budgets import BUDGET_NAMES, Budgets  # noqa: F401 - re-exported
 from flipcheck.decide.search_space import PRUNERS, Space, digest, parse_space, size_bits
+from flipcheck.decide.search_steps import check_counts, finish_search, open_run, run_search
 from flipcheck.decide.splits import DEFAULT_CONFIRM
 from flipcheck.errors import FlipcheckError
+from flipcheck.orchestrate.children import cache_root, recipe_children
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ class Search:
             for _, c in group:
                 self.say(f"verifying {c.name}: {self.space.describe(c.allocation)}")
             before, t0 = dict(self.clock.totals), time.perf_counter()
-            outcome = self.executor.recipe_children(self.run, self.work, self.say)
+            outcome = recipe_children(self.executor, self.run, self.work, self.say)
             self.clock.close()
             split = self.clock.split(before)
             wall = time.perf_counter() - t0
@@ -453,7 +455,7 @@ class Search:
     def setup(self) -> None:
         """The parent scored, one uniform child per choice verified, the sensitivities measured."""
         self.run.evaluator.on_step = self.step
-        self.executor.open(self.work, self.run.cache, self.say)
+        self.executor.open(self.work, cache_root(self.run.evaluator), self.say)
         self.run.evaluator.score_parent()
         uniform: dict[int, Candidate] = {}
         if self.space.method != "layer_drop":
@@ -641,28 +643,20 @@ def search(
     ``confirm`` (a share in (0, 1), None for no confirmation) or ``confirm_tasks``: the search proposes
     and verifies on the search split, at the tightened confidence, and the winner is the smallest
     candidate that also passes on the confirmation split (:mod:`.confirm`, :mod:`.splits`)."""
-    from flipcheck.compressors.calibration_data import check_reachable
-    from flipcheck.decide.additivity import additivity
-    from flipcheck.decide.confirm import confirm as run_confirmation
     from flipcheck.decide.confirm import prepare
-    from flipcheck.decide.frontier import run_frontier, write_frontier
-    from flipcheck.decide.search_report import write_search
+    from flipcheck.decide.splits import search_split_text
     from flipcheck.executors import get_executor
-    from flipcheck.recipes.checks import check_recipe
-    from flipcheck.recipes.runner import RecipeRun
 
     say = progress or (lambda msg: log.info("%s", msg))
     calibration, text_note = default_text(parent, calibration, tasks, include_path, texts)
     space = parse_space(method, choices, settings)
     sets = Budgets.parse_frontier(budgets, confidence, metric, texts)
     judged = sets[0]
-    if max_candidates < 1:
-        raise FlipcheckError(f"--max-candidates {max_candidates}: must be >= 1")
-    if per_round is not None and per_round < 1:
-        raise FlipcheckError(f"--per-round {per_round}: must be >= 1")
+    check_counts(max_candidates, per_round)
     confs, sets_search = prepare(sets, confirm=confirm, confirm_tasks=list(confirm_tasks), tasks=tasks,
                                  include_path=include_path, limit=limit, seed=seed, max_candidates=max_candidates)
     conf, judged_search = (confs[0] if confs else None), sets_search[0]
+    calibration, text_note = search_split_text(calibration, text_note, conf and conf.split, include_path, out)
     evaluation = dict(tasks=list(tasks), include_path=include_path, num_fewshot=num_fewshot, limit=limit,
                       batch_size=batch_size, seed=seed, metric=metric, texts=list(texts), ctx=ctx, kl=kl, scoring=scoring,
                       filter=filter, per_subtask=per_subtask, engine=engine, parent_engine=parent_engine,
@@ -670,28 +664,13 @@ def search(
                       doc_ids=conf.split.search if conf is not None and conf.split is not None else None)
     recipe = _recipe(parent, space, calibration, evaluation, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = RecipeRun(recipe, cache_dir=cache_dir, say=say)
-    check_recipe(run.recipe, run.parent_src)
-    check_reachable(run.recipe.calibration.source)  # the sensitivity probe reads it whatever the method needs
+    run = open_run(recipe, out, cache_dir, say)
     runner = get_executor(executor)
     probe = {"text": run.recipe.calibration.source, "windows": probe_windows, "ctx": probe_ctx, "seed": run.recipe.calibration.seed,
              "batch_size": probe_batch_size}
     rounds = per_round if per_round is not None else (1 if runner.name == "local" else 2)
     s = Search(space, judged_search, run, out, runner, probe=probe, max_candidates=max_candidates, per_round=rounds, say=say,
                on_step=on_step)
-    if len(sets) > 1:  # one sensitivity pass, one confirmed winner per set of budgets
-        block = run_frontier(s, sets_search, confs, say)
-    else:
-        block = s.go()
-        block["additivity"] = additivity(block["candidates"])
-        if conf is not None:
-            run_confirmation(s, block, conf, say)
-    if text_note:
-        block["probe"] = {**block.get("probe", {}), "note": text_note}
-    block["confidence"], block["search_confidence"] = judged.confidence, judged_search.confidence
-    block["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
-    block["recipe"]["evaluation"].pop("doc_ids", None)  # the winner's recipe is judged on all the questions
-    write_frontier(out, block)  # each set's recipe (takes the sets' blocks out of the report)
-    write_search(out, block)
+    block = run_search(s, sets, sets_search, confs, conf, say)
+    finish_search(out, block, run, judged.confidence, judged_search.confidence, text_note)
     return block

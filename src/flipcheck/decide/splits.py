@@ -29,14 +29,22 @@ it is given in two:
   flip at all passes: the one-sided Clopper–Pearson bound of 0 flips in n, 1 − (1 − c)^(1/n), must be
   <= B, i.e. n >= ln(1 − c) / ln(1 − B); likewise Δacc's lower bound with no change, −z²/(n + z²),
   must be >= the Δacc budget. Checked per task as the gate judges them, before any model loads.
+- **The probe reads the search split only.** Without ``--calibration`` the sensitivities (and the
+  compressors that calibrate) read the prompts of the evaluated tasks (``prompts:TASKS``), which would
+  include the confirmation questions. A split search instead writes the ``doc_to_text`` of its search
+  split's questions (never an answer) to ``DIR/search-split-prompts-H.jsonl``, H the SHA-256 of its
+  content, and reads that: the file's name and content key the sensitivities and every child's
+  ``made_with``, so another split (seed, share, ``--limit``) never reuses what this one measured.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,6 +141,47 @@ def split_questions(counts: Mapping[str, Mapping[str, int]], fraction: float, se
     return Split(search, confirm, {u: list(leaves) for u, leaves in counts.items()}, fraction, int(seed))
 
 
+def search_prompts(split: Split, include_path=None) -> list[str]:
+    """The prompts (``doc_to_text``, never the target) of the search split's questions only, per leaf task
+    in doc-id order, at most ``PROMPTS_PER_TASK`` a leaf as the ``prompts:`` source reads them."""
+    from flipcheck.compressors.calibration_data import PROMPTS_PER_TASK
+    from flipcheck.evaluation.tasks import task_manager
+
+    texts: list[str] = []
+    for unit, leaves in split.units.items():
+        loaded = {str(k): t for k, t in task_manager(include_path, [unit]).load([unit])["tasks"].items()}
+        for leaf in leaves:
+            task = loaded[leaf]
+            docs = task.eval_docs
+            for i in split.search[leaf][:PROMPTS_PER_TASK]:
+                text = task.doc_to_text(docs[i])
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
+    return texts
+
+
+def search_split_text(calibration: dict[str, Any], note: str | None, split: Split | None, include_path,
+                      folder: str | Path) -> tuple[dict[str, Any], str | None]:
+    """(calibration, note) with the default ``prompts:`` text replaced by the search split's prompts,
+    written to `folder` (module docstring); unchanged where the text was given or nothing is split."""
+    from flipcheck.compressors.calibration_data import PROMPTS
+    from flipcheck.files import write_text_atomic
+
+    if split is None or note is None or not str(calibration.get("source") or "").startswith(PROMPTS):
+        return calibration, note
+    texts = search_prompts(split, include_path)
+    if not texts:
+        raise FlipcheckError("search: the search split's questions have no text prompts; pass --calibration")
+    data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    name = f"search-split-prompts-{hashlib.sha256(data.encode()).hexdigest()[:16]}.jsonl"
+    path = Path(folder).expanduser().resolve() / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, data)
+    return ({**calibration, "source": str(path)},
+            f"{note}; search split only ({len(texts)} prompts, no confirmation question)")
+
+
 def min_questions(budgets: Mapping[str, Any], confidence: float | None) -> int:
     """The fewest questions per task on which a child with no flip and no accuracy change passes the
     flip and Δacc budgets at `confidence` (1 without a confidence: point estimates need one question)."""
@@ -175,7 +224,7 @@ def check_decidable(sizes: Mapping[str, int], budgets: Mapping[str, Any], confid
 def split_plan(plan, confirm: str | float, candidates: int) -> list[str]:
     """`plan --confirm`: the questions each split needs per task to decide the budget for a child at the
     expected rate (the search split at the Bonferroni-tightened confidence), and the total that gives both."""
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
 
     fraction = parse_confirm(confirm)
     c_s = search_confidence(plan.confidence, candidates)

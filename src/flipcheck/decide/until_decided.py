@@ -29,7 +29,7 @@ Say = Callable[[str], None]
 
 def check_options(max_flips: str | None, confidence: str | None, batch: int) -> tuple[float, float]:
     """The budget and confidence `--until-decided` needs, checked before any model loads."""
-    from flipcheck.decide.confidence import check_confidence
+    from flipcheck.evaluation.confidence import check_confidence
     from flipcheck.gate import parse_budget
 
     if max_flips is None or confidence is None:
@@ -76,7 +76,8 @@ def until_decided(parent: str, child: str, *, tasks: Sequence[str], max_flips: s
     from flipcheck.decide.sequential import Sequence as FlipSequence
     from flipcheck.decide.splits import question_counts
     from flipcheck.evaluation import cache as cache_mod
-    from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef, child_ref
+    from flipcheck.evaluation.model_ref import child_ref
+    from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
     from flipcheck.models import resolve_source
 
     say = say or (lambda m: log.info("%s", m))
@@ -117,7 +118,7 @@ def until_decided(parent: str, child: str, *, tasks: Sequence[str], max_flips: s
 
 
 def _block(units, seqs, pos, order, budget: float, conf: float, batch: int, seed: int, rounds: int) -> dict[str, Any]:
-    from flipcheck.decide.confidence import plan_questions
+    from flipcheck.evaluation.confidence import plan_questions
 
     per: dict[str, Any] = {}
     for u in units:

@@ -44,6 +44,7 @@ from flipcheck.evaluation.kl import (
     sample_tail,
 )
 from flipcheck.evaluation.kld_block import kl_by_parent_confidence, llama_block
+from flipcheck.models import adds_bos
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +137,6 @@ def _leaf_tasks(d: Any) -> list:
     for v in (d.values() if isinstance(d, dict) else [d]):
         out.extend(_leaf_tasks(v) if isinstance(v, dict) else [v])
     return out
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts a BOS token in front of a text by default (Llama 2 does, SmolLM2 not)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 PIECE_CHARS = 1 << 18  # a document longer than this is tokenized in pieces of about this many characters

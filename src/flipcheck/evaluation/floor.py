@@ -16,44 +16,48 @@ log = logging.getLogger(__name__)
 
 
 def engine_floor(ev: Evaluator) -> list[dict]:
-    """The parent against itself on another engine, the same weights: llama.cpp on a float32 GGUF
-    written from the parent (kept in the cache, keyed by the parent's fingerprint); for a GGUF
-    parent scored by llama.cpp, transformers' dequantization of the same file, and a second row, the
-    same file on llama.cpp with every sequence evaluated whole instead of after the shared prefix
-    (its kernels round differently for other batch shapes: llama.cpp's own floor); for a parent on
-    vLLM, transformers on the same folder. What remains is the engines' numerics (kernels, reduction
-    order, batch layout), the floor under any engine-vs-engine comparison."""
+    """The parent against itself on another engine, the same weights: the rows the parent's engine
+    names (:meth:`~flipcheck.evaluation.engines.base.Engine.floor_partners`): for a transformers
+    parent, llama.cpp on a float32 GGUF written from it (kept in the cache, keyed by the parent's
+    fingerprint); for a GGUF parent on llama.cpp, transformers' dequantization of the same file and
+    the same file with every sequence evaluated whole instead of after the shared prefix (its kernels
+    round differently for other batch shapes: llama.cpp's own floor); for a parent on vLLM,
+    transformers on the same folder. What remains is the engines' numerics (kernels, reduction order,
+    batch layout), the floor under any engine-vs-engine comparison."""
     from flipcheck.errors import FlipcheckError
     from flipcheck.evaluation.engines import as_engine, open_engine
-    from flipcheck.evaluation.engines import llamacpp as lc
-    from flipcheck.files import cache_root
 
     ev.parent.ensure_loaded(ev.settings)
     parent_engine = as_engine(ev.parent.model)
-    src = ev.parent.resolved
-    if src is not None and src.gguf and parent_engine.name == "llama.cpp":
-        other = open_engine(src, "transformers", device=ev.settings.device, dtype="float32")
-        rows = [_floor_row(ev, other, "engine-transformers", "transformers (dequantized GGUF)")]
-        whole = open_engine(src, "llama.cpp", device=ev.settings.device, layout="whole")
-        return [*rows, _floor_row(ev, whole, "engine-llama.cpp-whole", "llama.cpp, each sequence whole (same file)")]
-    if src is not None and parent_engine.name == "vllm":
-        other = open_engine(src, "transformers", device=ev.settings.device, dtype=parent_engine.identity()["dtype"])
-        key, label = "engine-transformers", "transformers engine"
-    else:
-        lc.require()
-        if not hasattr(ev.parent.model, "state_dict"):
-            raise FlipcheckError("--engine-floor: the parent must run on transformers or be a GGUF file")
-        from flipcheck.compressors.gguf_convert import write_gguf
+    partners = parent_engine.floor_partners(ev.parent.resolved)
+    if not partners:
+        raise FlipcheckError(f"--engine-floor: a parent on {parent_engine.name} has no other engine to compare with; "
+                             "run it on transformers, llama.cpp (a GGUF file) or vLLM")
+    rows = []
+    for p in partners:
+        if p.write_f32:
+            other = open_engine(_f32_gguf(ev), p.engine, device=ev.settings.device, **p.options)
+        else:
+            other = open_engine(ev.parent.resolved, p.engine, device=ev.settings.device, **p.options)
+        rows.append(_floor_row(ev, other, p.key, p.label))
+    return rows
 
-        path = Path(getattr(ev.cache, "root", None) or cache_root()) / "gguf" / f"{ev.parent.fingerprint}-F32.gguf"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            write_gguf(ev.parent.model, ev.parent.tokenizer, tmp, dtype="F32")
-            tmp.replace(path)
-        other = lc.LlamaCppEngine(path)
-        key, label = "engine-llama.cpp-F32", "llama.cpp engine (F32 GGUF)"
-    return [_floor_row(ev, other, key, label)]
+
+def _f32_gguf(ev: Evaluator):
+    """A float32 GGUF of the in-memory parent, written once into the cache (keyed by its fingerprint)."""
+    from flipcheck.compressors.gguf_convert import write_gguf
+    from flipcheck.extras import require_llamacpp
+    from flipcheck.files import cache_root
+    from flipcheck.models import resolve_source
+
+    require_llamacpp("--engine-floor")
+    path = Path(getattr(ev.cache, "root", None) or cache_root()) / "gguf" / f"{ev.parent.fingerprint}-F32.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        write_gguf(ev.parent.model, ev.parent.tokenizer, tmp, dtype="F32")
+        tmp.replace(path)
+    return resolve_source(str(path))
 
 
 def _floor_row(ev: Evaluator, engine, key: str, label: str) -> dict:

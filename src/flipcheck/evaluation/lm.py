@@ -28,11 +28,12 @@ from lm_eval.api.model import LM, TemplateLM
 from tqdm.auto import tqdm
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation import decoding
 from flipcheck.evaluation.forward import ModelRunner, Scored, ScoreSetup, Side, concat_sides, score_items
 from flipcheck.evaluation.kl import DEFAULT_TAIL_SAMPLES, DEFAULT_TOPK
 from flipcheck.evaluation.packing import position_keys
 from flipcheck.evaluation.records import InstanceKey, Record, args_hash, instance_key, nonfinite_by_task
-from flipcheck.evaluation.sampling import extra_samples, generate_kwargs, set_samples
+from flipcheck.evaluation.sampling import extra_samples, set_samples
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -551,7 +552,7 @@ class FlipLM(TemplateLM):
         """How one generation ended (:func:`~flipcheck.evaluation.generations.finish_reason`)."""
         from flipcheck.evaluation.generations import finish_reason
 
-        eos = _eos_ids(getattr(runner, "model", None), self.tokenizer)
+        eos = decoding.eos_ids(getattr(runner, "model", None), self.tokenizer)
         return finish_reason(toks, max_gen, eos, until, lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
 
     def _generation_settings(self, gen_kwargs) -> tuple[list[str], int, dict]:
@@ -625,95 +626,9 @@ class FlipLM(TemplateLM):
         self, runner: ModelRunner, ctxs: list[list[int]], until: list[str], max_gen: int, kwargs: dict,
         keys: list[tuple] | None = None, sample: int = 0,
     ) -> list[tuple[str, list[int]]]:
-        """HF ``generate`` on left-padded contexts with lm-eval's stop criteria; returns per request the
-        post-processed text and the tokens up to and including where it stopped (eos or a stop string)."""
-        from lm_eval.models.utils import postprocess_generated_text
-        from lm_eval.models.utils_hf import stop_sequences_criteria
-
-        width = max(len(c) for c in ctxs)
-        if width == 0:
-            raise FlipcheckError(
-                "generate_until: an empty prompt encodes to no tokens; nothing to condition on"
-            )
-        engine = getattr(runner, "engine", None)
-        if engine is not None:  # an engine outside this process (llama.cpp, vLLM): greedy, token by token
-            return self._generate_external(engine, ctxs, until, max_gen)
-        ids = torch.full((len(ctxs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ctxs), width), dtype=torch.long)
-        for b, c in enumerate(ctxs):
-            if c:
-                ids[b, width - len(c) :] = torch.tensor(c)
-                mask[b, width - len(c) :] = 1
-        gen = dict(kwargs)
-        temperature = gen.setdefault("temperature", 0.0)
-        if temperature == 0.0 and gen.get("do_sample") is None:
-            gen["do_sample"] = False
-        if gen.get("do_sample") is False and temperature == 0.0:
-            gen.pop("temperature")
-        if self.sampling is not None:  # seed-synchronised sampling replaces the task's settings
-            gen = generate_kwargs(self.sampling, keys, sample, width, gen)
-        criteria = stop_sequences_criteria(self.tokenizer, until, width, len(ctxs))
-        with torch.inference_mode():
-            out = runner.model.generate(
-                input_ids=ids.to(runner.device),
-                attention_mask=mask.to(runner.device),
-                max_length=width + max_gen,
-                stopping_criteria=criteria,
-                pad_token_id=self._pad_id,
-                use_cache=True,
-                **gen,
-            )
-        eos_ids = _eos_ids(runner.model, self.tokenizer)
-        results = []
-        for row in out[:, width:].tolist():
-            text = postprocess_generated_text(
-                self.tokenizer.decode(row, skip_special_tokens=True), until, None
-            )
-            results.append((text, self._stopped_tokens(row, eos_ids, until)))
-        return results
-
-    def _generate_external(self, engine, ctxs, until: list[str], max_gen: int) -> list[tuple[str, list[int]]]:
-        from lm_eval.models.utils import postprocess_generated_text
-
-        eos_ids = _eos_ids(None, self.tokenizer)
-        stops = [s for s in until if s]
-
-        def stop_fn(toks: list[int]) -> bool:
-            return bool(stops) and any(s in self.tokenizer.decode(toks, skip_special_tokens=True) for s in stops)
-
-        return [
-            (postprocess_generated_text(self.tokenizer.decode(new, skip_special_tokens=True), until, None),
-             self._stopped_tokens(list(new), eos_ids, until))
-            for new in engine.generate(ctxs, max_gen, stop_fn, eos_ids)
-        ]
-
-    def _stopped_tokens(self, row: list[int], eos_ids: set[int], until: list[str]) -> list[int]:
-        """The generated tokens up to the first eos (kept) or the first token completing a stop string."""
-        for j, t in enumerate(row):
-            if t in eos_ids:
-                row = row[: j + 1]
-                break
-        stops = [s for s in until if s]
-        if stops and any(s in self.tokenizer.decode(row, skip_special_tokens=True) for s in stops):
-            lo, hi = 1, len(row)  # smallest prefix whose text holds a stop string
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if any(s in self.tokenizer.decode(row[:mid], skip_special_tokens=True) for s in stops):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            row = row[:lo]
-        return row
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    cfg = getattr(model, "generation_config", None)
-    eos = getattr(cfg, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+        """Per request: the post-processed text and the tokens up to where it stopped (:mod:`.decoding`)."""
+        return decoding.generate(runner, self.tokenizer, self._pad_id, ctxs, until, max_gen, kwargs,
+                                 sampling=self.sampling, keys=keys, sample=sample)
 
 
 @dataclass

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from flipcheck.evaluation import metrics as M
-from flipcheck.evaluation.samples import SampleRow, _py
+from flipcheck.evaluation.lm_eval_records import _py
+from flipcheck.evaluation.samples import SampleRow
 
 TOP_KL = 20  # questions listed per task by KL
 LENGTH_BINS, MARGIN_BINS = 3, 10  # prompt-length terciles, parent-margin deciles

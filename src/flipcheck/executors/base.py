@@ -1,12 +1,13 @@
 """The executor interface: where a run's children are made and scored.
 
-An executor takes the children of a multi-child ``eval`` (:meth:`Executor.evaluate_children`) or of
-a recipe (:meth:`Executor.recipe_children`), with the parent already in (or headed for) the
-result cache, and returns an :class:`Outcome`: the report entries and per-question rows of the
-children that finished, the ones that failed, and how it ran. ``local`` runs them one after the
-other in this process; ``ray`` (:mod:`.ray_exec`) as tasks on a cluster. The orchestration code
-(:func:`flipcheck.evaluation.runner.evaluate`, :func:`flipcheck.recipes.runner.run_recipe`) holds
-an executor and does not know which one.
+An executor runs :class:`ChildPlan` s that the orchestration (:mod:`flipcheck.orchestrate`) builds:
+each plan says how to make and score one child in this process (``here``) and, for executors
+that run elsewhere, as plain jobs (a job function named ``"module:function"`` and a dict of
+JSON-like values, never a model). The executor knows nothing of what a child is: it calls
+``on_done`` on the driver as each child finishes (in any order), keeps the finished children in
+the plans' order and hands the whole :class:`Outcome` to ``on_progress`` after every change, so
+the caller can rewrite its report and Ctrl-C keeps every finished child. ``local`` runs the plans
+one after the other here; ``ray`` (:mod:`.ray_exec`) as tasks on a cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flipcheck.executors.options import _EXECUTORS, ExecutorOptions, failed_entry, register_executor
+
 Say = Callable[[str], None]
+Job = tuple[str, dict]  # ("module:function", job values)
+
+
+@dataclass
+class ChildPlan:
+    """One child: ``here`` makes and scores it in this process -> (report entry, rows). A remote
+    executor runs ``first`` (a job whose result may carry ``entry`` and ``rows``; else it is passed
+    to ``shard_jobs``), then every shard job, then ``merge`` (here) -> (entry, rows)."""
+
+    index: int
+    name: str
+    here: Callable[[], tuple[dict, list[dict]]]
+    first: Job | None = None
+    shard_jobs: Callable[[dict | None], list[Job]] | None = None
+    merge: Callable[[dict | None], tuple[dict, list[dict]]] | None = None
 
 
 @dataclass
@@ -28,19 +46,54 @@ class Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+OnDone = Callable[[ChildPlan, dict, list[dict]], None]
+OnProgress = Callable[[Outcome], None]
+
+
+class Collector:
+    """Finished and failed children in the plans' order; `on_progress` called after each."""
+
+    def __init__(self, plans: list[ChildPlan], on_done: OnDone | None, on_progress: OnProgress | None, say: Say):
+        self.n, self.on_done, self.on_progress, self.say = len(plans), on_done, on_progress, say
+        self.entries: dict[int, dict] = {}
+        self.rows: dict[int, list[dict]] = {}
+        self.failed: dict[int, dict] = {}
+        self.info: dict[str, Any] = {}
+
+    def done(self, plan: ChildPlan, entry: dict, rows: list[dict]) -> None:
+        if self.on_done is not None:
+            self.on_done(plan, entry, rows)
+        self.entries[plan.index], self.rows[plan.index] = entry, rows
+        self._progress()  # on disk before anything else can happen (Ctrl-C included)
+
+    def fail(self, plan: ChildPlan, reason: str, attempts: int) -> None:
+        self.failed[plan.index] = failed_entry(plan.name, reason, attempts)
+        self._progress()
+        self.say(f"[{plan.index}/{self.n}] {plan.name}: FAILED after {attempts} attempt(s): "
+                 f"{self.failed[plan.index]['reason']}")
+
+    def outcome(self) -> Outcome:
+        keys = sorted(self.entries)
+        return Outcome([self.entries[k] for k in keys], [r for k in keys for r in self.rows[k]],
+                       [self.failed[k] for k in sorted(self.failed)], dict(self.info))
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.outcome())
+
+
 class Executor(ABC):
     name = "?"
+    remote = False  # True: children run elsewhere and read the parent from the shared cache
 
-    def open(self, out: Path | None, cache, say: Say) -> None:  # noqa: B027 - optional preflight
-        """Before any work: whatever can fail cheaply (a cluster to reach, folders to check)."""
-
-    @abstractmethod
-    def evaluate_children(self, ev, refs: list, out: Path | None, say: Say) -> Outcome:
-        """Score every child (a :class:`~flipcheck.evaluation.runner.ModelRef`) against `ev`'s parent."""
+    def open(self, out: Path | None, cache_root: Path | None, say: Say) -> None:  # noqa: B027 - optional preflight
+        """Before any work: whatever can fail cheaply (a cluster to reach, folders to check).
+        `cache_root`: the result cache's folder, None when caching is off."""
 
     @abstractmethod
-    def recipe_children(self, run, out: Path, say: Say, judge=None) -> Outcome:
-        """Make and score every child of a :class:`~flipcheck.recipes.runner.RecipeRun` (parent scored)."""
+    def run(self, plans: list[ChildPlan], say: Say, *, on_done: OnDone | None = None,
+            on_progress: OnProgress | None = None) -> Outcome:
+        """Run every plan; the outcome's ``info`` says how (its ``counts`` sum the jobs' own)."""
 
 
 class LocalExecutor(Executor):
@@ -48,83 +101,50 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def _each(self, ev, jobs: list[tuple[str, Callable[[], tuple[dict, list[dict]]]]],
-              done: Callable[[dict, list[dict], Outcome], None] | None = None) -> Outcome:
-        """The one local loop: run each job, collect its entry and rows, let `done` keep what finished."""
-        outcome = Outcome()
-        for _name, job in jobs:
-            entry, rows = job()
-            outcome.entries.append(entry)
-            outcome.rows.extend(rows)
-            if done is not None:
-                done(entry, rows, outcome)
-        outcome.info = {"name": self.name, "parent_passes": ev.parent_passes}
-        return outcome
+    def __init__(self, options: ExecutorOptions | None = None) -> None:
+        self.options = options
 
-    def evaluate_children(self, ev, refs: list, out: Path | None, say: Say) -> Outcome:
-        def job(ref):
-            try:
-                return ev.evaluate_child(ref)
-            finally:
-                ref.release()
-
-        return self._each(ev, [(ref.name, lambda ref=ref: job(ref)) for ref in refs])
-
-    def recipe_children(self, run, out: Path, say: Say, judge=None) -> Outcome:
-        from flipcheck.evaluation.report import write_report
-        from flipcheck.recipes.runner import slug
-
-        ev = run.evaluator
-
-        def done(entry: dict, rows: list[dict], outcome: Outcome) -> None:
-            if judge is not None:
-                if ev.on_step is not None:
-                    ev.on_step(f"{entry['name']}: judge")
-                entry["judge"] = judge.judge_child(entry["name"], str(out / "children" / slug(entry["name"])))
-            write_report(out, ev.report(outcome.entries), outcome.rows)  # keep what is finished
-
-        jobs = [(spec.name, lambda i=i, spec=spec: run.child(i, spec, out)) for i, spec in enumerate(run.children, 1)]
-        return self._each(ev, jobs, done)
+    def run(self, plans: list[ChildPlan], say: Say, *, on_done: OnDone | None = None,
+            on_progress: OnProgress | None = None) -> Outcome:
+        collect = Collector(plans, on_done, on_progress, say)
+        collect.info = {"name": self.name}
+        for plan in plans:
+            collect.done(plan, *plan.here())
+        return collect.outcome()
 
 
 class RayExecutor(Executor):
     """Each child (or each evaluation shard of it) as a Ray task (:mod:`.ray_exec`)."""
 
     name = "ray"
+    remote = True
 
-    def __init__(self, options) -> None:
+    def __init__(self, options: ExecutorOptions) -> None:
         self.options = options
         self.session = None
 
-    def open(self, out: Path | None, cache, say: Say) -> None:
-        from flipcheck.executors.ray_exec import open_session
-
-        self.session = open_session(self.options, out, cache, say)
-
-    def evaluate_children(self, ev, refs: list, out: Path | None, say: Say) -> Outcome:
-        from flipcheck.executors.ray_exec import evaluate_children
-
-        entries, rows, failed, info = evaluate_children(ev, refs, out, self.options)
-        return Outcome(entries, rows, failed, info)
-
-    def recipe_children(self, run, out: Path, say: Say, judge=None) -> Outcome:
-        from flipcheck.executors.ray_exec import run_recipe_children
-        from flipcheck.recipes.runner import slug
+    def open(self, out: Path | None, cache_root: Path | None, say: Say) -> None:
+        from flipcheck.executors.ray_exec import check_folders, open_session
 
         if self.session is None:
-            self.open(out, run.cache, say)
-        entries, rows, failed, info = run_recipe_children(run, out, self.session, say)
-        for entry in entries if judge is not None else ():  # the judge runs here, after the workers
-            entry["judge"] = judge.judge_child(entry["name"], str(out / "children" / slug(entry["name"])))
-        return Outcome(entries, rows, failed, info)
+            self.session = open_session(self.options, out, cache_root, say)
+        else:  # connected already: this run folder gets the probe its workers look for
+            check_folders(out, cache_root)
+
+    def run(self, plans: list[ChildPlan], say: Say, *, on_done: OnDone | None = None,
+            on_progress: OnProgress | None = None) -> Outcome:
+        from flipcheck.executors.ray_exec import run_plans
+
+        if self.session is None:
+            raise RuntimeError("RayExecutor.run before open()")
+        return run_plans(plans, self.session, say, Collector(plans, on_done, on_progress, say))
 
 
-def get_executor(options=None) -> Executor:
+def get_executor(options: ExecutorOptions | None = None) -> Executor:
     """The executor for :class:`~flipcheck.executors.ExecutorOptions` (None: local)."""
-    if options is None or options.name == "local":
-        return LocalExecutor()
-    if options.name == "ray":
-        return RayExecutor(options)
-    from flipcheck.errors import FlipcheckError
+    options = options or ExecutorOptions()
+    return _EXECUTORS[options.name](options)
 
-    raise FlipcheckError(f"--executor {options.name!r}: allowed are local, ray")
+
+register_executor("local", LocalExecutor)
+register_executor("ray", RayExecutor)

@@ -8,3 +8,8 @@
 - :mod:`.report`: the judge section of report.md / report.html;
 - :mod:`.run`: ``flipcheck judge`` and a recipe's ``judge:`` section.
 """
+
+from flipcheck.evaluation.report.sections import register_section
+from flipcheck.judge.report import judge_html, judge_markdown
+
+register_section("judge", judge_markdown, judge_html)  # report.md / report.html draw it where a report has one

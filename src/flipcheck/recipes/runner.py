@@ -17,7 +17,6 @@ from typing import Any
 
 from flipcheck.compressors.calibration import Calibration
 from flipcheck.compressors.pipeline import compress_model, prepare_calibration
-from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.cache import ResultCache
 from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.models import (
@@ -27,7 +26,7 @@ from flipcheck.models import (
     read_provenance,
     resolve_source,
 )
-from flipcheck.recipes.schema import ChildSpec, EvaluationSpec, Recipe, SweepSpec
+from flipcheck.recipes.schema import ChildSpec, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class RecipeRun:
     or found in the cache) and the calibration data (tokenized once, on first need).
 
     The driver builds one for the whole run; a Ray worker builds its own from the same recipe dump
-    (:mod:`flipcheck.executors.work`), so a child is made and scored by the same code either way.
+    (:mod:`flipcheck.orchestrate.work`), so a child is made and scored by the same code either way.
     """
 
     def __init__(self, recipe: Recipe, *, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
@@ -187,51 +186,6 @@ class RecipeRun:
         return entry, child_rows
 
 
-def run_recipe(
-    recipe: Recipe,
-    out: str | os.PathLike,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    progress: Progress | None = None,
-    executor: Any = None,
-    on_step: Any = None,
-) -> dict:
-    """Compress and evaluate every child of `recipe`; write the report to `out`; return it.
-    `on_step`: a progress hook called with "CHILD: compress/tasks/texts/judge" as each step starts.
-
-    `executor`: None (or a local :class:`~flipcheck.executors.ExecutorOptions`) runs the children one
-    after the other here; ``ExecutorOptions(name="ray", ...)`` runs each child as a Ray task.
-    """
-    from flipcheck.evaluation.report import write_report
-    from flipcheck.executors import finish_report, get_executor
-    from flipcheck.judge.run import finish_report as finish_judged
-    from flipcheck.judge.run import recipe_session
-    from flipcheck.recipes.checks import check_recipe
-
-    out = Path(out)
-    say = progress or (lambda msg: log.info("%s", msg))
-    run = RecipeRun(recipe, cache_dir=cache_dir, use_cache=use_cache, say=say)
-    check_recipe(run.recipe, run.parent_src)  # every child's static checks, before the parent is scored
-    say(f"parent: {run.parent_src.spec}")
-    evaluator = run.evaluator
-    evaluator.on_step = on_step
-    judge = recipe_session(recipe, cache_dir=cache_dir, use_cache=use_cache, progress=say)  # preflight: before any work
-    runner = get_executor(executor)
-    runner.open(out, run.cache, say)  # folders checked, cluster reached, before any work
-    evaluator.score_parent()  # before any child exists, so parent and child are never in memory together
-    if judge is not None:
-        judge.answer_parent(run.parent_src, tokenizer=run.tokenizer)  # once, cached; before any child exists
-    done = runner.recipe_children(run, out, say, judge)
-    spec = recipe.evaluation
-    floor = evaluator.noise_floor(numerics=spec.noise_floor) if spec.noise_floor or spec.engine_floor else None
-    report = finish_report(evaluator.report(done.entries, floor), done.failed, done.info)
-    report["recipe"] = run.recipe.model_dump(mode="json", exclude_none=True)
-    finish_judged(judge, report, out)
-    write_report(out, report, done.rows)
-    return report
-
-
 def _return_freed_memory() -> None:
     """Hand the freed child's memory back to the OS before the next child loads.
 
@@ -260,63 +214,6 @@ def _limit(limit: float | None) -> int | float | None:
     return int(limit) if limit >= 1 else float(limit)
 
 
-def sweep(
-    parent: str,
-    method: str,
-    grid: dict[str, list[Any]],
-    *,
-    tasks: list[str] | str = "flipcheck_demo_facts,flipcheck_demo_letters",
-    out: str | os.PathLike,
-    settings: dict[str, Any] | None = None,
-    calibration: dict[str, Any] | None = None,
-    include_path: str | None = None,
-    num_fewshot: int | None = None,
-    limit: float | None = None,
-    batch_size: int | str = 16,
-    seed: int = 1234,
-    device: str | None = None,
-    dtype: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    progress: Progress | None = None,
-    metric: str | None = None,
-    filter: str | None = None,
-    per_subtask: bool = False,
-    kl: str = "topk",
-    texts: list[str] | None = None,
-    ctx: int = 512,
-    scoring: str = "all",
-    noise_floor: bool = False,
-    executor: Any = None,
-    engine: str | None = None,
-    parent_engine: str | None = None,
-    child_engine: str | None = None,
-    engine_floor: bool = False,
-    on_step: Any = None,
-    sample: str | None = None,
-    samples: int = 1,
-) -> dict:
-    """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
-    task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    try:
-        recipe = Recipe(
-            name=f"sweep-{method}",
-            parent=parent,
-            calibration=calibration or {},
-            sweeps=[SweepSpec(method=method, grid=grid, settings=settings or {})],
-            evaluation=EvaluationSpec(
-                tasks=task_list, include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                seed=seed, metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
-                scoring=scoring, noise_floor=noise_floor, engine=engine, parent_engine=parent_engine,
-                child_engine=child_engine, engine_floor=engine_floor, sample=sample, samples=samples,
-            ),
-            device=device,
-            dtype=dtype,
-        )
-    except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
-        raise FlipcheckError(f"sweep {method}: {_first_error(err)}") from err
-    return run_recipe(recipe, out, cache_dir=cache_dir, progress=progress, executor=executor, on_step=on_step)
-
-
 def _first_error(err: Exception) -> str:
     errors = getattr(err, "errors", None)
     if callable(errors):
@@ -325,15 +222,3 @@ def _first_error(err: Exception) -> str:
     return str(err)
 
 
-def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """['sparsity=0.1,0.2', 'mask=2:4'] -> {'sparsity': ['0.1', '0.2'], 'mask': ['2:4']}."""
-    grid: dict[str, list[Any]] = {}
-    for item in items:
-        if "=" not in item:
-            raise FlipcheckError(f"--grid {item!r}: expected key=v1,v2,... (e.g. sparsity=0.1,0.2,0.3)")
-        k, v = item.split("=", 1)
-        values = [x.strip() for x in v.split(",") if x.strip()]
-        if not values:
-            raise FlipcheckError(f"--grid {item!r}: no values")
-        grid[k.strip()] = values
-    return grid

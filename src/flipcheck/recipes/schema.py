@@ -114,7 +114,7 @@ class EvaluationSpec(_Strict):
     """Which lm-eval tasks, and how they are scored."""
 
     tasks: list[str] = Field(default_factory=lambda: ["flipcheck_demo_facts", "flipcheck_demo_letters"])
-    include_path: str | None = None
+    include_path: str | list[str] | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: float | None = Field(None, gt=0)
     batch_size: int | Literal["auto"] = 16  # sequences per forward, or auto (the largest that fits the device)
@@ -163,7 +163,7 @@ class GateSpec(_Strict):
 
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
-        from flipcheck.decide.confidence import check_confidence
+        from flipcheck.evaluation.confidence import check_confidence
         from flipcheck.gate import parse_budget
 
         if self.confidence is not None:

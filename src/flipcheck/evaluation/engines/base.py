@@ -14,8 +14,8 @@ flipcheck's evaluator asks three things of a model, whatever runs it:
 From those the evaluator derives, per scored position, what every figure needs: the actual
 token's log-probability, the argmax, the top-K plus sampled tail (or the whole distribution), and a
 non-finite flag (:mod:`flipcheck.evaluation.forward`). An engine that returns the whole
-distribution (transformers, llama.cpp, vLLM with ``max_logprobs=-1``) gives exact KL; its
-:attr:`Engine.exact` is True.
+distribution (transformers, llama.cpp, vLLM with ``max_logprobs=-1``) gives exact KL: it has the
+``exact`` capability (:attr:`Engine.capabilities`).
 
 An engine's :meth:`Engine.identity` (name, version, dtype, and the settings that change numbers) is
 part of every cache key and shown per model in every report.
@@ -24,16 +24,68 @@ part of every cache key and shown per model in every report.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+# What an engine can do (:attr:`Engine.capabilities`):
+EXACT = "exact"  # the whole next-token distribution at every position (exact vocabulary KL)
+TOPK = "topk"  # only its top-K log-probs per position (the vocabulary KL is a lower bound)
+NEEDS_TARGETS = "needs_targets"  # a position's log-prob of a token is known only where the prompt holds it
+GENERATES = "generates"  # greedy continuations (generate_until)
+REMOTE = "remote"  # runs elsewhere (a server): no weights here; encoded with the parent's tokenizer
+
+
+@dataclass(frozen=True)
+class FloorPartner:
+    """Another way to run the same weights, for ``--engine-floor``: the registered engine `engine`
+    opened with `options`; `write_f32`: on a float32 GGUF written from the in-memory parent."""
+
+    engine: str
+    key: str  # cache-key suffix of the floor row
+    label: str  # the row's name in the report
+    options: dict[str, Any] = field(default_factory=dict)
+    write_f32: bool = False
+
 
 class Engine(ABC):
-    """A model behind one scoring engine. Subclasses: transformers, llama.cpp, vLLM."""
+    """A model behind one scoring engine, registered by name (:func:`~flipcheck.evaluation.engines.
+    register_engine`). An engine class says what it is for a source before anything loads
+    (:meth:`identity_for`), opens one (:meth:`open`), whether it is a source's default
+    (:meth:`default_for`), what it can do (:attr:`capabilities`) and which engines give its floor
+    (:meth:`floor_partners`); an instance scores."""
 
     name: str = "?"
-    exact: bool = True  # the whole next-token distribution at every position (exact KL)
+    aliases: tuple[str, ...] = ()
+    rank: int = 100  # where it is listed among the engines (and asked first to claim a source)
+    capabilities: frozenset[str] = frozenset({EXACT, GENERATES})
+
+    @property
+    def exact(self) -> bool:
+        """The whole next-token distribution at every position (exact KL)."""
+        return EXACT in self.capabilities
+
+    @classmethod
+    def default_for(cls, source) -> bool:
+        """Whether this engine scores `source` when none is asked for."""
+        return False
+
+    @classmethod
+    def identity_for(cls, source, dtype: torch.dtype) -> dict[str, Any]:
+        """What this engine will be for `source`, known before loading anything (it enters the cache
+        keys): name, version, dtype and the settings that change numbers."""
+        raise NotImplementedError(f"engine {cls.name!r} cannot name itself before loading")
+
+    @classmethod
+    def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+             **options: Any) -> Engine:
+        """Open a resolved :class:`~flipcheck.models.ModelSource` with this engine."""
+        raise NotImplementedError(f"engine {cls.name!r} does not open model sources")
+
+    def floor_partners(self, source) -> list[FloorPartner]:
+        """The rows of ``--engine-floor`` for a parent (from `source`) on this engine (none: no floor)."""
+        return []
 
     @property
     @abstractmethod

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import ExternalRunner, LoadedEngine
+from flipcheck.evaluation.engines.base import EXACT, GENERATES, ExternalRunner, FloorPartner, LoadedEngine
+from flipcheck.evaluation.engines.registry import register_engine
+from flipcheck.extras import LLAMACPP_HINT, llamacpp_available, require_llamacpp
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +42,9 @@ DEFAULT_N_CTX = 2048  # tokens per sequence; the scores buffer is n_ctx x vocabu
 DEFAULT_N_BATCH = 512
 KV_TYPE_F32 = 0  # GGML_TYPE_F32
 LAYOUTS = ("prefix", "whole")  # a sequence after the previous one's shared prefix, or from an empty cache
-INSTALL_HINT = 'pip install "flipcheck[llamacpp]"  (builds llama-cpp-python from source: needs a C++ compiler and cmake)'
-
-
-def available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require() -> None:
-    if not available():
-        raise FlipcheckError(f"the llama.cpp engine needs llama-cpp-python, which is not installed: {INSTALL_HINT}")
+INSTALL_HINT = LLAMACPP_HINT
+available = llamacpp_available
+require = require_llamacpp
 
 
 def _field(reader, name: str):
@@ -118,7 +109,45 @@ class LlamaCppEngine(LoadedEngine):
     """A GGUF file loaded by llama.cpp (CPU here; ``n_gpu_layers`` offloads on a CUDA build)."""
 
     name = "llama.cpp"
-    exact = True
+    rank = 1
+    aliases = ("llamacpp", "llama-cpp", "gguf")
+    capabilities = frozenset({EXACT, GENERATES})
+
+    @classmethod
+    def default_for(cls, source) -> bool:
+        """A GGUF file, where llama-cpp-python is installed (else transformers dequantizes it, and says so)."""
+        if not getattr(source, "gguf", None):
+            return False
+        if not available():
+            log.info("%s: llama-cpp-python is not installed; transformers dequantizes the GGUF (%s)",
+                     source.spec, INSTALL_HINT)
+            return False
+        return True
+
+    @classmethod
+    def identity_for(cls, source, dtype: torch.dtype) -> dict[str, Any]:
+        require()  # without llama-cpp-python: one line naming the pip command
+        return llamacpp_identity(source.gguf_path())
+
+    @classmethod
+    def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+             layout: str = "prefix", **options: Any) -> LlamaCppEngine:
+        if not getattr(source, "gguf", None):
+            raise FlipcheckError(
+                f"{source.spec}: the llama.cpp engine scores GGUF files; make one with "
+                "`flipcheck compress MODEL --method gguf --set type=F32` or pass a .gguf file"
+            )
+        n_gpu = -1 if device not in (None, "cpu") and torch.cuda.is_available() else 0
+        return cls(source.gguf_path(), n_gpu_layers=n_gpu, layout=layout)
+
+    def floor_partners(self, source) -> list[FloorPartner]:
+        """The same file dequantized by transformers, and on llama.cpp with every sequence whole."""
+        if source is None or not getattr(source, "gguf", None):
+            return []
+        return [FloorPartner("transformers", "engine-transformers", "transformers (dequantized GGUF)",
+                             {"dtype": "float32"}),
+                FloorPartner("llama.cpp", "engine-llama.cpp-whole", "llama.cpp, each sequence whole (same file)",
+                             {"layout": "whole"})]
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH,
                  n_threads: int | None = None, n_gpu_layers: int = 0, layout: str = "prefix") -> None:
@@ -196,3 +225,6 @@ class LlamaCppEngine(LoadedEngine):
         if llm is not None:
             llm.close()
             self.llm = None
+
+
+register_engine(LlamaCppEngine)

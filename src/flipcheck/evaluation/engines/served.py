@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import Engine
+from flipcheck.evaluation.engines.base import GENERATES, NEEDS_TARGETS, REMOTE, TOPK, Engine
+from flipcheck.evaluation.engines.registry import register_engine
 from flipcheck.evaluation.engines.vllm import _BatchRunner, cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class ServedEngine(Engine):
     """A served model, named by the server's URL and its model name; `topk` log-probs per position."""
 
     name = "served"
-    exact = False
+    capabilities = frozenset({TOPK, NEEDS_TARGETS, GENERATES, REMOTE})  # its source is a URL, not a ModelSource
 
     def __init__(self, url: str, model: str, *, topk: int, timeout: float = 600.0) -> None:
         self.url = base_url(url)
@@ -248,3 +249,6 @@ def _extra(choice, name: str):
 
 def _first(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+register_engine(ServedEngine, selectable=False)  # reached by --child-url / --parent-url, not --engine

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from flipcheck.evaluation.engines.base import Engine
+from flipcheck.evaluation.engines.base import EXACT, GENERATES, Engine, FloorPartner
+from flipcheck.evaluation.engines.registry import register_engine
 
 
 class TransformersEngine(Engine):
@@ -14,6 +15,33 @@ class TransformersEngine(Engine):
     (packed prefix trees, the head applied only at scored positions); generation through HF ``generate``."""
 
     name = "transformers"
+    rank = 0
+    aliases = ("hf",)
+    capabilities = frozenset({EXACT, GENERATES})
+
+    @classmethod
+    def identity_for(cls, source, dtype: torch.dtype) -> dict[str, Any]:
+        import transformers
+
+        ident: dict[str, Any] = {"name": cls.name, "version": transformers.__version__,
+                                 "dtype": str(dtype).replace("torch.", "")}
+        if getattr(source, "gguf", None):
+            from flipcheck.evaluation.engines.llamacpp import gguf_file_type
+
+            ident["dequantized_from"] = f"GGUF {gguf_file_type(source.gguf_path())}"
+        return ident
+
+    @classmethod
+    def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+             **options: Any) -> TransformersEngine:
+        from flipcheck.models import load_model
+
+        model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(model, dequantized_from=getattr(source, "gguf", None))
+
+    def floor_partners(self, source) -> list[FloorPartner]:
+        """llama.cpp on a float32 GGUF written from these weights (kept in the cache)."""
+        return [FloorPartner("llama.cpp", "engine-llama.cpp-F32", "llama.cpp engine (F32 GGUF)", write_f32=True)]
 
     def __init__(self, model: torch.nn.Module, *, dequantized_from: str | None = None) -> None:
         self.model = model.eval()
@@ -58,5 +86,15 @@ class TransformersEngine(Engine):
         logits = self.model(input_ids=ids.to(self.device())).logits[:, start:stop]
         return logits.reshape(-1, logits.shape[-1]), logits.device
 
-    def generate(self, ctxs, max_new, stop_fn, eos_ids):  # pragma: no cover - FlipLM drives HF generate itself
-        raise NotImplementedError("the transformers engine generates through FlipLM's batched HF generate")
+    def generate(self, ctxs, max_new, stop_fn, eos_ids):  # pragma: no cover - batched through hf_generate instead
+        raise NotImplementedError("the transformers engine generates in batches: flipcheck.evaluation.decoding")
+
+
+def hf_generate(model: torch.nn.Module, device, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """HF ``generate`` on a batch of left-padded contexts (``kwargs``: max_length, stopping criteria,
+    pad id and the sampling settings), with the KV cache; the whole rows, contexts included."""
+    with torch.inference_mode():
+        return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **kwargs)
+
+
+register_engine(TransformersEngine)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import ExternalRunner, LoadedEngine
+from flipcheck.evaluation.engines.base import EXACT, GENERATES, ExternalRunner, FloorPartner, LoadedEngine
+from flipcheck.evaluation.engines.registry import register_engine
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,28 @@ class VllmEngine(LoadedEngine):
     """A model folder run by ``vllm.LLM`` (float32 unless asked otherwise), whole distributions out."""
 
     name = "vllm"
-    exact = True
+    rank = 2
+    capabilities = frozenset({EXACT, GENERATES})
+
+    @classmethod
+    def identity_for(cls, source, dtype: torch.dtype) -> dict[str, Any]:
+        require()
+        return vllm_identity(_vllm_folder(source, weights=False), str(dtype).replace("torch.", ""))
+
+    @classmethod
+    def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+             **options: Any) -> VllmEngine:
+        from flipcheck.models import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        return cls(_vllm_folder(source, weights=True), device=dev, dtype=str(resolve_dtype(dtype, dev)).replace("torch.", ""))
+
+    def floor_partners(self, source) -> list[FloorPartner]:
+        """transformers on the same folder, in the same dtype."""
+        if source is None:
+            return []
+        return [FloorPartner("transformers", "engine-transformers", "transformers engine",
+                             {"dtype": self.identity()["dtype"]})]
 
     def __init__(self, folder: str | os.PathLike, *, dtype: str = "float32",
                  max_model_len: int = DEFAULT_MAX_MODEL_LEN, device: str | None = None, seed: int = 0) -> None:
@@ -258,3 +280,13 @@ def cut_at_stop(tokens: list[int], stop_fn, eos_ids: set[int]) -> list[int]:
         if t in eos_ids or stop_fn(new):
             break
     return new
+
+
+def _vllm_folder(source, *, weights: bool):
+    if getattr(source, "gguf", None):
+        raise FlipcheckError(f"{source.spec}: the vllm engine runs model folders and hub models; score a GGUF "
+                             "with --engine llama.cpp")
+    return source.local_folder(weights=weights)
+
+
+register_engine(VllmEngine)

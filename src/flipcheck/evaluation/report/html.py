@@ -13,6 +13,7 @@ from flipcheck.evaluation.report.corpus import corpus_html
 from flipcheck.evaluation.report.generations import generations_html
 from flipcheck.evaluation.report.plots import _CAPTIONS, FLOOR_COLOUR, PLOTS, child_colours
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
+from flipcheck.evaluation.report.sections import html_sections
 from flipcheck.evaluation.report.slices import slices_html
 from flipcheck.evaluation.report.text import (
     EXPLAIN,
@@ -147,16 +148,10 @@ def _flipped_table(rows: list[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> str:
-    """report.html: one self-contained page (inline CSS, base64 PNG plots, no external resources, no script).
-
-    Top to bottom: the run's provenance, a line over all children, a card per child (accuracy change
-    against flips, drawn to one scale), the table per child and task, the plots, the flipped questions.
-    """
-    rows = list(rows)
+def _head(report: Mapping[str, Any]) -> list[str]:
+    """The page's opening: doctype, inline CSS, title and the run's provenance (parent, settings, engines, notes)."""
     e = html.escape
     parent = report.get("parent") or {}
-    colours = child_colours(report)
     meta = [
         ("parent", f"<code>{e(str(parent.get('source')))}</code> (fingerprint <code>{e(str(parent.get('fingerprint')))}</code>)"),
         ("settings", " ".join(f'<span class="kv">{e(k)} <b>{e(v)}</b></span>' for k, v in settings_items(report))),
@@ -167,7 +162,7 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         ("created", f"{e(str(report.get('created')))} by flipcheck {e(str(report.get('flipcheck_version')))}"),
     ]
     meta = [(k, v) for k, v in meta if v]
-    parts = [
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
         "<title>flipcheck report</title>",
@@ -175,6 +170,42 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         "<h1>flipcheck report</h1>",
         '<dl class="meta">' + "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in meta) + "</dl>",
     ]
+
+
+def _plots_html(report: Mapping[str, Any]) -> list[str]:
+    """The plots as inline PNGs, two narrow ones a row; a plot that fails is logged and left out."""
+    e = html.escape
+    drawn = []
+    for title, fn, wide in PLOTS:
+        try:
+            png = fn(report)
+        except Exception as err:  # a plot must never cost the user the report
+            log.warning("plot %r failed: %s", title, err)
+            png = None
+        if png:
+            drawn.append((title, png, wide))
+    narrow = [t for t, _, w in drawn if not w]
+    figures = []
+    for title, png, wide in drawn:
+        # a narrow plot without a partner takes the whole row rather than leave a hole beside it
+        cls = ' class="wide"' if wide or (len(narrow) % 2 and title == narrow[-1]) else ""
+        figures.append(f'<figure{cls}><img alt="{e(title)}" src="data:image/png;base64,{png}">'
+                       f"<figcaption><b>{e(title)}.</b> {e(_CAPTIONS.get(title, ''))}</figcaption></figure>")
+    if not figures:
+        return []
+    return ["<h2>Plots</h2>", '<div class="plots">' + "".join(figures) + "</div>"]
+
+
+def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> str:
+    """report.html: one self-contained page (inline CSS, base64 PNG plots, no external resources, no script).
+
+    Top to bottom: the run's provenance, a line over all children, a card per child (accuracy change
+    against flips, drawn to one scale), the table per child and task, the plots, the flipped questions.
+    """
+    rows = list(rows)
+    e = html.escape
+    colours = child_colours(report)
+    parts = _head(report)
     lead = summary_line(report)
     if lead:
         parts.append(f'<p class="lead">{e(lead)}</p>')
@@ -197,28 +228,8 @@ def report_html(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) ->
         parts.append("<p>No children in this report.</p>")
     parts += generations_html(report, rows)
     parts += corpus_html(report)
-    drawn = []
-    for title, fn, wide in PLOTS:
-        try:
-            png = fn(report)
-        except Exception as err:  # a plot must never cost the user the report
-            log.warning("plot %r failed: %s", title, err)
-            png = None
-        if png:
-            drawn.append((title, png, wide))
-    narrow = [t for t, _, w in drawn if not w]
-    figures = []
-    for title, png, wide in drawn:
-        # a narrow plot without a partner takes the whole row rather than leave a hole beside it
-        cls = ' class="wide"' if wide or (len(narrow) % 2 and title == narrow[-1]) else ""
-        figures.append(f'<figure{cls}><img alt="{e(title)}" src="data:image/png;base64,{png}">'
-                       f"<figcaption><b>{e(title)}.</b> {e(_CAPTIONS.get(title, ''))}</figcaption></figure>")
-    if figures:
-        parts.append("<h2>Plots</h2>")
-        parts.append('<div class="plots">' + "".join(figures) + "</div>")
-    from flipcheck.judge.report import judge_html
-
-    parts += judge_html(report)
+    parts += _plots_html(report)
+    parts += html_sections(report)  # the judge's, where the report has one
     if not questions:  # text corpora or judged answers alone: no questions to flip
         parts.append("</body></html>")
         return "\n".join(parts) + "\n"

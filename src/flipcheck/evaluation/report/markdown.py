@@ -10,6 +10,7 @@ from typing import Any
 from flipcheck.evaluation.report.corpus import corpus_markdown
 from flipcheck.evaluation.report.generations import generations_markdown
 from flipcheck.evaluation.report.schema import MAX_FLIPPED
+from flipcheck.evaluation.report.sections import markdown_sections
 from flipcheck.evaluation.report.slices import slices_markdown
 from flipcheck.evaluation.report.text import (
     EXPLAIN,
@@ -92,9 +93,7 @@ def report_markdown(report: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]
         out += slices_markdown(report)
     out += generations_markdown(report)
     out += corpus_markdown(report)
-    from flipcheck.judge.report import judge_markdown
-
-    out += judge_markdown(report)
+    out += markdown_sections(report)  # the judge's, where the report has one
     if questions:
         out += _flipped_markdown(rows)
     return "\n".join(out) + "\n"

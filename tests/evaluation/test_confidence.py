@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from flipcheck.decide.confidence import (
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.confidence import (
     _restricted_c2i,
     check_confidence,
     cp_lower,
@@ -17,7 +18,6 @@ from flipcheck.decide.confidence import (
     plan_questions,
     tango_score,
 )
-from flipcheck.errors import FlipcheckError
 
 
 @pytest.mark.parametrize("k, n", [(0, 400), (1, 100), (3, 50), (7, 7), (0, 1), (12, 1000)])

@@ -1,0 +1,1 @@
+"""The commands of `flipcheck`, one module per group; :mod:`flipcheck.cli` registers them on its app."""

@@ -1,0 +1,172 @@
+"""What every command shares: the consoles, logging set-up, the one-line error exit, the option types
+declared once, and the helpers that check engine, executor and KL choices and show a report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flipcheck.console import CommandConsole
+from flipcheck.errors import FlipcheckError
+
+console = CommandConsole()  # tables: a file or a pipe gets wide lines, so they keep every figure
+log = logging.getLogger("flipcheck.cli")
+err_console = Console(stderr=True)  # log lines, progress: rich pads a log line to the width, so 80 in a file
+
+
+def setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    logging.getLogger("flipcheck").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("lm_eval", "lm-eval", "datasets", "transformers", "llmcompressor", "compressed_tensors", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        # Third-party progress bars (dataset building, shard writing, calibration passes) drown the
+        # terminal; flipcheck's own bars pass `disable` explicitly and stay. tqdm reads this at import.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+    try:
+        from loguru import logger as _loguru  # llm-compressor logs through loguru
+
+        _loguru.remove()
+        _loguru.add(sys.stderr, level="WARNING")
+    except ImportError:
+        pass
+
+
+def fail(err: Exception) -> None:
+    from rich.markup import escape
+
+    # the message is text: "[llamacpp]" in a pip command must not be read as markup
+    err_console.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run_guarded(fn):
+    try:
+        return fn()
+    except FlipcheckError as err:
+        fail(err)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished tasks are cached; run the same command again to resume")
+        raise typer.Exit(130) from None
+
+
+DEMO_TASKS = "flipcheck_demo_facts,flipcheck_demo_letters"
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")]
+Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available; auto, device_map across them, with several GPUs)")]
+Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate figure: acc or acc_norm (default: acc_norm where a task reports it)")]
+Filter = Annotated[str | None, typer.Option("--filter", help="lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)")]
+KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail), bound (its top-K + tail-bucket lower bound; what a served model allows) or exact (parent in lock-step, 2 passes per child)")]
+PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a group its own row and verdict (default: a group is one row, as named)")]
+Texts = Annotated[list[str] | None, typer.Option("--text", help="text corpus scored token by token (KL both ways, top-1, Δp, perplexity): a .txt/.jsonl file or hf:NAME[:CONFIG[:SPLIT]] (split test by default); repeat for several")]
+Ctx = Annotated[int, typer.Option("--ctx", help="tokens per corpus window (text corpora and perplexity tasks such as wikitext)")]
+Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored per window: all, or half (llama.cpp's: the second half of each window)")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="scoring engine of every model: transformers, llama.cpp (GGUF files) (default: transformers; llama.cpp for .gguf when installed)")]
+ParentEngine = Annotated[str | None, typer.Option("--parent-engine", help="the parent's scoring engine, instead of --engine")]
+ChildEngine = Annotated[str | None, typer.Option("--child-engine", help="every child's scoring engine, instead of --engine")]
+Sample = Annotated[str | None, typer.Option("--sample", help="generative tasks: sample in step with the parent (same Gumbel noise per question, sample and position), e.g. temperature=0.7,top_p=0.95 (default: greedy)")]
+Samples = Annotated[int, typer.Option("--samples", help="generations per question with --sample")]
+EngineFloor = Annotated[bool, typer.Option("--engine-floor", help="also score the parent on another engine, same weights: llama.cpp on an F32 GGUF of it (transformers for a GGUF or vLLM parent)")]
+NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
+Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
+RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else auto; none running: a local one)")]
+GpusPerChild = Annotated[float | None, typer.Option("--gpus-per-child", help="GPUs per Ray task (default 1 where the cluster has GPUs, else 0)")]
+CpusPerChild = Annotated[float | None, typer.Option("--cpus-per-child", help="CPUs per Ray task, also its torch threads (default 1)")]
+Shards = Annotated[int, typer.Option("--shards", help="with --executor ray: split each child's task list into this many Ray tasks")]
+
+
+def executor_choice(executor: str, ray_address, gpus_per_child, cpus_per_child, shards):
+    from flipcheck.executors import executor_options
+
+    return executor_options(executor, address=ray_address, gpus_per_child=gpus_per_child,
+                            cpus_per_child=cpus_per_child, shards=shards)
+
+
+def exit_if_failed(report: dict) -> None:
+    """Exit 3 when a child failed (listed in the report with its reason)."""
+    from flipcheck.executors import EXIT_CHILD_FAILED, failed_children
+
+    failed = failed_children(report)
+    if failed:
+        err_console.print(f"{len(failed)} child(ren) failed: {', '.join(f['name'] for f in failed)} (see the report)",
+                          markup=False, highlight=False)
+        raise typer.Exit(EXIT_CHILD_FAILED)
+
+
+def progress_view(children: int, *, tasks: bool, texts: bool, compress: bool = False, judge: bool = False, title: str = "flipcheck"):
+    """The command's one progress view (children x steps, current step, elapsed, time left)."""
+    from flipcheck.progress import RunProgress, steps_per_child
+
+    return RunProgress(err_console, children * steps_per_child(tasks=tasks, texts=texts, compress=compress, judge=judge),
+                       title=title)
+
+
+def verdict(line: str) -> None:
+    console.print(line, markup=False, highlight=False)  # "[acc_norm]" in a verdict is text, not markup
+
+
+def show_report(report: dict, out: Path | None) -> None:
+    from flipcheck.evaluation.report import render_table
+    from flipcheck.evaluation.report.corpus import corpus_table
+    from flipcheck.evaluation.report.text import has_questions
+
+    if has_questions(report):  # text corpora or judged answers alone: no per-task table
+        console.print(render_table(report, width=console.width))
+    texts = corpus_table(report, width=console.width)
+    if texts is not None:
+        console.print(texts)
+    from flipcheck.judge.report import terminal_lines
+
+    for line in terminal_lines(report):
+        verdict(line)
+    if out is not None:
+        console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
+
+
+def engine_choices(engine, parent_engine, child_engine) -> dict[str, str | None]:
+    """The engine options, each checked (one line, exit 2, naming the allowed engines)."""
+    from flipcheck.evaluation.engines import check_engine
+
+    return {"engine": check_engine(engine), "parent_engine": check_engine(parent_engine),
+            "child_engine": check_engine(child_engine)}
+
+
+def served_pairs(urls: list[str] | None, models: list[str] | None) -> list[tuple[str, str]]:
+    """(url, model name) pairs of --child-url / --child-model, one name per URL."""
+    urls, models = list(urls or []), list(models or [])
+    if len(urls) != len(models):
+        raise FlipcheckError(f"{len(urls)} server URL(s) and {len(models)} model name(s): name the served model "
+                             "of each --child-url / --parent-url with --child-model / --parent-model (its id in /v1/models)")
+    return list(zip(urls, models, strict=True))
+
+
+def metric_choice(metric: str | None) -> str | None:
+    """--metric checked (one line, exit 2, naming the allowed acc and acc_norm)."""
+    from flipcheck.evaluation.samples import check_metric
+
+    return check_metric(metric)
+
+
+def kl_choice(kl: str | None) -> str | None:
+    from flipcheck.evaluation.kl import KL_METHODS
+
+    if kl is not None and kl not in KL_METHODS:
+        raise FlipcheckError(f"--kl {kl!r}: allowed are {', '.join(KL_METHODS)}")
+    return kl
