@@ -60,3 +60,35 @@ def test_llamacpp_child_altered_at_a_known_step_diverges_exactly_there(tiny_mode
     assert g["first_divergent_token"] == k
     miss = np.asarray(c.records[("sums", target, 0)].tf_miss)
     assert not miss[:k].any() and miss[k]
+
+
+def test_llamacpp_generation_ends_on_the_files_end_of_generation_token(tiny_model, tiny_tokenizer, tmp_path):
+    """A GGUF whose metadata names as EOS a token the model writes after its first: with no EOS ids from
+    flipcheck (SmolLM2's tokenizer names another EOS than the end-of-turn token its model writes), the
+    greedy generation still ends there, that token kept, as llama.cpp's own generation does; the same file
+    with its EOS untouched runs to the token limit."""
+    from gguf import GGUFReader
+
+    from flipcheck.evaluation.engines.llamacpp import LlamaCppEngine
+
+    path = _gguf(tiny_model, tiny_tokenizer, tmp_path / "eog")
+    ctx = tiny_tokenizer("3 4 =")["input_ids"]
+    engine = LlamaCppEngine(path)
+    try:
+        (full,) = engine.generate([ctx], 6, lambda toks: False, set())
+    finally:
+        engine.close()
+    assert len(full) == 6, full
+    j = next(j for j in range(1, 6) if full[j] not in full[:j])  # its first appearance ends the generation
+    reader = GGUFReader(str(path), "r+")
+    field = reader.fields["tokenizer.ggml.eos_token_id"]
+    field.parts[field.data[0]][0] = full[j]
+    reader.data.flush()
+    del reader
+    engine = LlamaCppEngine(path)
+    try:
+        assert full[j] in engine.eog
+        (cut,) = engine.generate([ctx], 6, lambda toks: False, set())
+    finally:
+        engine.close()
+    assert cut == full[: j + 1]

@@ -78,6 +78,19 @@ def gguf_file_type(path: str | os.PathLike) -> str:
         return f"type{value}"
 
 
+def _eog_ids(llm, n_vocab: int) -> frozenset[int]:
+    """The tokens llama.cpp ends a generation on (``llama_vocab_is_eog``: the file's EOS/EOT ids and the
+    end-of-turn tokens it recognises, e.g. ``<|im_end|>``, ``<|eot_id|>``), as llama-server and llama-cli
+    stop: a chat model's end-of-turn token is often not the tokenizer's EOS that flipcheck passes (SmolLM2:
+    generation_config EOS ``<|im_end|>``, tokenizer EOS ``<|im_start|>``). Empty where the binding lacks the call."""
+    import llama_cpp
+
+    is_eog, vocab = getattr(llama_cpp, "llama_vocab_is_eog", None), getattr(getattr(llm, "_model", None), "vocab", None)
+    if is_eog is None or vocab is None:
+        return frozenset()
+    return frozenset(t for t in range(n_vocab) if is_eog(vocab, t))
+
+
 def llamacpp_identity(path: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_batch: int = DEFAULT_N_BATCH,
                       layout: str = "prefix") -> dict[str, Any]:
     """The identity of a GGUF on this engine, read from the file's metadata (nothing loaded): what the
@@ -86,7 +99,7 @@ def llamacpp_identity(path: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_bat
 
     ident = {"name": LlamaCppEngine.name, "version": getattr(llama_cpp, "__version__", "?"),
              "dtype": gguf_file_type(path), "n_ctx": min(int(n_ctx), gguf_context_length(path) or int(n_ctx)),
-             "n_batch": int(n_batch), "kv_cache": "f32"}
+             "n_batch": int(n_batch), "kv_cache": "f32", "stop": "eog"}  # generation ends on llama.cpp's EOG tokens
     if layout != "prefix":  # the default layout leaves the keys of earlier runs as they were
         ident["layout"] = layout
     return ident
@@ -160,6 +173,7 @@ class LlamaCppEngine(LoadedEngine):
         self.n_ctx = int(self.llm.n_ctx())
         self._max_length = self.n_ctx
         self._vocab = int(self.llm.n_vocab())
+        self.eog = _eog_ids(self.llm, self._vocab)
         self._identity = llamacpp_identity(self.path, self.n_ctx, self.n_batch, layout)
         self._runner = ExternalRunner(self, self._logits_at)
 
@@ -188,6 +202,9 @@ class LlamaCppEngine(LoadedEngine):
         return torch.cat(rows) if rows else torch.zeros((0, self.vocab)), torch.device("cpu")
 
     def generate(self, ctxs: list[list[int]], max_new: int, stop_fn, eos_ids: set[int]) -> list[list[int]]:
+        """Greedy continuations, each ending on a token of `eos_ids` or of llama.cpp's own end-of-generation
+        set (kept), a completed stop sequence, or `max_new` tokens."""
+        eos_ids = set(eos_ids) | self.eog
         out = []
         for ctx in ctxs:
             tokens = list(ctx)
