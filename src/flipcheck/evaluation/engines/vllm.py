@@ -3,8 +3,9 @@
 Scoring asks vLLM for the prompt log-probabilities of every token id it is given
 (``SamplingParams(prompt_logprobs=-1)``, with the engine started with ``max_logprobs=-1``): the whole
 next-token distribution at every position, so KL against any other engine is exact. vLLM's
-``flat_logprobs`` returns them as flat lists (a constant number of Python objects per request), which
-are scattered into one dense row per scored position. Generation is greedy
+``flat_logprobs`` returns them as flat lists (a constant number of Python objects per request), or, with
+the hooks of :mod:`~flipcheck.evaluation.engines.vllm_hooks`, as the engine core's arrays, in token order
+(vLLM's sort of the vocabulary skipped); either is scattered into one dense row per scored position. Generation is greedy
 (``temperature=0``) on token ids; lm-eval's stop sequences cut the continuation afterwards (greedy
 decoding does not depend on where it will be cut).
 
@@ -28,6 +29,7 @@ import torch
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.engines.base import EXACT, GENERATES, ExternalRunner, FloorPartner, LoadedEngine
 from flipcheck.evaluation.engines.registry import register_engine
+from flipcheck.evaluation.engines.vllm_hooks import keep_tensors, own_requests, unsorted_gather
 
 log = logging.getLogger(__name__)
 
@@ -69,57 +71,37 @@ def vllm_identity(folder: Path, dtype: str, max_model_len: int = DEFAULT_MAX_MOD
             "max_model_len": min(int(max_model_len), limit or int(max_model_len)), "logprobs": "all"}
 
 
-_KEEP_TENSORS = False  # True while this engine's own requests run: prompt log-probs stay tensors
-
-
-def _keep_prompt_tensors() -> bool:
-    """Let vLLM's output processing keep log-probs as the arrays its engine core made, instead of turning
-    every (position, token) pair into Python objects: for the whole vocabulary that turning is ~80 %
-    of the time (about 30 ms a position for 49k tokens on a 2-core CPU; the model's forward is 3).
-    Hooks on ``LogprobsProcessor._update_prompt_logprobs`` and ``_update_sample_logprobs`` (vLLM 0.32's
-    output processor), active only inside :meth:`VllmEngine.rows_at`; where vLLM is laid out otherwise
-    nothing is hooked and the public lists are read (same numbers, slower). Returns whether the hooks
-    are in place."""
-    try:
-        from vllm.v1.engine.logprobs import LogprobsProcessor
-    except ImportError:
-        return False
-    hooks = {"_update_prompt_logprobs": "prompt_logprobs", "_update_sample_logprobs": "logprobs"}
-    originals = {name: getattr(LogprobsProcessor, name, None) for name in hooks}
-    if any(f is None for f in originals.values()):
-        return False
-    if all(getattr(f, "_flipcheck", False) for f in originals.values()):
-        return True
-
-    def hook(name: str, container: str):
-        original = originals[name]
-
-        def update(self, arrays):
-            if not _KEEP_TENSORS:
-                return original(self, arrays)
-            target = getattr(self, container)
-            kept = getattr(target, "flipcheck_tensors", None)
-            if kept is None:
-                kept = target.flipcheck_tensors = []
-            # (positions, k) token ids and log-probs: torch tensors (prompt) or numpy arrays (sample)
-            kept.append((torch.as_tensor(arrays[0]).clone(), torch.as_tensor(arrays[1]).clone()))
-
-        update._flipcheck = True  # type: ignore[attr-defined]
-        return update
-
-    for name, container in hooks.items():
-        setattr(LogprobsProcessor, name, hook(name, container))
-    return True
+def request_kwargs(length: int, positions: list[int]) -> dict[str, int | None]:
+    """The log-probs to ask vLLM for, for a sequence of `length` tokens read at `positions` (position p:
+    the distribution of token p + 1): the whole distribution (-1) on the prompt side (``prompt_logprobs``)
+    only when a position lies before the last token, on the sample side (``logprobs``, the first
+    generated token) only when the last position is read. vLLM 0.32's V1 model runner (its CPU build's)
+    computes prompt log-probs for every prompt row or none: ``prompt_logprob_start`` (the first row)
+    and ``prompt_logprob_token_ids`` (chosen ids per row) need its V2 runner, which needs Triton."""
+    last = length - 1
+    return {"prompt_logprobs": -1 if any(p < last for p in positions) else None,
+            "logprobs": -1 if last in positions else None}
 
 
 def tensor_rows(kept, indices: list[int], vocab: int, first: int) -> torch.Tensor:
     """Dense float32 rows from log-probs kept as tensors; index `first` is their first row (prompt
-    log-probs start at prompt position 1, sample log-probs at generated token 0)."""
-    ids = torch.cat([t[0] for t in kept]).long()
-    lps = torch.cat([t[1] for t in kept]).float()
+    log-probs start at prompt position 1, sample log-probs at generated token 0). Chunks kept in token
+    order (ids None: :func:`~flipcheck.evaluation.engines.vllm_hooks.unsorted_gather`) are rows
+    already; others are scattered by their ids."""
     at = torch.tensor([i - first for i in indices], dtype=torch.long)
+    if len(kept) == 1 and kept[0][0] is None:
+        return kept[0][1][at].float()
     out = torch.full((len(indices), vocab), float("-inf"), dtype=torch.float32)
-    return out.scatter_(1, ids[at], lps[at])
+    start = 0
+    for ids, lps in kept:  # chunks of a long prompt, in order
+        sel = ((at >= start) & (at < start + lps.shape[0])).nonzero().squeeze(1)
+        local = at[sel] - start
+        if ids is None:
+            out[sel] = lps[local].float()
+        elif len(sel):
+            out[sel] = out[sel].scatter_(1, ids[local].long(), lps[local].float())
+        start += lps.shape[0]
+    return out
 
 
 def scatter_rows(flat, indices: list[int], vocab: int, first: int = 1) -> torch.Tensor:
@@ -208,7 +190,8 @@ class VllmEngine(LoadedEngine):
             raise FlipcheckError(f"vLLM could not load {str(self.folder)!r}: {first}") from err
         cfg = self.llm.llm_engine.model_config
         self._vocab = int(cfg.get_vocab_size())
-        self._fast = _keep_prompt_tensors()
+        self._fast = keep_tensors()
+        self.sort_free = unsorted_gather()  # whole-vocabulary prompt rows without vLLM's sort (vllm_hooks)
         self._runner = _BatchRunner(self, None)
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -225,17 +208,9 @@ class VllmEngine(LoadedEngine):
         for seq in seqs:
             if len(seq) > self.max_model_len:
                 raise FlipcheckError(f"a sequence of {len(seq)} tokens is longer than vLLM's max_model_len={self.max_model_len}")
-        # the whole vocabulary at every prompt position costs (about 40 ms a position for a 49k vocabulary
-        # on a 2-core CPU): a sequence scored only after its last token (a letter answer) asks for none
-        params = [self._params(max_tokens=1, prompt_logprobs=-1 if any(p < len(s) - 1 for p in ps) else None,
-                               logprobs=-1 if len(s) - 1 in ps else None)
-                  for s, ps in zip(seqs, positions, strict=True)]
-        global _KEEP_TENSORS
-        _KEEP_TENSORS = self._fast
-        try:
+        params = [self._params(max_tokens=1, **request_kwargs(len(s), ps)) for s, ps in zip(seqs, positions, strict=True)]
+        with own_requests(keep=self._fast, unsorted=self.sort_free):
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False)
-        finally:
-            _KEEP_TENSORS = False
         blocks = []
         for seq, ps, out in zip(seqs, positions, outs, strict=True):
             inner = [p + 1 for p in ps if p + 1 < len(seq)]  # prompt_logprobs[i]: the distribution of token i
