@@ -222,3 +222,77 @@ def test_served_child_matches_in_process_vllm(tiny_model_dir, noisy_child, task_
     assert again.returncode == 0, again.stderr[-3000:]
     rep_c = json.loads((tmp_path / "again" / "report.json").read_text())
     assert rep_c["children"][0]["micro"] == rep_a["children"][0]["micro"]
+
+
+def test_request_kwargs_ask_only_what_is_read():
+    """A sequence read only after its last token asks for no prompt rows (the sample side holds that
+    distribution); one read inside asks for the prompt side and no sample side; both when both."""
+    from flipcheck.evaluation.engines.vllm import request_kwargs
+
+    assert request_kwargs(6, [5]) == {"prompt_logprobs": None, "logprobs": -1}
+    assert request_kwargs(6, [2, 3, 4]) == {"prompt_logprobs": -1, "logprobs": None}
+    assert request_kwargs(6, [0, 5]) == {"prompt_logprobs": -1, "logprobs": -1}
+    assert request_kwargs(6, []) == {"prompt_logprobs": None, "logprobs": None}
+
+
+_SORT_FREE_SCRIPT = r"""
+import sys
+import numpy as np
+import torch
+from flipcheck.evaluation.engines import vllm_hooks
+from flipcheck.evaluation.engines.vllm import VllmEngine
+from flipcheck.evaluation.forward import ScoreSetup, score_items
+
+eng = VllmEngine(sys.argv[1], dtype="float32", max_model_len=512, device="cpu")
+assert eng.sort_free, "the unsorted gather hook is not in place"
+g = torch.Generator().manual_seed(0)
+ctx = [torch.randint(5, 380, (n,), generator=g).tolist() for n in (40, 57, 23)]
+# options of several tokens after one context each (read inside the prompt), and letters (read
+# after the last token: the sample side); one shared long context, as packed options have
+multi = [(c, torch.randint(5, 380, (k,), generator=g).tolist()) for c in ctx for k in (1, 3, 4)]
+letters = [(c, [t]) for c in ctx for t in (7, 8, 9, 10)]
+
+
+def run(sort_free):
+    eng.sort_free = sort_free
+    before = vllm_hooks.UNSORTED_ROWS[0]
+    setup = ScoreSetup(runner=eng.runner(), max_length=512, pack=False, window=None, pad_id=0, batch_size=4,
+                       topk=16, tail_samples=8)
+    out = {}
+    for name, items in (("multi", multi), ("letters", letters)):
+        parent = score_items(setup, items)
+        ref = [(s.own.topk_logp, s.own.topk_ids, s.own.tail_logp, s.own.tail_ids) for s in parent]
+        out[name] = (parent, score_items(setup, items, ref_topk=ref))
+    seqs = [c + [11, 12, 13] for c in ctx]
+    rows = eng.rows_at(seqs, [[0, 5, len(s) - 2, len(s) - 1] for s in seqs])
+    return out, rows, vllm_hooks.UNSORTED_ROWS[0] - before
+
+
+fast, fast_rows, unsorted = run(True)
+slow, slow_rows, unsorted_slow = run(False)
+assert unsorted > 0 and unsorted_slow == 0, (unsorted, unsorted_slow)
+for a, b in zip(fast_rows, slow_rows, strict=True):
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).all() and float((a.logsumexp(-1)).abs().max()) <= 1e-5  # whole distributions
+for name in fast:
+    for pf, ps in zip(*(fast[name][0], slow[name][0]), strict=True):
+        for f in ("token_logp", "argmax", "topk_logp", "topk_ids", "nonfinite", "tail_logp", "tail_ids"):
+            assert np.array_equal(getattr(pf.own, f), getattr(ps.own, f)), (name, f)
+    for cf, cs in zip(fast[name][1], slow[name][1], strict=True):
+        assert np.array_equal(cf.own.token_logp, cs.own.token_logp) and np.array_equal(cf.agree, cs.agree), name
+        assert np.array_equal(cf.kl, cs.kl) and np.array_equal(cf.kl_rev, cs.kl_rev), name
+        assert float(np.abs(cf.kl).max()) <= 1e-4  # the same model against itself
+eng.close()
+print("sort-free rows equal")
+"""
+
+
+def test_sort_free_rows_equal_sorted_rows(tiny_model_dir, tmp_path):
+    """vLLM's whole-vocabulary prompt rows in token order (vllm_hooks.unsorted_gather, no sort) give the
+    same rows and the same figures, bit for bit, as vLLM's sorted rows: options of several tokens (the
+    prompt side) and letters (the sample side), every Side field and the KL both ways; and the hook
+    really gave the rows (counted) only while on."""
+    python = _vllm_python()
+    res = subprocess.run([str(python), "-c", _SORT_FREE_SCRIPT, str(tiny_model_dir)], env=_env(tmp_path / "cache"),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "sort-free rows equal" in res.stdout, res.stderr[-3000:]

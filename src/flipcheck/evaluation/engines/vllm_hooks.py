@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 _STATE = {"keep": False, "unsorted": False}  # what the hooks do now (both off outside own_requests)
+UNSORTED_ROWS = [0]  # whole-vocabulary rows unsorted_gather gave in token order (a count, for tests)
 
 
 @contextlib.contextmanager
@@ -119,6 +120,7 @@ def unsorted_gather() -> bool:
         # prompt token) and the ranks are read only by vLLM's Python objects, which keep_tensors skips
         ids = torch.arange(-1, vocab, dtype=torch.int32, device=logprobs.device).expand(n, vocab + 1)
         ranks = torch.zeros(n, dtype=torch.int64, device=logprobs.device)
+        UNSORTED_ROWS[0] += n
         return LogprobsTensors(ids, torch.cat((logprobs.gather(-1, token), logprobs), dim=1), ranks)
 
     gather_logprobs._flipcheck = True  # type: ignore[attr-defined]
