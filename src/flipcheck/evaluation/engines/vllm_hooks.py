@@ -1,7 +1,7 @@
 """What flipcheck changes inside vLLM while its own scoring requests run, and only then.
 
 flipcheck asks vLLM for whole next-token distributions (``prompt_logprobs=-1``, ``logprobs=-1``).
-vLLM's public path is built for a few top log-probs, and two of its steps cost more than the model:
+vLLM's public path is built for a few top log-probs, and two of its steps cost as much as the model or more:
 
 1. **The sort.** For ``prompt_logprobs=-1`` vLLM 0.32's V1 model runner (the one its CPU build runs)
    calls ``Sampler.gather_logprobs(logprobs, num_logprobs=V, token_ids)``, which ranks the whole
@@ -10,7 +10,7 @@ vLLM's public path is built for a few top log-probs, and two of its steps cost m
    token order anyway, so while its requests run :func:`unsorted_gather` returns the same log-probs
    in token order (column 0 the prompt token's log-prob, then ids ``0..V-1``): the same numbers, bit
    for bit, without the sort (nor the rank of each prompt token, which only vLLM's Python objects read).
-   (vLLM's sample side already returns ``logprobs=-1`` unsorted.)
+   The sample side (``logprobs=-1``: the first generated token's row) goes through the same call.
 2. **Python objects.** vLLM's output processor turns each (position, token) pair into Python objects;
    :func:`keep_tensors` keeps the arrays its engine core made instead (``flipcheck_tensors`` on the
    request's log-prob container).
@@ -95,7 +95,7 @@ def token_order(ids: torch.Tensor) -> bool:
 
 def unsorted_gather() -> bool:
     """Hook ``Sampler.gather_logprobs`` (vLLM 0.32's V1 sampler, which its V1 model runner calls for
-    prompt log-probs): asked for the whole vocabulary while ``own_requests(keep=True, unsorted=True)``
+    prompt log-probs, and the sampler for ``logprobs=-1``, which the input batch turns into V): asked for the whole vocabulary while ``own_requests(keep=True, unsorted=True)``
     is active, it returns the rows in token order instead of sorted by ``torch.topk``, without the
     prompt token's id and rank (-1 and 0: only vLLM's Python objects read them, and
     :func:`keep_tensors` skips those). Returns whether the hook is in place."""
