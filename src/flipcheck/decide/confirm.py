@@ -37,8 +37,8 @@ class Confirmation:
     def settings(self, base):
         """The confirmation's EvalSettings: the search's, on the confirmation split (or tasks), without texts."""
         if self.split is not None:
-            return dataclasses.replace(base, doc_ids=self.split.confirm, texts=[])
-        return dataclasses.replace(base, tasks=list(self.tasks), doc_ids=None, texts=[])
+            return base.replace(doc_ids=self.split.confirm, texts=[])
+        return base.replace(tasks=list(self.tasks), doc_ids=None, texts=[])
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"confidence": self.budgets.confidence, "search_confidence": self.search_confidence,
@@ -53,7 +53,7 @@ class Confirmation:
 
 
 def _figures(entry: Mapping[str, Any]) -> dict[str, Any]:
-    from flipcheck.decide.search import _task_figures
+    from flipcheck.decide.search_loop import _task_figures
 
     return {"tasks": {t: _task_figures(s) for t, s in (entry.get("tasks") or {}).items()},
             "micro": _task_figures(entry["micro"]) if entry.get("micro") else None}

@@ -3,7 +3,7 @@
     flipcheck search PARENT --method rtn --choices scheme=W4A16,W8A16 --max-flips 2%,5%,10% ...
 
 Budgets given as lists (:meth:`~flipcheck.decide.budgets.Budgets.parse_frontier`) are sets judged one
-after the other by the same :class:`~flipcheck.decide.search.Search`:
+after the other by the same :class:`~flipcheck.decide.search_loop.Search`:
 
 1. the parent is scored, the uniform children verified and the sensitivities measured **once**;
 2. for each set of budgets in the order given, every candidate verified so far is judged anew by it

@@ -1,4 +1,4 @@
-"""The steps :func:`flipcheck.decide.search.search` takes around the :class:`~flipcheck.decide.search.Search`
+"""The steps :func:`flipcheck.decide.search.search` takes around the :class:`~flipcheck.decide.search_loop.Search`
 loop: check the counts, open the recipe run, run the search (one set of budgets or a frontier of
 several, with the winner confirmed on held-out questions), and complete and write the search block.
 """
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from flipcheck.errors import FlipcheckError
 
 if TYPE_CHECKING:
-    from flipcheck.decide.search import Search
+    from flipcheck.decide.search_loop import Search
 
 Say = Callable[[str], None]
 

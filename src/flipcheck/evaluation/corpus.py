@@ -49,7 +49,6 @@ from flipcheck.models import adds_bos
 log = logging.getLogger(__name__)
 
 SCORING = ("all", "half")  # which positions of a window are scored (module docstring)
-DEFAULT_CTX = 512
 SEPARATOR = "\n\n"
 CORPUS_VERSION = 3  # what a cached corpus entry holds; part of its key (2: one entry per chunk of windows; 3: p_top)
 _LOGIT_BYTES = 1 << 29  # float32 logits of one forward batch: windows * ctx * vocab * 4 <= this

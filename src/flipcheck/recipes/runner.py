@@ -102,10 +102,8 @@ def eval_settings(recipe: Recipe) -> EvalSettings:
     """The evaluator's settings of a recipe: every field of its ``evaluation`` section that
     :class:`EvalSettings` declares, by name (one declaration, no list to keep in step), plus the
     recipe-level device, dtype and trust_remote_code."""
-    import dataclasses
-
     spec = recipe.evaluation.model_dump()
-    fields = {f.name for f in dataclasses.fields(EvalSettings)}
+    fields = set(EvalSettings.model_fields)
     kwargs = {k: v for k, v in spec.items() if k in fields}
     kwargs.update(tasks=list(spec["tasks"]), texts=list(spec["texts"]), limit=_limit(spec["limit"]),
                   device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
