@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from flipcheck.evaluation.runner import Evaluator
+    from flipcheck.evaluation.evaluator_api import EvaluatorView as Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _f32_gguf(ev: Evaluator):
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        write_gguf(ev.parent.model, ev.parent.tokenizer, tmp, dtype="F32")
+        write_gguf(ev.parent.torch_model, ev.parent.tokenizer, tmp, dtype="F32")
         tmp.replace(path)
     return resolve_source(str(path))
 
@@ -88,7 +88,7 @@ def noise_floor(ev: Evaluator) -> list[dict]:
     ev.parent.ensure_loaded(ev.settings)
     bs = 1 if ev.settings.batch_size > 1 else 2
     entries = []
-    for label, key, info, make, batch in _variants(ev.parent.model, bs):
+    for label, key, info, make, batch in _variants(ev.parent.torch_model or ev.parent.model, bs):
         model = make()
         if model is None:
             continue

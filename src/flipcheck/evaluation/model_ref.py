@@ -36,7 +36,7 @@ class ModelRef:
 
     name: str
     source: str | ModelSource | None
-    model: torch.nn.Module | None = None
+    model: Any = None  # an Engine once loaded (a torch model given here is wrapped in the transformers engine)
     tokenizer: Any = None
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # method, settings, strength, compression reports
@@ -48,6 +48,21 @@ class ModelRef:
     def __post_init__(self) -> None:
         if isinstance(self.source, ModelSource):
             self.resolved, self.source = self.source, self.source.spec
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "model" and value is not None:
+            from flipcheck.evaluation.engines import as_engine
+
+            value = as_engine(value)  # weights are always behind an engine
+        object.__setattr__(self, name, value)
+
+    @property
+    def torch_model(self) -> torch.nn.Module | None:
+        """The torch model behind a transformers engine (compressors and the noise floor change its
+        weights); None for weights elsewhere (llama.cpp, vLLM, a server) or not loaded."""
+        from flipcheck.evaluation.engines.transformers import TransformersEngine
+
+        return self.model.model if isinstance(self.model, TransformersEngine) else None
 
     def src(self) -> ModelSource:
         if self.resolved is None:
@@ -61,7 +76,7 @@ class ModelRef:
         if self.tokenizer is None and not self.served:  # a served model is encoded with the parent's tokenizer
             self.tokenizer = load_tokenizer(self.src(), trust_remote_code=settings.trust_remote_code)
         if self.fingerprint is None:
-            self.fingerprint = cached_fingerprint(self.resolved or self.source, self.model)
+            self.fingerprint = cached_fingerprint(self.resolved or self.source, self.torch_model)
         self.engine_identity(settings)
 
     @property
@@ -75,14 +90,11 @@ class ModelRef:
         """The weights, behind the engine asked for: a torch model (transformers) or an engine object."""
         if self.model is None:
             from flipcheck.evaluation.engines import open_engine
-            from flipcheck.evaluation.engines.transformers import TransformersEngine
 
             log.info("loading %s", self.source)
             eng = open_engine(self.src(), self.engine, device=settings.device, dtype=settings.dtype,
                               trust_remote_code=settings.trust_remote_code)
-            # the plain transformers engine hands over its torch model (compressors, the noise floor and
-            # FlipLM's HF generation use it); every other engine, subclasses included, stays an engine
-            self.model = eng.model if type(eng) is TransformersEngine and not eng.dequantized_from else eng
+            self.model = eng
         self.ensure_identity(settings)
 
     def engine_identity(self, settings: EvalSettings | None = None) -> dict[str, Any]:
@@ -112,9 +124,8 @@ class ModelRef:
     def release(self) -> None:
         """Drop the weights (a sweep keeps one child in memory at a time)."""
         if self.source is not None:
-            close = getattr(self.model, "close", None)
-            if close is not None and not isinstance(self.model, torch.nn.Module):
-                close()
+            if self.model is not None:
+                self.model.close()
             self.model = None
 
 
@@ -158,10 +169,8 @@ def tokenizer_key(tok) -> str:
 def _vocab_width(ref: ModelRef) -> int:
     """The width of `ref`'s distributions without loading it: the config's vocab_size (the tokenizer's
     length where no config is there)."""
-    if isinstance(ref.model, torch.nn.Module):
-        from flipcheck.evaluation.engines import as_engine
-
-        return as_engine(ref.model).vocab
+    if ref.torch_model is not None:
+        return ref.model.vocab
     try:
         src = ref.src()
         if not src.gguf:

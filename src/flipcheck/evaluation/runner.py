@@ -114,7 +114,7 @@ class Evaluator:
         self.parent = parent
         self.settings = settings
         self.cache = cache or cache_mod.ResultCache()
-        settings.resolve_batch_size(parent.resolved or parent.source or parent.model)
+        settings.resolve_batch_size(parent.resolved or parent.source or parent.torch_model)
         from flipcheck.evaluation.corpora import Corpora
 
         self.units = resolve_tasks(settings.tasks, settings.include_path) if settings.tasks or not settings.texts else []

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import EXACT, GENERATES, ExternalRunner, FloorPartner, LoadedEngine
+from flipcheck.evaluation.engines.base import (
+    EXACT,
+    GENERATES,
+    ExternalRunner,
+    FloorPartner,
+    LoadedEngine,
+    cut_at_stop,
+)
 from flipcheck.evaluation.engines.registry import register_engine
 
 log = logging.getLogger(__name__)
@@ -270,16 +277,6 @@ class VllmEngine(LoadedEngine):
             import gc
 
             gc.collect()
-
-
-def cut_at_stop(tokens: list[int], stop_fn, eos_ids: set[int]) -> list[int]:
-    """A greedy continuation up to its first eos token (kept) or completed stop sequence."""
-    new: list[int] = []
-    for t in tokens:
-        new.append(int(t))
-        if t in eos_ids or stop_fn(new):
-            break
-    return new
 
 
 def _vllm_folder(source, *, weights: bool):
