@@ -17,6 +17,8 @@ from flipcheck.commands.options import option
 from flipcheck.console import CommandConsole
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.options import ModelOptions, ScoreOptions
+from flipcheck.executors import EXIT_CHILD_FAILED, executor_options, failed_children
+from flipcheck.progress import RunProgress, steps_per_child
 
 console = CommandConsole()  # tables: a file or a pipe gets wide lines, so they keep every figure
 log = logging.getLogger("flipcheck.cli")
@@ -97,16 +99,12 @@ Shards = Annotated[int, typer.Option("--shards", help="with --executor ray: spli
 
 
 def executor_choice(executor: str, ray_address, gpus_per_child, cpus_per_child, shards):
-    from flipcheck.executors import executor_options
-
     return executor_options(executor, address=ray_address, gpus_per_child=gpus_per_child,
                             cpus_per_child=cpus_per_child, shards=shards)
 
 
 def exit_if_failed(report: dict) -> None:
     """Exit 3 when a child failed (listed in the report with its reason)."""
-    from flipcheck.executors import EXIT_CHILD_FAILED, failed_children
-
     failed = failed_children(report)
     if failed:
         err_console.print(f"{len(failed)} child(ren) failed: {', '.join(f['name'] for f in failed)} (see the report)",
@@ -116,8 +114,6 @@ def exit_if_failed(report: dict) -> None:
 
 def progress_view(children: int, *, tasks: bool, texts: bool, compress: bool = False, judge: bool = False, title: str = "flipcheck"):
     """The command's one progress view (children x steps, current step, elapsed, time left)."""
-    from flipcheck.progress import RunProgress, steps_per_child
-
     return RunProgress(err_console, children * steps_per_child(tasks=tasks, texts=texts, compress=compress, judge=judge),
                        title=title)
 

@@ -23,7 +23,10 @@ from flipcheck.commands.common import (
     setup_logging,
     verdict,
 )
+from flipcheck.decide.localize_report import localize_tables, write_localize
+from flipcheck.decide.search_report import search_table, summary_lines
 from flipcheck.evaluation.options import EVAL_ONLY, EvalOptions, ModelOptions
+from flipcheck.runlog import third_party_output
 
 
 @settings_options(ModelOptions)
@@ -47,11 +50,8 @@ def localize_cmd(
     child's layer swapped into the parent and of the parent's layer restored in the child."""
     setup_logging(verbose)
     from flipcheck.decide.localize import localize
-    from flipcheck.decide.localize_report import localize_tables, write_localize
 
     def go():
-        from flipcheck.runlog import third_party_output
-
         with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
             block = localize(parent, child, text=text, tasks=[t for t in tasks.split(",") if t], include_path=include_path,
                              windows=windows, ctx=ctx, seed=seed, batch_size=batch_size, **(options or ModelOptions()).model_dump(),
@@ -104,7 +104,6 @@ def search_cmd(
     setup_logging(verbose)
     from flipcheck.compressors.registry import parse_set_options
     from flipcheck.decide.search import search
-    from flipcheck.runlog import third_party_output
 
     o = options or EvalOptions()
 
@@ -131,8 +130,6 @@ def search_cmd(
 
 def _show_search(block: dict, out: Path) -> None:
     """The search's table, verdict lines and report folder; exit 0 with a winner, 1 without."""
-    from flipcheck.decide.search_report import search_table, summary_lines
-
     console.print(search_table(block))
     for line in summary_lines(block):
         verdict(line)

@@ -30,8 +30,10 @@ from flipcheck.commands.common import (
     show_report,
     verdict,
 )
+from flipcheck.decide.until_decided import check_options, lines, until_decided, write
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.options import EvalOptions
+from flipcheck.runlog import third_party_output
 
 
 @settings_options(EvalOptions)
@@ -81,7 +83,6 @@ def eval_cmd(
         show_report(report, out)
         exit_if_failed(report)
 
-    from flipcheck.runlog import third_party_output
 
     with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
         run_guarded(go)
@@ -106,8 +107,6 @@ def _served_models(children, child_url, child_model, parent_url, parent_model):
 
 def _until_decided(parent, children, tasks, out, max_flips, confidence, batch, o: EvalOptions, options) -> None:
     """`eval --until-decided`: the sequential gate (flipcheck.decide.until_decided); exit 0 PASS, 1 FAIL."""
-    from flipcheck.decide.until_decided import check_options, lines, until_decided, write
-
     check_options(max_flips, confidence, batch)
     if len(children or []) != 1 or parent == "-":
         raise FlipcheckError("--until-decided judges one CHILD against a named PARENT")
@@ -170,7 +169,6 @@ def run_cmd(
         r = with_overrides(load_recipe(recipe), {**(options or {}), **({"tasks": tasks.split(",")} if tasks else {})},
                            parent=parent, calibration=calibration)
         folder = out or Path("runs") / r.name
-        from flipcheck.runlog import third_party_output
 
         ev = r.evaluation
         with third_party_output(folder, verbose=verbose), progress_view(
@@ -220,7 +218,6 @@ def sweep_cmd(
     def go():
         import math
 
-        from flipcheck.runlog import third_party_output
 
         ex = executor_choice(executor, ray_address, gpus_per_child, cpus_per_child, shards)
         folder = out or Path("runs") / f"sweep-{method}"

@@ -27,6 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flipcheck.decide.search_report import winner_recipe
+from flipcheck.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -75,9 +78,6 @@ def _entry(block: Mapping[str, Any], i: int) -> dict[str, Any]:
 
 def write_frontier(out: str | Path, block: dict[str, Any]) -> None:
     """OUT/frontier/recipe-I.yaml: each set's winner as a runnable recipe with that set's gate."""
-    from flipcheck.decide.search_report import winner_recipe
-    from flipcheck.files import write_text_atomic
-
     blocks = block.pop("_frontier_blocks", None)
     if not blocks:
         return

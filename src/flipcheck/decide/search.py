@@ -10,13 +10,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flipcheck.compressors.calibration_data import evaluated_text_source
 from flipcheck.decide.budgets import BUDGET_NAMES, Budgets  # noqa: F401 - re-exported
+from flipcheck.decide.confirm import prepare
 from flipcheck.decide.search_loop import STATE, Candidate, Say, Search, State, _task_figures, pareto  # noqa: F401 - re-exported
 from flipcheck.decide.search_space import Space, parse_space
 from flipcheck.decide.search_steps import check_counts, finish_search, open_run, run_search
-from flipcheck.decide.splits import DEFAULT_CONFIRM
+from flipcheck.decide.splits import DEFAULT_CONFIRM, search_split_text
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.options import EVAL_ONLY, EvalOptions
+from flipcheck.executors import get_executor
+from flipcheck.recipes.runner import _first_error
+from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +30,6 @@ def default_text(parent: str, calibration: Mapping[str, Any] | None, tasks: Sequ
                  include_path: str | None, texts: Sequence[str]) -> tuple[dict[str, Any], str | None]:
     """The calibration settings with a source that works offline when none is given
     (:func:`~flipcheck.compressors.calibration_data.evaluated_text_source`), and the report's note."""
-    from flipcheck.compressors.calibration_data import evaluated_text_source
-
     cal = dict(calibration or {})
     if cal.get("source"):
         return cal, None
@@ -37,9 +40,6 @@ def default_text(parent: str, calibration: Mapping[str, Any] | None, tasks: Sequ
 def _recipe(parent: str, space: Space, calibration: Mapping[str, Any] | None, evaluation: Mapping[str, Any], **recipe_level):
     """The run's recipe: its evaluation section, and a placeholder child (layer_drop: drop layer 0 of 2)
     that the candidates replace; a setting pydantic refuses is one line naming it."""
-    from flipcheck.recipes.runner import _first_error
-    from flipcheck.recipes.schema import CalibrationConfig, ChildSpec, EvaluationSpec, Recipe, StepSpec
-
     k = next(k for k, c in enumerate(space.choices) if not c.keep)
     keep = [i for i, c in enumerate(space.choices) if c.keep][:1]
     first = space.settings([k]) or space.settings([k, *keep])
@@ -98,10 +98,6 @@ def search(
     ``confirm`` (a share in (0, 1), None for no confirmation) or ``confirm_tasks``: the search proposes
     and verifies on the search split, at the tightened confidence, and the winner is the smallest
     candidate that also passes on the confirmation split (:mod:`.confirm`, :mod:`.splits`)."""
-    from flipcheck.decide.confirm import prepare
-    from flipcheck.decide.splits import search_split_text
-    from flipcheck.executors import get_executor
-
     say = progress or (lambda msg: log.info("%s", msg))
     opts = search_options(options, chosen)
     include_path, limit, seed, metric, texts = opts.include_path, opts.limit, opts.seed, opts.metric, opts.texts

@@ -47,10 +47,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flipcheck.compressors.calibration import CalibrationConfig
+from flipcheck.compressors.calibration_data import build_calibration
+from flipcheck.compressors.checks import parent_config
+from flipcheck.compressors.stats import linear_storage
 from flipcheck.decide.budgets import BUDGET_NAMES, Budgets  # noqa: F401 - re-exported
+from flipcheck.decide.localize import SkipLayer, _layers, _logits, swap_in_kl
 from flipcheck.decide.search_space import PRUNERS, Space, digest, size_bits
 from flipcheck.errors import FlipcheckError
+from flipcheck.files import jsonable, write_json_atomic
 from flipcheck.orchestrate.children import cache_root, recipe_children
+from flipcheck.recipes.runner import made_with, slug
+from flipcheck.recipes.schema import ChildSpec, StepSpec
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +124,6 @@ class State:
         self.probes: dict[str, dict] = dict(data.get("probes") or {})
 
     def save(self) -> None:
-        from flipcheck.files import jsonable, write_json_atomic
-
         write_json_atomic(self.path, jsonable({"schema": SCHEMA + ".state", "version": VERSION,
                                                "candidates": self.candidates, "probes": self.probes}))
 
@@ -184,8 +190,6 @@ class Search:
     # -- verification ------------------------------------------------------------------------
 
     def _spec(self, alloc: Sequence[int], kind: str):
-        from flipcheck.recipes.schema import ChildSpec, StepSpec
-
         settings = self.space.settings(alloc)
         if settings is None:
             return None, None
@@ -194,8 +198,6 @@ class Search:
         return spec, settings
 
     def _key(self, spec) -> str:
-        from flipcheck.recipes.runner import made_with
-
         recipe = self.run.recipe
         return digest({"made_with": made_with(spec, self.run.parent_fp, recipe),
                        "evaluation": recipe.evaluation.model_dump(mode="json"), "device": recipe.device})
@@ -203,8 +205,6 @@ class Search:
     def verify(self, proposals: Sequence[tuple[Sequence[int], str, float | None]]) -> list[Candidate]:
         """Compress and evaluate every proposal not verified before (on this run or an earlier one);
         each is kept in the state file as soon as its round finishes."""
-        from flipcheck.recipes.runner import slug
-
         new, done = [], []
         for alloc, kind, target in proposals:
             alloc = tuple(alloc)
@@ -277,9 +277,6 @@ class Search:
         return self._parent
 
     def _probe_ids(self):
-        from flipcheck.compressors.calibration import CalibrationConfig
-        from flipcheck.compressors.calibration_data import build_calibration
-
         cfg = CalibrationConfig(source=self.probe_cfg["text"], samples=self.probe_cfg["windows"],
                                 seq_len=self.probe_cfg["ctx"], seed=self.probe_cfg["seed"])
         return build_calibration(self.run.tokenizer, cfg).input_ids
@@ -288,8 +285,6 @@ class Search:
         """Storage bits of each decoder layer's Linears (nonzero weights only for the pruners)."""
         import torch
 
-        from flipcheck.compressors.stats import linear_storage
-        from flipcheck.decide.localize import _layers
 
         out = []
         for layer in _layers(model):
@@ -303,8 +298,6 @@ class Search:
 
     def sensitivities(self, uniform: Mapping[int, Candidate]) -> Tables:
         """sizes[l][k] and damages[l][k] for every layer l and choice k (module docstring, step 2)."""
-        from flipcheck.decide.localize import SkipLayer, _layers, _logits, swap_in_kl
-
         t0 = time.perf_counter()
         ids = None
         probe = {k: self.probe_cfg[k] for k in ("text", "windows", "ctx", "seed")}
@@ -555,8 +548,6 @@ def _mib(bits: float | None) -> str:
 
 
 def _num_layers(src) -> int:
-    from flipcheck.compressors.checks import parent_config
-
     cfg = parent_config(src) or {}
     n = cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
     if not n:

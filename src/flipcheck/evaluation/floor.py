@@ -9,6 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flipcheck.errors import FlipcheckError
+from flipcheck.extras import require_llamacpp
+from flipcheck.files import cache_root
+from flipcheck.models import resolve_source
+
 if TYPE_CHECKING:
     from flipcheck.evaluation.evaluator_api import EvaluatorView as Evaluator
 
@@ -24,7 +29,6 @@ def engine_floor(ev: Evaluator) -> list[dict]:
     round differently for other batch shapes: llama.cpp's own floor); for a parent on vLLM,
     transformers on the same folder. What remains is the engines' numerics (kernels, reduction order,
     batch layout), the floor under any engine-vs-engine comparison."""
-    from flipcheck.errors import FlipcheckError
     from flipcheck.evaluation.engines import as_engine, open_engine
 
     ev.parent.ensure_loaded(ev.settings)
@@ -46,9 +50,6 @@ def engine_floor(ev: Evaluator) -> list[dict]:
 def _f32_gguf(ev: Evaluator):
     """A float32 GGUF of the in-memory parent, written once into the cache (keyed by its fingerprint)."""
     from flipcheck.compressors.gguf_convert import write_gguf
-    from flipcheck.extras import require_llamacpp
-    from flipcheck.files import cache_root
-    from flipcheck.models import resolve_source
 
     require_llamacpp("--engine-floor")
     path = Path(getattr(ev.cache, "root", None) or cache_root()) / "gguf" / f"{ev.parent.fingerprint}-F32.gguf"

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines.base import REMOTE, Engine
+from flipcheck.evaluation.engines.served import ServedEngine
+from flipcheck.evaluation.engines.transformers import TransformersEngine
 from flipcheck.evaluation.settings import EvalSettings
 from flipcheck.models import (
     ModelSource,
@@ -60,8 +63,6 @@ class ModelRef:
     def torch_model(self) -> torch.nn.Module | None:
         """The torch model behind a transformers engine (compressors and the noise floor change its
         weights); None for weights elsewhere (llama.cpp, vLLM, a server) or not loaded."""
-        from flipcheck.evaluation.engines.transformers import TransformersEngine
-
         return self.model.model if isinstance(self.model, TransformersEngine) else None
 
     def src(self) -> ModelSource:
@@ -82,8 +83,6 @@ class ModelRef:
     @property
     def served(self) -> bool:
         """An already served model (no weights here; the parent's tokenizer encodes for it)."""
-        from flipcheck.evaluation.engines.base import REMOTE, Engine
-
         return self.source is None and isinstance(self.model, Engine) and REMOTE in self.model.capabilities
 
     def ensure_loaded(self, settings: EvalSettings) -> None:
@@ -187,8 +186,6 @@ def served_ref(url: str, model: str, settings: EvalSettings, tokenizer_from: Mod
     """A model that is already served (OpenAI-compatible /v1/completions); nothing is contacted yet. A
     served child is encoded with the parent's tokenizer; a served parent with `tokenizer_from`'s (the
     PARENT the user named, whose config also gives the vocabulary width)."""
-    from flipcheck.evaluation.engines.served import ServedEngine
-
     eng = ServedEngine(url, model, topk=settings.topk)
     ref = ModelRef(name="parent" if tokenizer_from else model, source=None, model=eng,
                    fingerprint=eng.fingerprint(), info={"served": eng.url})

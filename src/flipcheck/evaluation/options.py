@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flipcheck.errors import FlipcheckError
+from flipcheck.errors import FlipcheckError, format_validation_error
 
 DEFAULT_CTX = 512  # tokens per corpus window (llama-perplexity's default)
 
@@ -175,7 +175,6 @@ def one_line(what: str, err) -> FlipcheckError:
         inner = (e.get("ctx") or {}).get("error")
         if isinstance(inner, FlipcheckError):
             return inner
-    from flipcheck.errors import format_validation_error
 
     return FlipcheckError(format_validation_error(what, err))
 

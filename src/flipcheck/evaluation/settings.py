@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 from flipcheck.evaluation import cache as cache_mod
 from flipcheck.evaluation.kl import DEFAULT_TOPK
 from flipcheck.evaluation.options import EvalOptions, one_line, parse_batch_size  # noqa: F401 - re-exported
+from flipcheck.evaluation.sampling import parse_sample
 from flipcheck.evaluation.tasks import _include_paths, packaged_task_dir, task_manager
 from flipcheck.models import resolve_device, resolve_dtype
 
@@ -48,8 +49,6 @@ class EvalSettings(EvalOptions):
 
     def sampling_spec(self):
         """The :class:`~flipcheck.evaluation.sampling.SampleSpec` of `sample`/`samples`/`seed`, None for greedy."""
-        from flipcheck.evaluation.sampling import parse_sample
-
         return parse_sample(self.sample, self.samples, self.seed)
 
     @property

@@ -31,8 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flipcheck.compressors.calibration import CalibrationConfig
+from flipcheck.compressors.registry import check_chain, make_config
 from flipcheck.errors import FlipcheckError, suggest
-from flipcheck.evaluation.options import ModelOptions, ScoreOptions
+from flipcheck.evaluation.options import ModelOptions, ScoreOptions, one_line
+from flipcheck.gate import parse_budget
+from flipcheck.gate_generations import parse_length_ratio, parse_survival
+from flipcheck.judge.client import JudgeSettings
 
 
 class _Strict(BaseModel):
@@ -47,14 +51,10 @@ class StepSpec(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> StepSpec:
-        from flipcheck.compressors.registry import make_config
-
         make_config(self.method, self.settings)  # raises FlipcheckError naming the setting
         return self
 
     def config(self):
-        from flipcheck.compressors.registry import make_config
-
         return make_config(self.method, self.settings)
 
 
@@ -67,8 +67,6 @@ class ChildSpec(_Strict):
 
     @model_validator(mode="after")
     def _chain(self) -> ChildSpec:
-        from flipcheck.compressors.registry import check_chain
-
         check_chain([s.method for s in self.steps])  # raises FlipcheckError naming the pair
         return self
 
@@ -143,7 +141,6 @@ class GateSpec(_Strict):
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
         from flipcheck.evaluation.confidence import check_confidence
-        from flipcheck.gate import parse_budget
 
         if self.confidence is not None:
             check_confidence(self.confidence, "gate.confidence")
@@ -152,7 +149,6 @@ class GateSpec(_Strict):
             v = getattr(self, name)
             if v is not None:
                 parse_budget(str(v), name)
-        from flipcheck.gate_generations import parse_length_ratio, parse_survival
 
         parse_survival(self.min_survival, "gate.min_survival")
         parse_length_ratio(self.max_length_ratio, "gate.max_length_ratio")
@@ -181,8 +177,6 @@ class JudgeSpec(_Strict):
         return self
 
     def settings(self):
-        from flipcheck.judge.client import JudgeSettings
-
         return JudgeSettings(url=self.url, model=self.model, api_key_env=self.api_key_env, max_tokens=self.max_tokens,
                              concurrency=self.concurrency)
 
@@ -328,8 +322,6 @@ def with_overrides(recipe: Recipe, options: dict[str, Any], *, parent: str | Non
     """`recipe` with the evaluation options a command gave (`options`: fields of
     :class:`~flipcheck.evaluation.options.EvalOptions` and ``tasks``; the loading ones go to the recipe's
     top level), and its parent and calibration source where given; the result checked whole (one line)."""
-    from flipcheck.evaluation.options import one_line
-
     data = recipe.model_dump()
     top = {k: v for k, v in options.items() if k in ModelOptions.model_fields}
     data["evaluation"] = {**data["evaluation"], **{k: v for k, v in options.items() if k not in top}}

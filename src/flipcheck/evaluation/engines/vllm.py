@@ -35,6 +35,7 @@ from flipcheck.evaluation.engines.base import (
     cut_at_stop,
 )
 from flipcheck.evaluation.engines.registry import register_engine
+from flipcheck.models import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ class VllmEngine(LoadedEngine):
     @classmethod
     def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
              **options: Any) -> VllmEngine:
-        from flipcheck.models import resolve_device, resolve_dtype
-
         dev = resolve_device(device)
         return cls(_vllm_folder(source, weights=True), device=dev, dtype=str(resolve_dtype(dtype, dev)).replace("torch.", ""))
 
