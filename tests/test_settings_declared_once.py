@@ -1,62 +1,114 @@
-"""The evaluation settings are declared once (EvalSettings); every other place that takes them is checked
-against that declaration here, so a setting added in one place and forgotten in another fails."""
+"""The evaluation settings are declared once (flipcheck.evaluation.options); the evaluator's settings,
+the recipe's evaluation section, evaluate/sweep/search and the command-line options of eval, sweep, run,
+search and localize all derive from that declaration, which these tests check field by field: names,
+types, defaults, help, and that every accepted setting reaches the cache key or the report."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+import typing
+
+import pytest
 
 from flipcheck.cli import app
+from flipcheck.commands.options import cli_type, flag
+from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.options import EVAL_ONLY, EvalOptions, ModelOptions, ScoreOptions
 from flipcheck.evaluation.runner import EvalSettings
 from flipcheck.orchestrate.evaluate import evaluate
 from flipcheck.orchestrate.recipe import sweep
-from flipcheck.recipes.schema import EvaluationSpec
+from flipcheck.recipes.schema import EvaluationSpec, Recipe
 
-DECLARED = {f.name for f in dataclasses.fields(EvalSettings)}
+DECLARED = set(EvalSettings.model_fields)
 # not user options: the bootstrap size and the parent's stored top-K are library-level knobs; the doc ids
 # of a split (doc_ids) are chosen by search, and a recipe can hold them
 LIBRARY_ONLY = {"n_boot", "topk", "doc_ids"}
-# where a recipe holds them: device, dtype and trust_remote_code are recipe-level keys, not evaluation's
-RECIPE_LEVEL = {"device", "dtype", "trust_remote_code"}
-# names that differ on the command line
-CLI_NAMES = {"texts": "text", "filter": "filter_"}
 
 
-def _params(fn) -> set[str]:
-    return set(inspect.signature(fn).parameters)
+def _command(name: str):
+    return next(c for c in app.registered_commands if (c.name or c.callback.__name__) == name).callback
 
 
-def _cli_params(name: str) -> set[str]:
-    cmd = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == name)
-    return _params(cmd.callback)
+def test_every_place_inherits_the_one_declaration():
+    assert issubclass(EvalSettings, EvalOptions) and issubclass(EvaluationSpec, ScoreOptions)
+    assert issubclass(Recipe, ModelOptions)
+    assert DECLARED == set(EvalOptions.model_fields) | LIBRARY_ONLY | {"tasks"}
+    assert set(EvaluationSpec.model_fields) == set(ScoreOptions.model_fields) | {"tasks", "doc_ids"}
+    for name, field in EvalOptions.model_fields.items():
+        assert field.description, f"{name} has no help"
 
 
-def test_evaluate_takes_every_setting():
-    assert DECLARED - LIBRARY_ONLY - {"tasks"} <= _params(evaluate) | {"texts"}
-    assert "texts" in _params(evaluate) and "tasks" in _params(evaluate)
+@pytest.mark.parametrize(("command", "model", "exclude", "overrides"), [
+    ("eval", EvalOptions, set(), False), ("sweep", EvalOptions, set(), False), ("run", EvalOptions, set(), True),
+    ("search", EvalOptions, set(EVAL_ONLY), False), ("localize", ModelOptions, set(), False)])
+def test_commands_offer_each_declared_option_with_its_type_default_and_help(command, model, exclude, overrides):
+    """Each field is one option: its flag, the type typer parses, its default (text where the model reads
+    text; None or off where `run` overrides a recipe), and its description as help."""
+    params = inspect.signature(_command(command)).parameters
+    for name, field in model.model_fields.items():
+        if name in exclude:
+            assert name not in params, (command, name)
+            continue
+        annotation = params[name].annotation
+        typ, info = typing.get_args(annotation)[0], typing.get_args(annotation)[1]
+        decls = info.param_decls or (info.default,)  # in Annotated, typer reads Option's first argument as a name
+        assert decls[0] == flag(name, field) and info.help == field.description, (command, name)
+        default = field.get_default(call_default_factory=True)
+        if typ is bool:
+            assert params[name].default is (False if overrides else default), (command, name)
+            continue
+        assert typ in (cli_type(field.annotation), cli_type(field.annotation) | None), (command, name, typ)
+        expected = None if overrides or default in (None, []) else default
+        assert params[name].default == expected or params[name].default == str(expected), (command, name)
+    # and a field that is not a user option is no option
+    assert not (LIBRARY_ONLY & set(params))
 
 
-def test_sweep_takes_every_setting_but_trust_remote_code():
-    missing = DECLARED - LIBRARY_ONLY - _params(sweep) - {"trust_remote_code"}
-    assert not missing, missing
+def test_evaluate_sweep_and_search_take_the_model_and_its_fields_by_name():
+    from flipcheck.decide.search import search
+
+    for fn in (evaluate, sweep, search):
+        sig = inspect.signature(fn)
+        assert "options" in sig.parameters and any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    with pytest.raises(FlipcheckError, match="unknown setting 'kll'"):
+        evaluate("no/such-parent", "no/such-child", tasks="x", kll="exact")  # before any model is looked up
+    with pytest.raises(FlipcheckError, match="--kl 'nope': allowed are topk, bound, exact"):
+        sweep("demo", "noise", {"sigma": [0.1]}, out="unused", options=EvalOptions(), kl="nope")
 
 
-def test_the_recipe_evaluation_section_declares_every_setting():
-    fields = set(EvaluationSpec.model_fields)
-    missing = DECLARED - LIBRARY_ONLY - RECIPE_LEVEL - fields
-    assert not missing, missing
-    # and nothing evaluation-only that the evaluator would not receive (noise_floor is the run's, not a score setting)
-    assert fields - DECLARED <= {"noise_floor"}
+def test_a_search_refuses_eval_only_settings_in_one_line():
+    from flipcheck.decide.search import search
+
+    with pytest.raises(FlipcheckError, match="engine_floor are eval's options"):
+        search("demo", "rtn", None, out="unused", budgets={"max_flips": "5%"}, engine_floor=True)
 
 
-def test_eval_and_sweep_commands_offer_every_setting():
-    for command in ("eval", "sweep"):
-        params = _cli_params(command)
-        wanted = {CLI_NAMES.get(n, n) for n in DECLARED - LIBRARY_ONLY}
-        if command == "sweep":
-            wanted -= {"trust_remote_code"}
-        missing = wanted - params
-        assert not missing, (command, missing)
+def test_bad_options_on_the_command_line_are_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    for args, message in [
+        (["eval", "p", "c", "--kl", "nope"], "--kl 'nope': allowed are topk, bound, exact"),
+        (["sweep", "demo", "-m", "noise", "-g", "sigma=0.1", "--batch-size", "big"], "allowed are an integer >= 1 or auto"),
+        (["run", "paper-quant", "--scoring", "most"], "--scoring 'most': allowed are all, half"),
+        (["search", "demo", "-m", "rtn", "--out", str(tmp_path), "--ctx", "2"], "--ctx 2: a window needs at least 4 tokens"),
+    ]:
+        result = runner.invoke(app, args)
+        text = result.stderr  # the error goes to stderr, alone
+        assert result.exit_code == 2 and message in text, (args, text)
+        assert len([line for line in text.splitlines() if line.strip()]) == 1, text
+
+
+def test_run_overrides_only_what_is_given():
+    from flipcheck.recipes.schema import load_recipe, with_overrides
+
+    r = load_recipe("paper-quant")
+    same = with_overrides(r, {})
+    assert same.evaluation == r.evaluation and same.device == r.device
+    changed = with_overrides(r, {"kl": "exact", "limit": 20.0, "dtype": "bfloat16", "tasks": ["a"]}, parent="x/y")
+    assert (changed.evaluation.kl, changed.evaluation.limit, changed.dtype, changed.evaluation.tasks, changed.parent) == (
+        "exact", 20, "bfloat16", ["a"], "x/y")
+    assert changed.evaluation.ctx == r.evaluation.ctx and changed.evaluation.seed == r.evaluation.seed
 
 
 def test_recipe_settings_are_derived_by_name(tmp_path):
@@ -90,7 +142,6 @@ def test_batch_size_auto_is_resolved_recorded_and_changes_no_answer(tiny_model_d
 
 
 def test_a_bad_batch_size_is_one_line():
-    import pytest
 
     from flipcheck.errors import FlipcheckError
 
@@ -103,7 +154,7 @@ OTHER = {"tasks": ["tiny_sums"], "include_path": "elsewhere", "num_fewshot": 2, 
          "topk": 64, "device": "meta", "dtype": "bfloat16", "trust_remote_code": True, "n_boot": 200, "metric": "acc",
          "filter": "strict-match", "per_subtask": True, "kl": "exact", "texts": ["a.txt"], "ctx": 64, "scoring": "half",
          "engine": "llama.cpp", "parent_engine": "transformers", "child_engine": "vllm", "engine_floor": True,
-         "sample": "temperature=0.7", "samples": 2, "doc_ids": {"tiny_sums": [1, 2]}}
+         "sample": "temperature=0.7", "samples": 2, "doc_ids": {"tiny_sums": [1, 2]}, "noise_floor": True}
 
 
 def test_every_accepted_setting_reaches_the_cache_key_or_the_report(tmp_path):
@@ -118,42 +169,7 @@ def test_every_accepted_setting_reaches_the_cache_key_or_the_report(tmp_path):
         if name == "device":  # this CPU machine has one device; the report names the resolved one
             assert base_public["device"] == "cpu" and base_key["device_kind"] == "cpu"
             continue
-        start = base if name != "samples" else dataclasses.replace(base, sample="temperature=0.7")  # needs --sample
-        changed = dataclasses.replace(start, **{name: value})
+        start = base if name != "samples" else base.replace(sample="temperature=0.7")  # needs --sample
+        changed = start.replace(**{name: value})
         assert changed.key_fields() != start.key_fields() or changed.public() != start.public(), \
             f"{name} reaches neither the cache key nor the report"
-
-
-def _defaults(fn) -> dict:
-    return {n: p.default for n, p in inspect.signature(fn).parameters.items()}
-
-
-def test_every_setting_has_one_default_everywhere_it_is_declared():
-    """The dataclass, the recipe section, evaluate(), sweep(), search() and the eval/sweep/search
-    commands agree on each default (the CLI spells batch_size as text and collections as None)."""
-    from flipcheck.decide.search import search
-
-    declared = {}
-    for f in dataclasses.fields(EvalSettings):
-        if f.default is not dataclasses.MISSING:
-            declared[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            declared[f.name] = f.default_factory()
-    spec = {n: f.get_default(call_default_factory=True) for n, f in EvaluationSpec.model_fields.items()}
-    places = {"recipe": spec, "evaluate": _defaults(evaluate), "sweep": _defaults(sweep), "search": _defaults(search)}
-    for command in ("eval", "sweep", "search"):
-        cmd = next(c for c in app.registered_commands if (c.name or c.callback.__name__) == command)
-        places[f"cli {command}"] = {next((k for k, v in CLI_NAMES.items() if v == n), n): p
-                                    for n, p in _defaults(cmd.callback).items()}
-
-    def same(a, b) -> bool:
-        if isinstance(a, (list, tuple)) and not a:  # an empty collection: None or () elsewhere
-            return b in (None, (), [])
-        return a == b or str(a) == str(b)  # --batch-size is text on the command line
-
-    for name, default in declared.items():
-        if name == "tasks":
-            continue  # required by evaluate/eval; sweep, search and recipes default to the demo tasks
-        for where, values in places.items():
-            if name in values:
-                assert same(default, values[name]), (name, where, default, values[name])

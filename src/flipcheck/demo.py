@@ -47,6 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flipcheck.compressors.registry import format_validation_error
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.tasks import packaged_task_dir
+from flipcheck.models import read_provenance, save_model
+from flipcheck.tiny import build_llama, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +223,6 @@ def demo_texts() -> list[str]:
 
 def demo_task_dir() -> Path:
     """The packaged lm-eval task folder, to pass as ``include_path`` (works from any cwd)."""
-    from flipcheck.evaluation.tasks import packaged_task_dir
-
     return packaged_task_dir()
 
 
@@ -391,8 +392,6 @@ def lr_at(step: int, recipe: DemoRecipe) -> float:
 
 def build_demo_tokenizer(recipe: DemoRecipe | None = None):
     """Byte-level BPE trained on the demo text and the lettered prompts (deterministic)."""
-    from flipcheck.tiny import build_tokenizer
-
     recipe = recipe or DemoRecipe()
     facts = demo_facts()
     return build_tokenizer(demo_texts() + [f"{letters_prompt(f)} {LETTERS[f.label]}" for f in facts], recipe.vocab_size)
@@ -400,8 +399,6 @@ def build_demo_tokenizer(recipe: DemoRecipe | None = None):
 
 def build_demo_model(recipe: DemoRecipe, vocab_size: int):
     """The untrained demo Llama (float32, initialised from ``recipe.seed``)."""
-    from flipcheck.tiny import build_llama
-
     return build_llama(
         vocab_size,
         hidden_size=recipe.hidden_size,
@@ -467,8 +464,6 @@ def train_demo_model(
     thread is the default: the demo's small matrices gain little from more, the result does not
     depend on the machine's core count, and on a busy 2-core machine 2 threads measured 6x slower.
     """
-    from flipcheck.models import save_model
-
     recipe = recipe or DemoRecipe()
     overrides = {k: v for k, v in {"seed": seed, "steps": steps}.items() if v is not None}
     if overrides:
@@ -510,8 +505,6 @@ def demo_model_path(
     progress: ProgressFn | None = None,
 ) -> Path:
     """The demo parent's folder: cached if a complete one with the same key exists, else trained."""
-    from flipcheck.models import read_provenance
-
     recipe = recipe or DemoRecipe()
     path = demo_cache_path(recipe, cache_dir)
     prov = read_provenance(path) if path.is_dir() else None

@@ -17,7 +17,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flipcheck.compressors.calibration_data import register_source
+from flipcheck.demo import demo_model_path, world_fact_texts
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.report import render_table
+from flipcheck.orchestrate.recipe import run_recipe
 from flipcheck.recipes.schema import ChildSpec, Recipe, load_recipe
 
 QUICK_CHILDREN = ("noise sigma=0.3", "gptq w4a16 g128", "wanda sparsity=0.5")
@@ -46,9 +50,6 @@ def hidden_change_lines(report: dict[str, Any]) -> list[str]:
 
 def run_demo(out: str | Path, *, retrain: bool = False, quick: bool = False, console: Console | None = None) -> dict:
     """Train or load the demo parent, run the demo recipe into `out`, print the summary."""
-    from flipcheck.demo import demo_model_path
-    from flipcheck.orchestrate.recipe import run_recipe
-
     console = console or Console()
     t0 = time.perf_counter()
     with _bar(console) as bar:
@@ -94,16 +95,11 @@ def register_world_facts() -> None:
     """Make ``world_facts`` (the recipe's calibration source) known by name. It is also an entry point
     of the package; registering it here lets a source checkout whose installed metadata predates the
     entry point run the demo all the same."""
-    from flipcheck.compressors.calibration_data import register_source
-    from flipcheck.demo import world_fact_texts
-
     register_source("world_facts", world_fact_texts)
 
 
 def run_real_demo(out: str | Path, *, console: Console | None = None) -> dict:
     """Build or load SmolLM2-135M-Instruct, run the ``demo-real`` recipe into `out`, print the summary."""
-    from flipcheck.orchestrate.recipe import run_recipe
-
     console = console or Console()
     t0 = time.perf_counter()
     with _bar(console) as bar:
@@ -125,8 +121,6 @@ def _bar(console: Console) -> Progress:
 
 def _summary(report: dict, out: str | Path, console: Console, t0: float) -> None:
     """The table, the accuracy-vs-answers-changed lines and where the report is."""
-    from flipcheck.evaluation.report import render_table
-
     console.print(render_table(report, width=console.width))
     console.print("[bold]Accuracy vs answers changed (all questions):[/]")
     for line in hidden_change_lines(report):

@@ -56,6 +56,7 @@ from typing import Any
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.files import pct, signed_pct
+from flipcheck.gate_generations import judge as judge_generation
 from flipcheck.gate_generations import parse_length_ratio, parse_survival
 
 TOLERANCE = 1e-9  # figures equal to a budget up to float rounding (0.49 - 0.5 != -0.01) pass
@@ -195,7 +196,6 @@ def _judge(summary: Mapping[str, Any], budgets: Mapping[str, float | None],
     upper("kl", kl_label, kl, budgets["max_kl"], lambda x: f"{x:.4g}")
     lower("acc_delta", "Δacc", summary.get("delta_acc"), budgets["min_acc_delta"], _signed_pct)
     lower("acc", "acc", summary.get("acc_C"), budgets["min_acc"], _pct)
-    from flipcheck.gate_generations import judge as judge_generation
 
     more, failed = judge_generation(summary, budgets.get("min_survival"), budgets.get("max_length_ratio"), confidence)
     return parts + more, failures + failed

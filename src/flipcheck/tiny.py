@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from flipcheck.files import cache_root
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -115,7 +117,6 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
     import tempfile
     import zipfile
 
-    from flipcheck.files import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     out = root / "models" / "smollm2-135m-instruct"

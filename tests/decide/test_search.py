@@ -208,21 +208,15 @@ def test_layer_drop_search_drops_the_layers_the_budget_allows(parent4, task_dir,
 
 
 def test_search_command_and_function_offer_every_evaluation_setting():
-    """EvalSettings is the one declaration (tests/test_settings_declared_once.py); search takes all of
-    it but engine_floor (a floor row is no candidate), the library-only knobs and sampling (search judges
-    the greedy answers its gate counts; sampled generations are for eval)."""
-    import dataclasses
+    """The evaluation options are declared once (tests/test_settings_declared_once.py); search offers all
+    of them but eval's own (the floors, whose rows are no candidates, and sampling: search judges the
+    greedy answers its gate counts)."""
     import inspect
 
-    from flipcheck.decide.search import search
-    from flipcheck.evaluation.runner import EvalSettings
+    from flipcheck.evaluation.options import EVAL_ONLY, EvalOptions
 
-    declared = {f.name for f in dataclasses.fields(EvalSettings)} - {"n_boot", "topk", "engine_floor", "doc_ids",
-                                                                   "sample", "samples"}
-    cmd = next(c for c in app.registered_commands if c.name == "search")
-    cli = set(inspect.signature(cmd.callback).parameters)
-    assert not {{"texts": "text", "filter": "filter_"}.get(n, n) for n in declared} - cli
-    assert not declared - set(inspect.signature(search).parameters)
+    cli = set(inspect.signature(next(c for c in app.registered_commands if c.name == "search").callback).parameters)
+    assert set(EvalOptions.model_fields) - set(EVAL_ONLY) <= cli and not set(EVAL_ONLY) & cli
 
 
 def test_predicted_beside_measured_and_their_rank_correlation(searched):

@@ -12,8 +12,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flipcheck.commands import options as _options
+from flipcheck.commands.options import option
 from flipcheck.console import CommandConsole
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.options import ModelOptions, ScoreOptions
+from flipcheck.executors import EXIT_CHILD_FAILED, executor_options, failed_children
+from flipcheck.progress import RunProgress, steps_per_child
 
 console = CommandConsole()  # tables: a file or a pipe gets wide lines, so they keep every figure
 log = logging.getLogger("flipcheck.cli")
@@ -66,25 +71,26 @@ def run_guarded(fn):
         raise typer.Exit(130) from None
 
 
+def _bad_option(err: Exception, verbose: bool) -> None:
+    setup_logging(verbose)
+    fail(err)
+
+
+def settings_options(model, **kwargs):
+    """A command's options generated from a settings model (:func:`flipcheck.commands.options.settings_options`),
+    a bad value one line and exit 2."""
+    return _options.settings_options(model, on_error=_bad_option, **kwargs)
+
+
 DEMO_TASKS = "flipcheck_demo_facts,flipcheck_demo_letters"
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")]
-Device = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto (default: cuda if available; auto, device_map across them, with several GPUs)")]
-Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16, float16 (default: float32 on CPU, bf16 on GPU)")]
-TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
-Metric = Annotated[str | None, typer.Option("--metric", help="headline and gate figure: acc or acc_norm (default: acc_norm where a task reports it)")]
-Filter = Annotated[str | None, typer.Option("--filter", help="lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)")]
-KlMethod = Annotated[str, typer.Option("--kl", help="vocabulary KL of every child: topk (against the cached parent's top-K and sampled tail), bound (its top-K + tail-bucket lower bound; what a served model allows) or exact (parent in lock-step, 2 passes per child)")]
-PerSubtask = Annotated[bool, typer.Option("--per-subtask", help="every task of a group its own row and verdict (default: a group is one row, as named)")]
-Texts = Annotated[list[str] | None, typer.Option("--text", help="text corpus scored token by token (KL both ways, top-1, Δp, perplexity): a .txt/.jsonl file or hf:NAME[:CONFIG[:SPLIT]] (split test by default); repeat for several")]
-Ctx = Annotated[int, typer.Option("--ctx", help="tokens per corpus window (text corpora and perplexity tasks such as wikitext)")]
-Scoring = Annotated[str, typer.Option("--scoring", help="corpus positions scored per window: all, or half (llama.cpp's: the second half of each window)")]
-EngineOpt = Annotated[str | None, typer.Option("--engine", help="scoring engine of every model: transformers, llama.cpp (GGUF files) (default: transformers; llama.cpp for .gguf when installed)")]
-ParentEngine = Annotated[str | None, typer.Option("--parent-engine", help="the parent's scoring engine, instead of --engine")]
-ChildEngine = Annotated[str | None, typer.Option("--child-engine", help="every child's scoring engine, instead of --engine")]
-Sample = Annotated[str | None, typer.Option("--sample", help="generative tasks: sample in step with the parent (same Gumbel noise per question, sample and position), e.g. temperature=0.7,top_p=0.95 (default: greedy)")]
-Samples = Annotated[int, typer.Option("--samples", help="generations per question with --sample")]
-EngineFloor = Annotated[bool, typer.Option("--engine-floor", help="also score the parent on another engine, same weights: llama.cpp on an F32 GGUF of it (transformers for a GGUF or vLLM parent)")]
-NoiseFloor = Annotated[bool, typer.Option("--noise-floor", help="also score the parent against itself under numerics alone: another batch size, bf16-rounded weights, the other attention implementation")]
+# single options of commands that take a few of the settings; eval, sweep, run, search and localize take
+# them all, generated from the same declaration (flipcheck.commands.options.settings_options)
+Device = option(ModelOptions, "device")
+Dtype = option(ModelOptions, "dtype")
+TrustRemote = option(ModelOptions, "trust_remote_code")
+Metric = option(ScoreOptions, "metric")
+Filter = option(ScoreOptions, "filter")
 Executor = Annotated[str, typer.Option("--executor", help="local (one process) or ray (each child, or shard, a Ray task)")]
 RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to use (default $RAY_ADDRESS, else auto; none running: a local one)")]
 GpusPerChild = Annotated[float | None, typer.Option("--gpus-per-child", help="GPUs per Ray task (default 1 where the cluster has GPUs, else 0)")]
@@ -93,16 +99,12 @@ Shards = Annotated[int, typer.Option("--shards", help="with --executor ray: spli
 
 
 def executor_choice(executor: str, ray_address, gpus_per_child, cpus_per_child, shards):
-    from flipcheck.executors import executor_options
-
     return executor_options(executor, address=ray_address, gpus_per_child=gpus_per_child,
                             cpus_per_child=cpus_per_child, shards=shards)
 
 
 def exit_if_failed(report: dict) -> None:
     """Exit 3 when a child failed (listed in the report with its reason)."""
-    from flipcheck.executors import EXIT_CHILD_FAILED, failed_children
-
     failed = failed_children(report)
     if failed:
         err_console.print(f"{len(failed)} child(ren) failed: {', '.join(f['name'] for f in failed)} (see the report)",
@@ -112,8 +114,6 @@ def exit_if_failed(report: dict) -> None:
 
 def progress_view(children: int, *, tasks: bool, texts: bool, compress: bool = False, judge: bool = False, title: str = "flipcheck"):
     """The command's one progress view (children x steps, current step, elapsed, time left)."""
-    from flipcheck.progress import RunProgress, steps_per_child
-
     return RunProgress(err_console, children * steps_per_child(tasks=tasks, texts=texts, compress=compress, judge=judge),
                        title=title)
 

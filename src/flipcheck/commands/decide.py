@@ -9,37 +9,27 @@ import typer
 
 from flipcheck.commands.common import (
     DEMO_TASKS,
-    ChildEngine,
     CpusPerChild,
-    Ctx,
-    Device,
-    Dtype,
-    EngineOpt,
     Executor,
-    Filter,
     GpusPerChild,
-    KlMethod,
-    Metric,
-    ParentEngine,
-    PerSubtask,
     RayAddress,
-    Scoring,
-    Texts,
-    TrustRemote,
     Verbose,
     console,
-    engine_choices,
     err_console,
     executor_choice,
-    kl_choice,
-    metric_choice,
     progress_view,
     run_guarded,
+    settings_options,
     setup_logging,
     verdict,
 )
+from flipcheck.decide.localize_report import localize_tables, write_localize
+from flipcheck.decide.search_report import search_table, summary_lines
+from flipcheck.evaluation.options import EVAL_ONLY, EvalOptions, ModelOptions
+from flipcheck.runlog import third_party_output
 
 
+@settings_options(ModelOptions)
 def localize_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id or folder ('-' to read it from CHILD's flipcheck.json)")],
     child: Annotated[str, typer.Argument(help="child model whose layers map one-to-one onto the parent's (hub id or folder)")],
@@ -52,9 +42,7 @@ def localize_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="windows per forward pass")] = 4,
     top: Annotated[int, typer.Option(min=1, help="layers and modules shown in the terminal")] = 10,
     out: Annotated[Path | None, typer.Option(help="run folder: report.json (a 'localize' block) and report.md")] = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    trust_remote_code: TrustRemote = False,
+    options: ModelOptions | None = None,
     verbose: Verbose = False,
 ) -> None:
     """Rank the child's decoder layers and Linear modules by their share of the damage: output error
@@ -62,15 +50,12 @@ def localize_cmd(
     child's layer swapped into the parent and of the parent's layer restored in the child."""
     setup_logging(verbose)
     from flipcheck.decide.localize import localize
-    from flipcheck.decide.localize_report import localize_tables, write_localize
 
     def go():
-        from flipcheck.runlog import third_party_output
-
         with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
             block = localize(parent, child, text=text, tasks=[t for t in tasks.split(",") if t], include_path=include_path,
-                             windows=windows, ctx=ctx, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-                             trust_remote_code=trust_remote_code, progress=lambda m: err_console.print(f"[dim]{m}[/]"))
+                             windows=windows, ctx=ctx, seed=seed, batch_size=batch_size, **(options or ModelOptions()).model_dump(),
+                             progress=lambda m: err_console.print(f"[dim]{m}[/]"))
         for table in localize_tables(block, top=top):
             console.print(table)
         if out is not None:
@@ -80,6 +65,7 @@ def localize_cmd(
     run_guarded(go)
 
 
+@settings_options(EvalOptions, exclude=EVAL_ONLY)
 def search_cmd(
     parent: Annotated[str, typer.Argument(help="parent model: hub id or folder")],
     method: Annotated[str, typer.Option("--method", "-m", help="rtn, gptq (a scheme per layer), wanda, sparsegpt (a sparsity per layer) or layer_drop (which layers to drop)")],
@@ -94,21 +80,6 @@ def search_cmd(
     min_acc: Annotated[str | None, typer.Option(help="smallest allowed child accuracy, e.g. 60%")] = None,
     confidence: Annotated[str | None, typer.Option(help="judge flips by their one-sided Clopper-Pearson upper bound and Δacc by its lower bound at this level, e.g. 0.95")] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", "-t", help="comma-separated lm-eval task names (default: none with --text, else the demo tasks)")] = None,
-    include_path: Annotated[str | None, typer.Option("--include-path", help="folder of local lm-eval task YAMLs")] = None,
-    num_fewshot: int | None = None,
-    limit: Annotated[float | None, typer.Option(help="questions per task (count, or fraction if < 1)")] = None,
-    batch_size: Annotated[str, typer.Option(help="sequences per forward, or auto")] = "16",
-    seed: int = 1234,
-    metric: Metric = None,
-    filter_: Filter = None,
-    per_subtask: PerSubtask = False,
-    kl: KlMethod = "topk",
-    text: Texts = None,
-    ctx: Ctx = 512,
-    scoring: Scoring = "all",
-    engine: EngineOpt = None,
-    parent_engine: ParentEngine = None,
-    child_engine: ChildEngine = None,
     calibration: Annotated[str | None, typer.Option(help="calibration source of the compressors and the sensitivity probe (default: the parent's own, else wikitext-2 train)")] = None,
     calibration_samples: int = 32,
     calibration_len: int = 256,
@@ -119,14 +90,12 @@ def search_cmd(
     confirm: Annotated[str, typer.Option(help="share of each task's questions held out to confirm the winner (seeded, stratified by task and subtask), in (0, 1)")] = "0.3",
     confirm_tasks: Annotated[str | None, typer.Option("--confirm-tasks", help="comma-separated tasks to confirm the winner on instead (the search then uses all of --tasks)")] = None,
     no_confirm: Annotated[bool, typer.Option("--no-confirm", help="no confirmation: search and judge on all the questions (the winner may not hold on fresh ones)")] = False,
-    device: Device = None,
-    dtype: Dtype = None,
-    trust_remote_code: TrustRemote = False,
     cache_dir: Annotated[Path | None, typer.Option(help="result cache (default $FLIPCHECK_CACHE or ~/.cache/flipcheck)")] = None,
     executor: Executor = "local",
     ray_address: RayAddress = None,
     gpus_per_child: GpusPerChild = None,
     cpus_per_child: CpusPerChild = None,
+    options: EvalOptions | None = None,
     verbose: Verbose = False,
 ) -> None:
     """The most compressed child (per-layer choices) whose verified distance meets every budget: per-layer
@@ -135,27 +104,24 @@ def search_cmd(
     setup_logging(verbose)
     from flipcheck.compressors.registry import parse_set_options
     from flipcheck.decide.search import search
-    from flipcheck.runlog import third_party_output
+
+    o = options or EvalOptions()
 
     def go():
-        metric_choice(metric)
-        kl_choice(kl)
         ex = executor_choice(executor, ray_address, gpus_per_child, cpus_per_child, 1)
-        chosen = tasks.split(",") if tasks else ([] if text else DEMO_TASKS.split(","))
+        chosen = tasks.split(",") if tasks else ([] if o.texts else DEMO_TASKS.split(","))
         steps = max_candidates + 3  # the children verified at most, plus sensitivities and confirmations (an upper bound)
-        with third_party_output(out, verbose=verbose), progress_view(steps, tasks=bool(chosen), texts=bool(text), compress=True,
+        with third_party_output(out, verbose=verbose), progress_view(steps, tasks=bool(chosen), texts=bool(o.texts), compress=True,
                                                                  title="flipcheck search") as bar:
             block = search(
                 parent, method, choices, out=out, settings=parse_set_options(set_),
                 budgets={"max_flips": max_flips, "max_kl": max_kl, "max_kl_text": max_kl_text, "max_ppl_ratio": max_ppl_ratio,
                          "min_acc_delta": min_acc_delta, "min_acc": min_acc},
-                confidence=confidence, metric=metric, tasks=chosen, include_path=include_path, num_fewshot=num_fewshot,
-                limit=limit, batch_size=batch_size, seed=seed, texts=list(text or []), ctx=ctx, kl=kl, scoring=scoring,
-                filter=filter_, per_subtask=per_subtask, **engine_choices(engine, parent_engine, child_engine),
+                confidence=confidence, options=o, tasks=chosen,
                 calibration={"source": calibration, "samples": calibration_samples, "seq_len": calibration_len},
                 probe_windows=probe_windows, probe_ctx=probe_ctx, max_candidates=max_candidates, per_round=per_round,
                 confirm=None if no_confirm else confirm, confirm_tasks=confirm_tasks.split(",") if confirm_tasks else (),
-                device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, executor=ex,
+                cache_dir=cache_dir, executor=ex,
                 progress=lambda m: err_console.print(m, style="dim", markup=False, highlight=False), on_step=bar.step)
         _show_search(block, out)
 
@@ -164,8 +130,6 @@ def search_cmd(
 
 def _show_search(block: dict, out: Path) -> None:
     """The search's table, verdict lines and report folder; exit 0 with a winner, 1 without."""
-    from flipcheck.decide.search_report import search_table, summary_lines
-
     console.print(search_table(block))
     for line in summary_lines(block):
         verdict(line)

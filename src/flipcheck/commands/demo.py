@@ -9,6 +9,7 @@ import typer
 
 from flipcheck.commands.common import Verbose, console, run_guarded, setup_logging
 from flipcheck.errors import FlipcheckError
+from flipcheck.runlog import third_party_output
 
 
 def demo_cmd(
@@ -29,7 +30,6 @@ def demo_cmd(
             return run_real_demo(out or Path("runs/demo-real"), console=console)
         return run_demo(out or Path("runs/demo"), retrain=retrain, quick=quick, console=console)
 
-    from flipcheck.runlog import third_party_output
 
     folder = out or Path("runs/demo-real" if real else "runs/demo")
     with third_party_output(folder, verbose=verbose):  # third-party warnings and bars -> the run's run.log

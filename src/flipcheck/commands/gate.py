@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from flipcheck.commands.common import console, run_guarded, verdict
+from flipcheck.gate import parse_budget, run_gate
 
 
 def gate_cmd(
@@ -26,8 +27,6 @@ def gate_cmd(
     max_length_ratio: Annotated[str | None, typer.Option(help="largest allowed median of generated tokens child / parent, e.g. 1.1")] = None,
 ) -> None:
     """Exit 0 when every child and task is within budget, 1 otherwise (one verdict line each)."""
-    from flipcheck.gate import run_gate
-
     def go():
         ok = run_gate(report, max_flips=max_flips, max_kl=max_kl, min_acc_delta=min_acc_delta, min_acc=min_acc,
                       metric=metric, max_kl_text=max_kl_text, max_ppl_ratio=max_ppl_ratio, over_floor=over_floor,
@@ -49,7 +48,6 @@ def plan_cmd(
     questions have a one-sided Clopper-Pearson upper bound <= --max-flips at --confidence (so a child
     flipping the expected rate passes `gate --confidence`); also from which n every larger n does."""
     from flipcheck.evaluation.confidence import plan_questions
-    from flipcheck.gate import parse_budget
 
     def go():
         p = plan_questions(parse_budget(max_flips, "--max-flips"), parse_budget(expected, "--expected"), confidence)

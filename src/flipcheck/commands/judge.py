@@ -18,6 +18,7 @@ from flipcheck.commands.common import (
     verdict,
 )
 from flipcheck.errors import FlipcheckError
+from flipcheck.runlog import third_party_output
 
 
 def judge_cmd(
@@ -62,7 +63,6 @@ def judge_cmd(
         if out is not None:
             console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, judge.jsonl)")
 
-    from flipcheck.runlog import third_party_output
 
     with third_party_output(out, verbose=verbose):  # third-party warnings and bars -> OUT/run.log
         run_guarded(go)

@@ -41,6 +41,8 @@ import torch
 
 from flipcheck.compressors.calibration import DEFAULT_SOURCE, Calibration, CalibrationConfig
 from flipcheck.errors import FlipcheckError
+from flipcheck.files import packaged_task_dir
+from flipcheck.models import read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ def register_source(name: str, texts: Callable[[], list[str]]) -> None:
 def default_source(parent: str | os.PathLike | None) -> str:
     """The calibration source for `parent` when none is given: the one its flipcheck.json names,
     else :data:`DEFAULT_SOURCE`."""
-    from flipcheck.models import read_provenance
-
     prov = read_provenance(parent) if parent is not None and Path(parent).is_dir() else None
     named = (prov or {}).get("calibration_source")
     return named if isinstance(named, str) and named else DEFAULT_SOURCE
@@ -181,7 +181,6 @@ def _prompt_texts(source: str) -> tuple[str, ...]:
     """Every prompt (``doc_to_text``, never the target) of the tasks a ``prompts:`` source names."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from flipcheck.files import packaged_task_dir
 
     names, where = _parse_prompts(source)
     paths = [str(Path(where).expanduser().resolve())] if where else []

@@ -23,6 +23,8 @@ from typing import Any
 
 from flipcheck.compressors.architectures import linear_widths
 from flipcheck.compressors.calibration import CalibrationConfig
+from flipcheck.compressors.calibration_data import check_reachable, resolve_calibration
+from flipcheck.compressors.llmc import _strategy, check_group_sizes, check_mask, modifiers_for
 from flipcheck.compressors.registry import MethodConfig, get_method
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,6 @@ def parent_config(source: Any) -> dict[str, Any] | None:
 
 
 def _group_sizes(modifier: Any) -> set[int]:
-    from flipcheck.compressors.llmc import _strategy
-
     config = getattr(modifier, "resolved_config", None)
     sizes: set[int] = set()
     for scheme in (config.config_groups.values() if config is not None else ()):
@@ -60,8 +60,6 @@ def check_shapes(steps: Sequence[Step], config: Mapping[str, Any]) -> None:
     widths of :func:`linear_widths` are its targets. Nothing is checked for an architecture whose
     widths cannot be read from the config.
     """
-    from flipcheck.compressors.llmc import check_group_sizes, check_mask, modifiers_for
-
     layers = linear_widths(config)
     if not layers:
         return
@@ -83,8 +81,6 @@ def check_plan(steps: Sequence[Step], source: Any, calibration: CalibrationConfi
     """Shapes (from the config of `source`, a resolved parent) and, when some step needs data, the
     calibration source (`calibration.source`; None: the parent's default). Steps are validated
     configs (:func:`pipeline.validate_steps`)."""
-    from flipcheck.compressors.calibration_data import check_reachable, resolve_calibration
-
     config = parent_config(source)
     if config is not None:
         check_shapes(steps, config)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.extras import require_llamacpp
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +303,6 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
                   layers: Mapping[int, str] | None = None) -> Path:
     """llama.cpp's own quantizer (``llama_model_quantize``) from a float GGUF to `type_name`; `layers`
     gives decoder layers their own ggml tensor type through llama.cpp's per-tensor overrides."""
-    from flipcheck.extras import require_llamacpp
-
     require_llamacpp("gguf quantization")
     import llama_cpp
 

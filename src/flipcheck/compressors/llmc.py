@@ -63,6 +63,7 @@ from flipcheck.compressors.registry import (
     MethodConfig,
     get_method,
     methods,
+    register_modifier_runner,
     require_llmcompressor,
 )
 from flipcheck.compressors.stats import step_report, targeted_linears
@@ -122,8 +123,6 @@ def layer_layout(preset: str, group_size: int | str | None) -> int | str | None:
     """The weight layout a per-layer `preset` gets from its step's `group_size`: that group size,
     unless the preset cannot take it (a fixed layout, or W8A8's per-channel serving layout), then
     its own preset layout ("preset")."""
-    from flipcheck.compressors.rtn import regroupable
-
     if group_size == "preset" or not regroupable(preset):
         return "preset"
     try:
@@ -502,3 +501,18 @@ def apply_chain(
         report.wall_time_s = elapsed if i == 0 else 0.0
         reports.append(report)
     return reports
+
+
+def regroupable(scheme: str) -> bool:
+    """True when the preset's weights are integer group- or channel-wise, so group_size may change."""
+    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+
+    w = PRESET_SCHEMES[scheme].get("weights")
+    if w is None:
+        return False
+    strategy = getattr(w.strategy, "value", w.strategy)
+    kind = getattr(w.type, "value", w.type)
+    return kind == "int" and strategy in ("group", "channel")
+
+
+register_modifier_runner(apply_llmc)

@@ -23,6 +23,7 @@ import torch
 
 from flipcheck import __version__
 from flipcheck.compressors.calibration import Calibration, CalibrationConfig
+from flipcheck.compressors.checks import check_plan
 from flipcheck.compressors.registry import (
     CompressionReport,
     MethodConfig,
@@ -165,7 +166,6 @@ def compress(
     validated = validate_steps(steps)
     cal_cfg = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**dict(calibration or {}))
     source = resolve_source(parent)  # hub id or folder, resolved once; provenance records source.ref
-    from flipcheck.compressors.checks import check_plan
 
     check_plan(validated, source, cal_cfg)  # shapes from config.json, calibration reachable: before any loading
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)

@@ -135,11 +135,20 @@ def register(
     return m
 
 
+_MODIFIER_RUNNER: list[Any] = []  # the one runner of llm-compressor modifiers: llmc.apply_llmc registers it
+
+
+def register_modifier_runner(fn) -> None:
+    """``fn(name, model, config, calibration) -> CompressionReport`` runs the modifiers of every method
+    registered with ``modifiers`` (llm-compressor's oneshot, :func:`flipcheck.compressors.llmc.apply_llmc`)."""
+    _MODIFIER_RUNNER[:] = [fn]
+
+
 def _oneshot_apply(name: str) -> ApplyFn:
     def apply(model: torch.nn.Module, config: MethodConfig, calibration: Any) -> CompressionReport:
-        from flipcheck.compressors.llmc import apply_llmc  # llmc imports this module
-
-        return apply_llmc(name, model, config, calibration)
+        if not _MODIFIER_RUNNER:
+            import flipcheck.compressors  # noqa: F401 - the bundled methods, llm-compressor's runner among them
+        return _MODIFIER_RUNNER[0](name, model, config, calibration)
 
     apply.__doc__ = f"Run {name}'s llm-compressor modifiers on `model` in place (llmc.apply_llmc)."
     return apply

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from flipcheck.compressors.llmc import check_serving_layout, needs_data, quant_groups
+from flipcheck.compressors.llmc import check_serving_layout, needs_data, quant_groups, regroupable
 from flipcheck.compressors.per_layer import KEEP, parse_layer_map
 from flipcheck.compressors.registry import MethodConfig, none_from_text, register
 
@@ -32,18 +32,6 @@ def preset_schemes() -> list[str]:
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
 
     return sorted(k for k in PRESET_SCHEMES if k != "UNQUANTIZED")
-
-
-def regroupable(scheme: str) -> bool:
-    """True when the preset's weights are integer group- or channel-wise, so group_size may change."""
-    from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
-
-    w = PRESET_SCHEMES[scheme].get("weights")
-    if w is None:
-        return False
-    strategy = getattr(w.strategy, "value", w.strategy)
-    kind = getattr(w.type, "value", w.type)
-    return kind == "int" and strategy in ("group", "channel")
 
 
 class RTNConfig(MethodConfig):

@@ -134,7 +134,7 @@ def compressed_tensors_bits(module: torch.nn.Module) -> float | None:
 def linear_storage(module: torch.nn.Module) -> tuple[float, int, int, bool]:
     """(storage bits, logical weights, zeros among them, quantized?) of one Linear's weight."""
     if _is_bnb(module):
-        from flipcheck.compressors.bnb import dequantized_weight, storage_bits
+        from flipcheck.compressors.bnb_layers import dequantized_weight, storage_bits
 
         bits, n = storage_bits(module)
         return float(bits), n, int((dequantized_weight(module) == 0).sum()), True

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.gate import _figures, _kl, check, parse_budget
 
 BUDGET_NAMES = ("max_flips", "max_kl", "min_acc_delta", "min_acc", "max_kl_text", "max_ppl_ratio")
 
@@ -26,7 +27,6 @@ class Budgets:
         """Checked before any work: every budget parses, at least one is given, a text budget has texts."""
         from flipcheck.evaluation.confidence import check_confidence
         from flipcheck.evaluation.samples import check_metric
-        from flipcheck.gate import parse_budget
 
         check_metric(metric)
         given = {k: (None if values.get(k) is None else str(values[k])) for k in BUDGET_NAMES}
@@ -70,15 +70,11 @@ class Budgets:
 
     def verdicts(self, entry: Mapping[str, Any]) -> tuple[bool, list[str]]:
         """(passes every budget, the gate's verdict lines) for one evaluated child."""
-        from flipcheck.gate import check
-
         vs = check({"children": [entry]}, **self.values, metric=self.metric, confidence=self.confidence)
         return all(v.passed for v in vs), [v.text for v in vs]
 
     def primary(self) -> tuple[str, float] | None:
         """The figure the search steers by, and its budget: flips, else text KL, else KL."""
-        from flipcheck.gate import parse_budget
-
         for k in ("max_flips", "max_kl_text", "max_kl"):
             if self.values.get(k) is not None:
                 return k, parse_budget(self.values[k], k)
@@ -87,8 +83,6 @@ class Budgets:
     def figure(self, entry: Mapping[str, Any]) -> float | None:
         """The steering figure of a child as the gate judges it (the worst task or corpus):
         flips (their upper bound with a confidence), text KL, or KL over options."""
-        from flipcheck.gate import _figures, _kl
-
         p = self.primary()
         if p is None:
             return None

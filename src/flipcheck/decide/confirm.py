@@ -19,7 +19,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flipcheck.decide.budgets import Budgets
-from flipcheck.decide.splits import Split
+from flipcheck.decide.splits import (
+    Split,
+    check_decidable,
+    parse_confirm,
+    question_counts,
+    search_confidence,
+    split_questions,
+)
+from flipcheck.evaluation.tasks import resolve_tasks, task_tree
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,8 @@ class Confirmation:
     def settings(self, base):
         """The confirmation's EvalSettings: the search's, on the confirmation split (or tasks), without texts."""
         if self.split is not None:
-            return dataclasses.replace(base, doc_ids=self.split.confirm, texts=[])
-        return dataclasses.replace(base, tasks=list(self.tasks), doc_ids=None, texts=[])
+            return base.replace(doc_ids=self.split.confirm, texts=[])
+        return base.replace(tasks=list(self.tasks), doc_ids=None, texts=[])
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"confidence": self.budgets.confidence, "search_confidence": self.search_confidence,
@@ -53,7 +61,7 @@ class Confirmation:
 
 
 def _figures(entry: Mapping[str, Any]) -> dict[str, Any]:
-    from flipcheck.decide.search import _task_figures
+    from flipcheck.decide.search_loop import _task_figures
 
     return {"tasks": {t: _task_figures(s) for t, s in (entry.get("tasks") or {}).items()},
             "micro": _task_figures(entry["micro"]) if entry.get("micro") else None}
@@ -120,7 +128,6 @@ def confirmed_rows(block: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
 def question_units(tasks: Sequence[str], include_path) -> list[str]:
     """The named question tasks (perplexity tasks such as wikitext are corpora, not questions)."""
     from flipcheck.evaluation.runner import _rolling_units
-    from flipcheck.evaluation.tasks import resolve_tasks, task_tree
 
     if not tasks:
         return []
@@ -136,14 +143,6 @@ def prepare(sets: Sequence[Budgets], *, confirm: float | str | None, confirm_tas
     decide every set of budgets, and the budgets the search split is judged by (one per set). K of the
     Bonferroni rule is every candidate the search may verify: ``max_candidates`` per set of budgets.
     (None, sets) when nothing is confirmed (``confirm`` None and no tasks, or no question tasks)."""
-    from flipcheck.decide.splits import (
-        check_decidable,
-        parse_confirm,
-        question_counts,
-        search_confidence,
-        split_questions,
-    )
-
     fraction = parse_confirm(confirm)  # checked even where --confirm-tasks replaces it
     units = question_units(tasks, include_path)
     if (fraction is None and not confirm_tasks) or not units:  # nothing to confirm on

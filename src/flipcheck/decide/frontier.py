@@ -3,7 +3,7 @@
     flipcheck search PARENT --method rtn --choices scheme=W4A16,W8A16 --max-flips 2%,5%,10% ...
 
 Budgets given as lists (:meth:`~flipcheck.decide.budgets.Budgets.parse_frontier`) are sets judged one
-after the other by the same :class:`~flipcheck.decide.search.Search`:
+after the other by the same :class:`~flipcheck.decide.search_loop.Search`:
 
 1. the parent is scored, the uniform children verified and the sensitivities measured **once**;
 2. for each set of budgets in the order given, every candidate verified so far is judged anew by it
@@ -26,6 +26,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from flipcheck.decide.search_report import winner_recipe
+from flipcheck.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,6 @@ def _entry(block: Mapping[str, Any], i: int) -> dict[str, Any]:
 
 def write_frontier(out: str | Path, block: dict[str, Any]) -> None:
     """OUT/frontier/recipe-I.yaml: each set's winner as a runnable recipe with that set's gate."""
-    from flipcheck.decide.search_report import winner_recipe
-    from flipcheck.files import write_text_atomic
-
     blocks = block.pop("_frontier_blocks", None)
     if not blocks:
         return

@@ -1,4 +1,4 @@
-"""The steps :func:`flipcheck.decide.search.search` takes around the :class:`~flipcheck.decide.search.Search`
+"""The steps :func:`flipcheck.decide.search.search` takes around the :class:`~flipcheck.decide.search_loop.Search`
 loop: check the counts, open the recipe run, run the search (one set of budgets or a frontier of
 several, with the winner confirmed on held-out questions), and complete and write the search block.
 """
@@ -9,10 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flipcheck.decide.frontier import run_frontier, write_frontier
+from flipcheck.decide.search_report import write_search
 from flipcheck.errors import FlipcheckError
 
 if TYPE_CHECKING:
-    from flipcheck.decide.search import Search
+    from flipcheck.decide.search_loop import Search
 
 Say = Callable[[str], None]
 
@@ -42,7 +44,6 @@ def run_search(s: Search, sets, sets_search, confs, conf, say: Say) -> dict[str,
     and (with a confirmation split) the winner confirmed."""
     from flipcheck.decide.additivity import additivity
     from flipcheck.decide.confirm import confirm as run_confirmation
-    from flipcheck.decide.frontier import run_frontier
 
     if len(sets) > 1:  # one sensitivity pass, one confirmed winner per set of budgets
         return run_frontier(s, sets_search, confs, say)
@@ -55,9 +56,6 @@ def run_search(s: Search, sets, sets_search, confs, conf, say: Say) -> dict[str,
 
 def finish_search(out: Path, block: dict[str, Any], run, confidence, search_confidence, text_note) -> None:
     """Complete the block (probe note, confidences, the recipe searched) and write the report files."""
-    from flipcheck.decide.frontier import write_frontier
-    from flipcheck.decide.search_report import write_search
-
     if text_note:
         block["probe"] = {**block.get("probe", {}), "note": text_note}
     block["confidence"], block["search_confidence"] = confidence, search_confidence

@@ -50,6 +50,9 @@ from typing import Any
 import numpy as np
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.tasks import task_manager
+from flipcheck.files import write_text_atomic
+from flipcheck.gate import parse_budget
 
 DEFAULT_CONFIRM = 0.3
 
@@ -79,8 +82,6 @@ def search_confidence(confidence: float | None, candidates: int) -> float | None
 def question_counts(units: Sequence[str], include_path=None, limit: float | None = None) -> dict[str, dict[str, int]]:
     """Per named task, per leaf task: how many questions lm-eval scores (its evaluation documents,
     cut by ``limit`` as lm-eval cuts them: a count, or ceil(fraction · n)). Loads the task data (no model)."""
-    from flipcheck.evaluation.tasks import task_manager
-
     out: dict[str, dict[str, int]] = {}
     for unit in units:
         loaded = task_manager(include_path, [unit]).load([unit])
@@ -145,7 +146,6 @@ def search_prompts(split: Split, include_path=None) -> list[str]:
     """The prompts (``doc_to_text``, never the target) of the search split's questions only, per leaf task
     in doc-id order, at most ``PROMPTS_PER_TASK`` a leaf as the ``prompts:`` source reads them."""
     from flipcheck.compressors.calibration_data import PROMPTS_PER_TASK
-    from flipcheck.evaluation.tasks import task_manager
 
     texts: list[str] = []
     for unit, leaves in split.units.items():
@@ -165,7 +165,6 @@ def search_split_text(calibration: dict[str, Any], note: str | None, split: Spli
     """(calibration, note) with the default ``prompts:`` text replaced by the search split's prompts,
     written to `folder` (module docstring); unchanged where the text was given or nothing is split."""
     from flipcheck.compressors.calibration_data import PROMPTS
-    from flipcheck.files import write_text_atomic
 
     if split is None or note is None or not str(calibration.get("source") or "").startswith(PROMPTS):
         return calibration, note
@@ -187,7 +186,6 @@ def min_questions(budgets: Mapping[str, Any], confidence: float | None) -> int:
     flip and Δacc budgets at `confidence` (1 without a confidence: point estimates need one question)."""
     from scipy import stats
 
-    from flipcheck.gate import parse_budget
 
     if confidence is None:
         return 1

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.files import jsonable, write_json_atomic
+from flipcheck.gate import _figures, parse_budget
 
 log = logging.getLogger(__name__)
 Say = Callable[[str], None]
@@ -30,7 +32,6 @@ Say = Callable[[str], None]
 def check_options(max_flips: str | None, confidence: str | None, batch: int) -> tuple[float, float]:
     """The budget and confidence `--until-decided` needs, checked before any model loads."""
     from flipcheck.evaluation.confidence import check_confidence
-    from flipcheck.gate import parse_budget
 
     if max_flips is None or confidence is None:
         raise FlipcheckError("--until-decided decides a flip budget: give --max-flips (e.g. 2%) and --confidence (e.g. 0.95)")
@@ -56,8 +57,6 @@ def question_order(counts: Mapping[str, Mapping[str, int]], seed: int) -> dict[s
 
 def _round_counts(entry: Mapping[str, Any], leaves: Sequence[str], metric: str | None) -> tuple[int, int]:
     """(flips, questions) summed over the leaves scored this round, under the gate's metric."""
-    from flipcheck.gate import _figures
-
     flips = n = 0
     for leaf in leaves:
         fig, _ = _figures(entry["tasks"][leaf], metric)
@@ -158,8 +157,6 @@ def lines(block: Mapping[str, Any]) -> list[str]:
 
 
 def write(out: str | Path, block: Mapping[str, Any]) -> Path:
-    from flipcheck.files import jsonable, write_json_atomic
-
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "report.json", {"schema": "flipcheck.until_decided", "version": 1,

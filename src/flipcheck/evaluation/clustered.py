@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.metrics import proportion_ci
 
 
 def cluster_bootstrap_ci(clusters: Sequence[Any], *, n_boot: int = 1000, seed: int = 0,
@@ -54,8 +55,6 @@ def clustered_figures(pairs: Mapping[str, tuple[Any, Any]], *, n_boot: int = 100
                       level: float = 0.95) -> dict[str, Any] | None:
     """Flips and Δacc intervals of a group clustered by subtask, with the plain flips interval (Wilson,
     questions independent) beside for the design effect. `pairs`: per subtask (correct_P, correct_C)."""
-    from flipcheck.evaluation.metrics import proportion_ci
-
     flips, deltas = [], []
     for p, c in pairs.values():
         p, c = np.asarray(p, dtype=bool), np.asarray(c, dtype=bool)

@@ -28,7 +28,8 @@ from flipcheck.evaluation.corpus import (
 from flipcheck.evaluation.kl import DEFAULT_TAIL_SAMPLES
 
 if TYPE_CHECKING:
-    from flipcheck.evaluation.runner import Evaluator, ModelRef
+    from flipcheck.evaluation.evaluator_api import EvaluatorView as Evaluator
+    from flipcheck.evaluation.model_ref import ModelRef
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from flipcheck.compressors import calibration_data as cd
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines import as_engine
 from flipcheck.evaluation.kl import (
     DEFAULT_TAIL_SAMPLES,
     TAIL_SEED,
@@ -44,12 +46,12 @@ from flipcheck.evaluation.kl import (
     sample_tail,
 )
 from flipcheck.evaluation.kld_block import kl_by_parent_confidence, llama_block
+from flipcheck.evaluation.tasks import task_manager
 from flipcheck.models import adds_bos
 
 log = logging.getLogger(__name__)
 
 SCORING = ("all", "half")  # which positions of a window are scored (module docstring)
-DEFAULT_CTX = 512
 SEPARATOR = "\n\n"
 CORPUS_VERSION = 3  # what a cached corpus entry holds; part of its key (2: one entry per chunk of windows; 3: p_top)
 _LOGIT_BYTES = 1 << 29  # float32 logits of one forward batch: windows * ctx * vocab * 4 <= this
@@ -84,8 +86,6 @@ def check_scoring(scoring: str, ctx: int) -> None:
 def text_corpus(spec: str) -> Corpus:
     """``--text``: a .txt file (one stream), a .jsonl file of {"text": ...} rows, or hf:NAME[:CONFIG[:SPLIT]]
     (split ``test`` by default; the "text" column, rows joined by a blank line)."""
-    from flipcheck.compressors import calibration_data as cd
-
     if spec.startswith("hf:"):
         parts = spec[3:].split(":", 2)
         full = spec if len(parts) == 3 else spec + (":" if len(parts) == 1 else "") + ":test"
@@ -113,7 +113,6 @@ def task_corpus(task: str, include_path, limit: int | float | None = None) -> Co
     evaluation split, each document as the task presents it (``doc_to_target``)."""
     from lm_eval.tasks import get_task_dict
 
-    from flipcheck.evaluation.tasks import task_manager
 
     try:
         tasks = get_task_dict([task], task_manager(include_path, [task]))
@@ -266,8 +265,6 @@ def score_parent(model, wins: list[np.ndarray], *, scoring: str, topk: int, tail
     or any scoring engine. `first_window`: the corpus index of ``wins[0]`` (windows of a chunk); each
     window's tail is drawn from a generator seeded by its corpus index, so the samples do not depend
     on how the corpus is cut into chunks and batches."""
-    from flipcheck.evaluation.engines import as_engine
-
     engine = as_engine(model)
     vocab = engine.vocab
     k = min(topk, vocab)
@@ -319,8 +316,6 @@ def score_child(model, wins: list[np.ndarray], *, scoring: str, parent: dict[str
     estimated from its top-K and tail samples (:func:`flipcheck.evaluation.kl.kl_topk_tail_tensors`
     and :func:`~flipcheck.evaluation.kl.kl_reverse_topk_tail_tensors`).
     """
-    from flipcheck.evaluation.engines import as_engine
-
     if (parent is None) == (parent_model is None):
         raise FlipcheckError("score_child needs exactly one of a cached parent side or a parent model")
     engine = as_engine(model)

@@ -9,8 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flipcheck.errors import FlipcheckError
+from flipcheck.extras import require_llamacpp
+from flipcheck.files import cache_root
+from flipcheck.models import resolve_source
+
 if TYPE_CHECKING:
-    from flipcheck.evaluation.runner import Evaluator
+    from flipcheck.evaluation.evaluator_api import EvaluatorView as Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +29,6 @@ def engine_floor(ev: Evaluator) -> list[dict]:
     round differently for other batch shapes: llama.cpp's own floor); for a parent on vLLM,
     transformers on the same folder. What remains is the engines' numerics (kernels, reduction order,
     batch layout), the floor under any engine-vs-engine comparison."""
-    from flipcheck.errors import FlipcheckError
     from flipcheck.evaluation.engines import as_engine, open_engine
 
     ev.parent.ensure_loaded(ev.settings)
@@ -46,16 +50,13 @@ def engine_floor(ev: Evaluator) -> list[dict]:
 def _f32_gguf(ev: Evaluator):
     """A float32 GGUF of the in-memory parent, written once into the cache (keyed by its fingerprint)."""
     from flipcheck.compressors.gguf_convert import write_gguf
-    from flipcheck.extras import require_llamacpp
-    from flipcheck.files import cache_root
-    from flipcheck.models import resolve_source
 
     require_llamacpp("--engine-floor")
     path = Path(getattr(ev.cache, "root", None) or cache_root()) / "gguf" / f"{ev.parent.fingerprint}-F32.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        write_gguf(ev.parent.model, ev.parent.tokenizer, tmp, dtype="F32")
+        write_gguf(ev.parent.torch_model, ev.parent.tokenizer, tmp, dtype="F32")
         tmp.replace(path)
     return resolve_source(str(path))
 
@@ -88,7 +89,7 @@ def noise_floor(ev: Evaluator) -> list[dict]:
     ev.parent.ensure_loaded(ev.settings)
     bs = 1 if ev.settings.batch_size > 1 else 2
     entries = []
-    for label, key, info, make, batch in _variants(ev.parent.model, bs):
+    for label, key, info, make, batch in _variants(ev.parent.torch_model or ev.parent.model, bs):
         model = make()
         if model is None:
             continue

@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import decoding
+from flipcheck.evaluation.engines import Engine, as_engine
 from flipcheck.evaluation.forward import ModelRunner, Scored, ScoreSetup, Side, concat_sides, score_items
+from flipcheck.evaluation.generations import finish_reason
 from flipcheck.evaluation.kl import DEFAULT_TAIL_SAMPLES, DEFAULT_TOPK
 from flipcheck.evaluation.packing import position_keys
 from flipcheck.evaluation.records import InstanceKey, Record, args_hash, instance_key, nonfinite_by_task
@@ -101,7 +103,6 @@ class FlipLM(TemplateLM):
             raise FlipcheckError(f"tail_samples={tail_samples!r}: must be an integer >= 0")
         if not isinstance(max_gen_toks, int) or max_gen_toks < 1:
             raise FlipcheckError(f"max_gen_toks={max_gen_toks!r}: must be an integer >= 1")
-        from flipcheck.evaluation.engines import Engine, as_engine
 
         if reference is not None and not isinstance(reference, (torch.nn.Module, Engine, dict)):
             raise FlipcheckError(
@@ -550,8 +551,6 @@ class FlipLM(TemplateLM):
 
     def _finish(self, runner: ModelRunner, toks: list[int], until: list[str], max_gen: int) -> str:
         """How one generation ended (:func:`~flipcheck.evaluation.generations.finish_reason`)."""
-        from flipcheck.evaluation.generations import finish_reason
-
         eos = decoding.eos_ids(getattr(runner, "model", None), self.tokenizer)
         return finish_reason(toks, max_gen, eos, until, lambda t: self.tokenizer.decode(t, skip_special_tokens=True))
 

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines.base import REMOTE, Engine
+from flipcheck.evaluation.engines.served import ServedEngine
+from flipcheck.evaluation.engines.transformers import TransformersEngine
 from flipcheck.evaluation.settings import EvalSettings
 from flipcheck.models import (
     ModelSource,
@@ -36,7 +39,7 @@ class ModelRef:
 
     name: str
     source: str | ModelSource | None
-    model: torch.nn.Module | None = None
+    model: Any = None  # an Engine once loaded (a torch model given here is wrapped in the transformers engine)
     tokenizer: Any = None
     fingerprint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # method, settings, strength, compression reports
@@ -48,6 +51,19 @@ class ModelRef:
     def __post_init__(self) -> None:
         if isinstance(self.source, ModelSource):
             self.resolved, self.source = self.source, self.source.spec
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "model" and value is not None:
+            from flipcheck.evaluation.engines import as_engine
+
+            value = as_engine(value)  # weights are always behind an engine
+        object.__setattr__(self, name, value)
+
+    @property
+    def torch_model(self) -> torch.nn.Module | None:
+        """The torch model behind a transformers engine (compressors and the noise floor change its
+        weights); None for weights elsewhere (llama.cpp, vLLM, a server) or not loaded."""
+        return self.model.model if isinstance(self.model, TransformersEngine) else None
 
     def src(self) -> ModelSource:
         if self.resolved is None:
@@ -61,28 +77,23 @@ class ModelRef:
         if self.tokenizer is None and not self.served:  # a served model is encoded with the parent's tokenizer
             self.tokenizer = load_tokenizer(self.src(), trust_remote_code=settings.trust_remote_code)
         if self.fingerprint is None:
-            self.fingerprint = cached_fingerprint(self.resolved or self.source, self.model)
+            self.fingerprint = cached_fingerprint(self.resolved or self.source, self.torch_model)
         self.engine_identity(settings)
 
     @property
     def served(self) -> bool:
         """An already served model (no weights here; the parent's tokenizer encodes for it)."""
-        from flipcheck.evaluation.engines.base import REMOTE, Engine
-
         return self.source is None and isinstance(self.model, Engine) and REMOTE in self.model.capabilities
 
     def ensure_loaded(self, settings: EvalSettings) -> None:
         """The weights, behind the engine asked for: a torch model (transformers) or an engine object."""
         if self.model is None:
             from flipcheck.evaluation.engines import open_engine
-            from flipcheck.evaluation.engines.transformers import TransformersEngine
 
             log.info("loading %s", self.source)
             eng = open_engine(self.src(), self.engine, device=settings.device, dtype=settings.dtype,
                               trust_remote_code=settings.trust_remote_code)
-            # the plain transformers engine hands over its torch model (compressors, the noise floor and
-            # FlipLM's HF generation use it); every other engine, subclasses included, stays an engine
-            self.model = eng.model if type(eng) is TransformersEngine and not eng.dequantized_from else eng
+            self.model = eng
         self.ensure_identity(settings)
 
     def engine_identity(self, settings: EvalSettings | None = None) -> dict[str, Any]:
@@ -112,9 +123,8 @@ class ModelRef:
     def release(self) -> None:
         """Drop the weights (a sweep keeps one child in memory at a time)."""
         if self.source is not None:
-            close = getattr(self.model, "close", None)
-            if close is not None and not isinstance(self.model, torch.nn.Module):
-                close()
+            if self.model is not None:
+                self.model.close()
             self.model = None
 
 
@@ -158,10 +168,8 @@ def tokenizer_key(tok) -> str:
 def _vocab_width(ref: ModelRef) -> int:
     """The width of `ref`'s distributions without loading it: the config's vocab_size (the tokenizer's
     length where no config is there)."""
-    if isinstance(ref.model, torch.nn.Module):
-        from flipcheck.evaluation.engines import as_engine
-
-        return as_engine(ref.model).vocab
+    if ref.torch_model is not None:
+        return ref.model.vocab
     try:
         src = ref.src()
         if not src.gguf:
@@ -178,8 +186,6 @@ def served_ref(url: str, model: str, settings: EvalSettings, tokenizer_from: Mod
     """A model that is already served (OpenAI-compatible /v1/completions); nothing is contacted yet. A
     served child is encoded with the parent's tokenizer; a served parent with `tokenizer_from`'s (the
     PARENT the user named, whose config also gives the vocabulary width)."""
-    from flipcheck.evaluation.engines.served import ServedEngine
-
     eng = ServedEngine(url, model, topk=settings.topk)
     ref = ModelRef(name="parent" if tokenizer_from else model, source=None, model=eng,
                    fingerprint=eng.fingerprint(), info={"served": eng.url})

@@ -25,9 +25,13 @@ import numpy as np
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import cache as cache_mod
 from flipcheck.evaluation import generations
+from flipcheck.evaluation.corpora import Corpora
+from flipcheck.evaluation.floor import engine_floor, noise_floor
 from flipcheck.evaluation.kl import kl_method
 from flipcheck.evaluation.model_ref import ModelRef, _vocab_width, tokenizer_hash
+from flipcheck.evaluation.records import Record, nonfinite_by_task
 from flipcheck.evaluation.report.schema import child_entry, new_report
+from flipcheck.evaluation.samples import aggregate, build_rows, set_headline, summarize_group, summarize_task
 from flipcheck.evaluation.settings import EvalSettings, _task_config_hash, _unit_files
 from flipcheck.evaluation.tasks import (
     check_filter,
@@ -114,8 +118,7 @@ class Evaluator:
         self.parent = parent
         self.settings = settings
         self.cache = cache or cache_mod.ResultCache()
-        settings.resolve_batch_size(parent.resolved or parent.source or parent.model)
-        from flipcheck.evaluation.corpora import Corpora
+        settings.resolve_batch_size(parent.resolved or parent.source or parent.torch_model)
 
         self.units = resolve_tasks(settings.tasks, settings.include_path) if settings.tasks or not settings.texts else []
         settings.tasks = self.units
@@ -195,9 +198,6 @@ class Evaluator:
     ) -> tuple[dict, list[dict]]:
         """Per-task summaries and per-sample rows of one child against the parent; `kl` overrides the
         settings' vocabulary-KL method (the noise floor's is always ``topk``)."""
-        from flipcheck.evaluation.records import nonfinite_by_task
-        from flipcheck.evaluation.samples import aggregate, build_rows, set_headline, summarize_task
-
         self.check_child(child)
         summaries: dict[str, dict] = {}
         rows_by_task: dict[str, list] = {}
@@ -275,7 +275,6 @@ class Evaluator:
         """The parent's samples and records of one unit: from the cache, or from a run of the parent
         alone (its own tokenizer, max length and batch size), so they never depend on a child."""
         from flipcheck.evaluation.lm import FlipLM
-        from flipcheck.evaluation.records import Record
 
         self.parent.ensure_identity(self.settings)  # the key needs the fingerprint and tokenizer, even on a first call
         pkey = self._parent_key(unit)
@@ -297,7 +296,6 @@ class Evaluator:
         """The child's samples and records of one unit, its KL computed by `method` (cached per method):
         ``topk`` against the parent's stored top-K, ``exact`` with the parent run in lock-step."""
         from flipcheck.evaluation.lm import FlipLM
-        from flipcheck.evaluation.records import Record
 
         ckey = self._child_key(child, unit, method)
         hit = self.cache.get(ckey, Record)
@@ -331,8 +329,6 @@ class Evaluator:
     def noise_floor(self, numerics: bool = True) -> list[dict]:
         """The parent against itself under changes that are not compression (:mod:`~flipcheck.evaluation.floor`):
         the numerics rows (`numerics`) and, with ``settings.engine_floor``, the other-engine row."""
-        from flipcheck.evaluation.floor import engine_floor, noise_floor
-
         rows = noise_floor(self) if numerics else []
         if self.settings.engine_floor:
             rows.extend(engine_floor(self))
@@ -357,8 +353,6 @@ class Evaluator:
 
 
 def _record_cls() -> type:
-    from flipcheck.evaluation.records import Record
-
     return Record
 
 
@@ -374,8 +368,6 @@ def named_summaries(
     """One summary per name the user gave: an lm-eval group becomes one row aggregated as lm-eval
     aggregates it (see samples.summarize_group), with its subtasks under ``subtasks``; a task is
     its own row, and a tag (a list of tasks, not a group) gives each of its tasks a row."""
-    from flipcheck.evaluation.samples import summarize_group
-
     out: dict[str, dict] = {}
     for unit, tasks in unit_tasks.items():
         tree = trees.get(unit)

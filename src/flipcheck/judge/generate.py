@@ -22,6 +22,7 @@ import torch
 from flipcheck.errors import FlipcheckError
 from flipcheck.files import cache_root, write_json_atomic
 from flipcheck.judge.prompts import PromptSet
+from flipcheck.models import load_tokenizer, resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,6 @@ def _chat_template(tokenizer: Any, spec: str) -> str:
 
 def _answers_file(ms: Any, tok: Any, prompts: PromptSet, gen: GenerationSettings,
                   cache_dir: str | Path | None) -> Path:
-    from flipcheck.models import resolve_device, resolve_dtype
-
     template = _chat_template(tok, ms.spec)
     device = resolve_device(gen.device)
     dtype = str(resolve_dtype(gen.dtype, device))
@@ -94,8 +93,6 @@ def cached_answers(
 
     Loads the tokenizer (for its chat template, part of the key) but never the model.
     """
-    from flipcheck.models import load_tokenizer, resolve_source
-
     if not use_cache:
         return None
     ms = resolve_source(source)

@@ -12,6 +12,7 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
+from flipcheck.evaluation.report.plots import _figure, _png, _style, child_colours, legend_label
 from flipcheck.files import pct
 from flipcheck.judge.stats import correlation
 
@@ -201,8 +202,6 @@ def judge_html(report: Mapping[str, Any]) -> list[str]:
 
 def plot_judge(report: Mapping[str, Any]) -> str | None:
     """Δscore against flips (left) and against KL (right), one point per child, with Pearson's r."""
-    from flipcheck.evaluation.report.plots import _figure, _png, _style, child_colours, legend_label
-
     c = report.get("judge_correlation") or correlation(report)
     pts = c.get("points") or []
     if not any(p.get("flips") is not None or p.get("kl") is not None for p in pts):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.report import child_entry, new_report, write_report
 from flipcheck.files import write_text_atomic
 from flipcheck.judge.client import JudgeClient, JudgeSettings
 from flipcheck.judge.generate import GenerationSettings, cached_answers, generate_answers
@@ -33,7 +34,8 @@ from flipcheck.judge.grading import (
     single_prompt,
 )
 from flipcheck.judge.prompts import PromptSet, load_prompts
-from flipcheck.judge.stats import pair_summary, single_summary, worst_prompts
+from flipcheck.judge.stats import correlation, pair_summary, prompt_delta, single_summary, worst_prompts
+from flipcheck.models import read_provenance, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +185,6 @@ class JudgeSession:
 
 
 def _worst_entry(r: dict[str, Any]) -> dict[str, Any]:
-    from flipcheck.judge.stats import prompt_delta
-
     keep = ("id", "category", "turns", "parent_answers", "child_answers", "parent_scores", "child_scores", "pair")
     out = {k: r.get(k) for k in keep}
     out["delta"] = prompt_delta(r)
@@ -213,9 +213,6 @@ def judge_models(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """``flipcheck judge PARENT CHILD...``: a report whose children carry a ``judge`` section (no tasks)."""
-    from flipcheck.evaluation.report import child_entry, new_report, write_report
-    from flipcheck.models import read_provenance, resolve_source
-
     check_mode(mode)
     if not children:
         raise FlipcheckError("judge: name at least one child")
@@ -235,7 +232,6 @@ def judge_models(
         entries.append(entry)
     report = new_report({"source": parent_src.ref, "fingerprint": parent_src.fingerprint},
                         {"judge_prompts": ps.source, "max_new_tokens": gen.max_new_tokens, "judge_mode": mode}, entries)
-    from flipcheck.judge.stats import correlation
 
     report["judge_correlation"] = correlation(report)
     report["judge_run"] = session.run_stats()
@@ -271,7 +267,6 @@ def finish_report(session: JudgeSession | None, report: dict[str, Any], out: str
     """Add the cross-child correlation and this run's judge traffic to `report`; write judge.jsonl."""
     if session is None:
         return
-    from flipcheck.judge.stats import correlation
 
     report["judge_correlation"] = correlation(report)
     report["judge_run"] = session.run_stats()

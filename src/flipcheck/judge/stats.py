@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from flipcheck.evaluation.metrics import pearson
+from flipcheck.evaluation.report.text import mean_of, overall_summary
 
 MAX_WORST = 5  # prompts the child lost most, listed with both answers
 
@@ -149,8 +150,6 @@ def correlation(report: Mapping[str, Any]) -> dict[str, Any]:
     Points are (child, Δscore, flips, KL) with flips and KL over all of the child's questions
     (micro, or its only task); KL over options where measured, else over the vocabulary.
     """
-    from flipcheck.evaluation.report.text import mean_of, overall_summary
-
     points = []
     for c in report.get("children") or []:
         d = judge_delta(c.get("judge"))

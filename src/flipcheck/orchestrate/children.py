@@ -10,7 +10,6 @@ here from the cache. The report is rewritten after every finished child, in the 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ def _shards(runner: Executor) -> int:
 
 
 def _shard_jobs(ev: Evaluator, parent: str, child: str, name: str, out: Path | None, groups: list[list[str]]):
-    return [(SHARD, {"settings": {**dataclasses.asdict(ev.settings), "tasks": list(g)}, "parent": parent,
+    return [(SHARD, {"settings": {**ev.settings.fields(), "tasks": list(g)}, "parent": parent,
                      "child": child, "name": name, "cache_dir": str(ev.cache.root), "out": str(out) if out else None})
             for g in groups]
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.cache import ResultCache
-from flipcheck.evaluation.corpus import DEFAULT_CTX
 from flipcheck.evaluation.kl import DEFAULT_TOPK
 from flipcheck.evaluation.model_ref import ModelRef, child_ref, parent_source_for, served_ref
+from flipcheck.evaluation.options import EvalOptions
 from flipcheck.evaluation.report import write_report
 from flipcheck.evaluation.runner import Evaluator
 from flipcheck.evaluation.settings import EvalSettings
@@ -46,62 +46,36 @@ def evaluate(
     *,
     tasks: str | list[str],
     out: str | os.PathLike | None = None,
-    include_path: str | list[str] | None = None,
-    num_fewshot: int | None = None,
-    limit: int | float | None = None,
-    seed: int = 1234,
-    batch_size: int | str = 16,
-    device: str | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
+    options: EvalOptions | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     topk: int = DEFAULT_TOPK,
-    noise_floor: bool = False,
-    metric: str | None = None,
-    filter: str | None = None,
-    per_subtask: bool = False,
-    kl: str = "topk",
-    texts: list[str] | None = None,
-    ctx: int = DEFAULT_CTX,
-    scoring: str = "all",
     executor: Any = None,
-    engine: str | None = None,
-    parent_engine: str | None = None,
-    child_engine: str | None = None,
-    engine_floor: bool = False,
     served: list[tuple[str, str]] | None = None,
     served_parent: tuple[str, str] | None = None,
     on_step: Any = None,
-    sample: str | None = None,
-    samples: int = 1,
     doc_ids: dict[str, list[int]] | None = None,
+    **chosen: Any,
 ) -> dict:
     """Compare one or more children with their parent on lm-eval tasks; returns the report dict.
 
-    `parent` may be None when each child's flipcheck.json names it. With `out`, writes
-    report.json, samples.jsonl, report.md and report.html there. `metric` ("acc" or "acc_norm")
-    picks the headline figures (default: acc_norm where a task reports it), `filter` a generative
-    task's lm-eval filter, and `per_subtask` reports every task of a group as its own row. `kl`:
-    every child's vocabulary KL estimated from the parent's stored top-K and sampled tail (``"topk"``,
-    K+1 model passes for K children), the top-K + tail-bucket lower bound (``"bound"``) or exact with
-    the parent in lock-step (``"exact"``). `served`: (URL, model name) of children already served behind
-    an OpenAI-compatible /v1/completions; `served_parent`: the parent's (`parent` then gives the
+    How they are scored is `options` (:class:`~flipcheck.evaluation.options.EvalOptions`), or its fields
+    given by name (``evaluate(p, c, tasks="arc_easy", kl="exact", limit=200)``), which override `options`;
+    an unknown or bad one fails in one line before any model loads. `parent` may be None when each
+    child's flipcheck.json names it. With `out`, writes report.json, samples.jsonl, report.md and
+    report.html there. `served`: (URL, model name) of children already served behind an
+    OpenAI-compatible /v1/completions; `served_parent`: the parent's (`parent` then gives the
     tokenizer). A report with a served model has the bound as its KL method. `doc_ids`: only these doc
-    ids per leaf task (lm-eval's ``samples=``, as search's splits use it).
+    ids per leaf task (lm-eval's ``samples=``, as search's splits use it). `topk`: the parent's top-K
+    log-probs kept per scored position (the topk and bound KL read them).
     """
+    opts = EvalOptions.merged(options, chosen)
     parent_src, child_sources = _sources(parent, child, served)
-    kl = served_kl(kl, list(served or []) + ([served_parent] if served_parent else []), texts)
-    if served_parent and (noise_floor or engine_floor):
+    kl = served_kl(opts.kl, list(served or []) + ([served_parent] if served_parent else []), opts.texts)
+    if served_parent and (opts.noise_floor or opts.engine_floor):
         raise FlipcheckError("--noise-floor and --engine-floor run the parent's weights here; a served parent has none")
-    settings = EvalSettings(
-        tasks=tasks if isinstance(tasks, list) else [t for t in tasks.split(",") if t.strip()],
-        include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed, batch_size=batch_size,
-        topk=topk, device=device, dtype=dtype, trust_remote_code=trust_remote_code, metric=metric, filter=filter,
-        per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx, scoring=scoring,
-        engine=engine, parent_engine=parent_engine, child_engine=child_engine, engine_floor=engine_floor,
-        sample=sample, samples=samples, doc_ids=doc_ids,
-    )
+    settings = EvalSettings(**{**opts.model_dump(), "kl": kl}, topk=topk, doc_ids=doc_ids,
+                            tasks=tasks if isinstance(tasks, list) else [t for t in tasks.split(",") if t.strip()])
     parent_ref = (ModelRef("parent", parent_src, engine=settings.engine_of("parent")) if not served_parent
                   else served_ref(*served_parent, settings, tokenizer_from=parent_src))
     ev = Evaluator(parent_ref, settings, ResultCache(cache_dir, enabled=use_cache))
@@ -109,7 +83,7 @@ def evaluate(
     refs = _child_refs(ev, settings, child_sources, served)
     done = evaluate_children(get_executor(executor), ev, refs, Path(out) if out is not None else None,
                              lambda msg: log.info("%s", msg))
-    floor = ev.noise_floor(numerics=noise_floor) if noise_floor or engine_floor else None
+    floor = ev.noise_floor(numerics=opts.noise_floor) if opts.noise_floor or opts.engine_floor else None
     report = finish_report(ev.report(done.entries, floor), done.failed, done.info)
     if out is not None:
         write_report(out, report, done.rows)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.options import EvalOptions
 from flipcheck.evaluation.report import write_report
 from flipcheck.executors import finish_report, get_executor
 from flipcheck.judge.run import finish_report as finish_judged
@@ -69,48 +70,26 @@ def sweep(
     out: str | os.PathLike,
     settings: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
-    include_path: str | None = None,
-    num_fewshot: int | None = None,
-    limit: float | None = None,
-    batch_size: int | str = 16,
-    seed: int = 1234,
-    device: str | None = None,
-    dtype: str | None = None,
+    options: EvalOptions | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
-    metric: str | None = None,
-    filter: str | None = None,
-    per_subtask: bool = False,
-    kl: str = "topk",
-    texts: list[str] | None = None,
-    ctx: int = 512,
-    scoring: str = "all",
-    noise_floor: bool = False,
     executor: Any = None,
-    engine: str | None = None,
-    parent_engine: str | None = None,
-    child_engine: str | None = None,
-    engine_floor: bool = False,
     on_step: Any = None,
-    sample: str | None = None,
-    samples: int = 1,
+    **chosen: Any,
 ) -> dict:
-    """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``."""
+    """Sweep one method's strength: ``sweep("demo", "wanda", {"sparsity": [0.1, 0.3, 0.5]}, out=...)``.
+    `settings`: the method's fixed settings at every point; how the children are scored is `options`
+    (:class:`~flipcheck.evaluation.options.EvalOptions`) or its fields by name, as for ``evaluate``."""
     task_list = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    opts = EvalOptions.merged(options, chosen)
     try:
         recipe = Recipe(
             name=f"sweep-{method}",
             parent=parent,
             calibration=calibration or {},
             sweeps=[SweepSpec(method=method, grid=grid, settings=settings or {})],
-            evaluation=EvaluationSpec(
-                tasks=task_list, include_path=include_path, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                seed=seed, metric=metric, filter=filter, per_subtask=per_subtask, kl=kl, texts=list(texts or []), ctx=ctx,
-                scoring=scoring, noise_floor=noise_floor, engine=engine, parent_engine=parent_engine,
-                child_engine=child_engine, engine_floor=engine_floor, sample=sample, samples=samples,
-            ),
-            device=device,
-            dtype=dtype,
+            evaluation=EvaluationSpec(tasks=task_list, **opts.score()),
+            **opts.loading(),
         )
     except Exception as err:  # pydantic's ValidationError wraps our FlipcheckError text
         raise FlipcheckError(f"sweep {method}: {_first_error(err)}") from err

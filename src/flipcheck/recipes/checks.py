@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flipcheck.compressors.calibration_data import check_reachable, resolve_calibration
 from flipcheck.compressors.checks import check_shapes, parent_config
 from flipcheck.compressors.pipeline import step_needs_calibration, validate_steps
 from flipcheck.errors import FlipcheckError
@@ -22,8 +23,6 @@ def check_recipe(recipe: Any, parent: Any) -> None:
     (:func:`flipcheck.recipes.runner.with_calibration_source`); `parent`: its resolved
     :class:`~flipcheck.models.ModelSource`.
     """
-    from flipcheck.compressors.calibration_data import check_reachable, resolve_calibration
-
     config = parent_config(parent)
     needs_data = False
     for spec in recipe.all_children():

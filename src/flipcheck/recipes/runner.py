@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flipcheck import __version__
 from flipcheck.compressors.calibration import Calibration
-from flipcheck.compressors.pipeline import compress_model, prepare_calibration
+from flipcheck.compressors.calibration_data import default_source
+from flipcheck.compressors.pipeline import compress_model, prepare_calibration, step_needs_calibration
 from flipcheck.evaluation.cache import ResultCache
 from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.models import (
@@ -24,6 +26,8 @@ from flipcheck.models import (
     load_model,
     load_tokenizer,
     read_provenance,
+    resolve_device,
+    resolve_dtype,
     resolve_source,
 )
 from flipcheck.recipes.schema import ChildSpec, Recipe
@@ -53,10 +57,6 @@ def resolve_parent_source(parent: str) -> ModelSource:
 
 def made_with(spec: ChildSpec, parent_fp: str, recipe: Recipe) -> dict[str, Any]:
     """Everything that made a child: it is reused by a later run only when all of it is equal."""
-    from flipcheck import __version__
-    from flipcheck.compressors.pipeline import step_needs_calibration
-    from flipcheck.models import resolve_device, resolve_dtype
-
     steps = [(s.method, s.config()) for s in spec.steps]
     cal = recipe.calibration
     uses_data = any(step_needs_calibration(n, c) for n, c in steps)
@@ -92,7 +92,6 @@ def with_calibration_source(recipe: Recipe, parent_folder: Path | None) -> Recip
     the demo parent, else the parent's default (:func:`calibration_data.default_source`)."""
     if recipe.calibration.source is not None:
         return recipe
-    from flipcheck.compressors.calibration_data import default_source
 
     source = "demo" if recipe.parent == "demo" else default_source(parent_folder)
     return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"source": source})})
@@ -102,10 +101,8 @@ def eval_settings(recipe: Recipe) -> EvalSettings:
     """The evaluator's settings of a recipe: every field of its ``evaluation`` section that
     :class:`EvalSettings` declares, by name (one declaration, no list to keep in step), plus the
     recipe-level device, dtype and trust_remote_code."""
-    import dataclasses
-
     spec = recipe.evaluation.model_dump()
-    fields = {f.name for f in dataclasses.fields(EvalSettings)}
+    fields = set(EvalSettings.model_fields)
     kwargs = {k: v for k, v in spec.items() if k in fields}
     kwargs.update(tasks=list(spec["tasks"]), texts=list(spec["texts"]), limit=_limit(spec["limit"]),
                   device=recipe.device, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)

@@ -31,7 +31,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flipcheck.compressors.calibration import CalibrationConfig
+from flipcheck.compressors.registry import check_chain, make_config
 from flipcheck.errors import FlipcheckError, suggest
+from flipcheck.evaluation.options import ModelOptions, ScoreOptions, one_line
+from flipcheck.gate import parse_budget
+from flipcheck.gate_generations import parse_length_ratio, parse_survival
+from flipcheck.judge.client import JudgeSettings
 
 
 class _Strict(BaseModel):
@@ -46,14 +51,10 @@ class StepSpec(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> StepSpec:
-        from flipcheck.compressors.registry import make_config
-
         make_config(self.method, self.settings)  # raises FlipcheckError naming the setting
         return self
 
     def config(self):
-        from flipcheck.compressors.registry import make_config
-
         return make_config(self.method, self.settings)
 
 
@@ -66,8 +67,6 @@ class ChildSpec(_Strict):
 
     @model_validator(mode="after")
     def _chain(self) -> ChildSpec:
-        from flipcheck.compressors.registry import check_chain
-
         check_chain([s.method for s in self.steps])  # raises FlipcheckError naming the pair
         return self
 
@@ -110,39 +109,17 @@ class SweepSpec(_Strict):
         return out
 
 
-class EvaluationSpec(_Strict):
-    """Which lm-eval tasks, and how they are scored."""
+class EvaluationSpec(ScoreOptions):
+    """Which lm-eval tasks, and how they are scored: the options of ``flipcheck eval``
+    (:class:`~flipcheck.evaluation.options.ScoreOptions`, declared there once) plus the tasks."""
 
     tasks: list[str] = Field(default_factory=lambda: ["flipcheck_demo_facts", "flipcheck_demo_letters"])
-    include_path: str | list[str] | None = None
-    num_fewshot: int | None = Field(None, ge=0)
-    limit: float | None = Field(None, gt=0)
-    batch_size: int | Literal["auto"] = 16  # sequences per forward, or auto (the largest that fits the device)
-    seed: int = 1234
-    noise_floor: bool = False
-    metric: Literal["acc", "acc_norm"] | None = None  # headline and gate figure (default: acc_norm where reported)
-    filter: str | None = None  # lm-eval filter of generative tasks, e.g. strict-match (default: the task's first)
-    per_subtask: bool = False  # every task of a group its own row and verdict (default: the group as named)
-    kl: Literal["topk", "bound", "exact"] = "topk"  # vocabulary KL: vs the cached parent's top-K + sampled tail, its top-K + tail-bucket lower bound, or exact (lock-step)
-    texts: list[str] = Field(default_factory=list)  # text corpora scored token by token: files or hf:NAME[:CONFIG[:SPLIT]]
-    ctx: int = Field(512, ge=4)  # tokens per corpus window
-    scoring: Literal["all", "half"] = "all"  # corpus positions scored per window (half: llama.cpp's convention)
-    engine: str | None = None  # scoring engine of every model: transformers, llama.cpp (default: per model)
-    parent_engine: str | None = None  # the parent's, instead of engine
-    child_engine: str | None = None  # every child's, instead of engine
-    engine_floor: bool = False  # a floor row: the parent on another engine (llama.cpp on an F32 GGUF of it)
-    sample: str | None = None  # seed-synchronised sampling of generative tasks, e.g. temperature=0.7,top_p=0.95
-    samples: int = Field(1, ge=1)  # generations per question with sample
     doc_ids: dict[str, list[int]] | None = None  # only these doc ids per leaf task (set by search's splits)
 
     @model_validator(mode="after")
     def _tasks_or_texts(self) -> EvaluationSpec:
         if not self.tasks and not self.texts:
             raise ValueError("give at least one task (tasks) or text corpus (texts)")
-        from flipcheck.evaluation.engines import check_engine
-
-        for name in ("engine", "parent_engine", "child_engine"):
-            setattr(self, name, check_engine(getattr(self, name)))
         return self
 
 
@@ -164,7 +141,6 @@ class GateSpec(_Strict):
     @model_validator(mode="after")
     def _parse(self) -> GateSpec:
         from flipcheck.evaluation.confidence import check_confidence
-        from flipcheck.gate import parse_budget
 
         if self.confidence is not None:
             check_confidence(self.confidence, "gate.confidence")
@@ -173,7 +149,6 @@ class GateSpec(_Strict):
             v = getattr(self, name)
             if v is not None:
                 parse_budget(str(v), name)
-        from flipcheck.gate_generations import parse_length_ratio, parse_survival
 
         parse_survival(self.min_survival, "gate.min_survival")
         parse_length_ratio(self.max_length_ratio, "gate.max_length_ratio")
@@ -202,13 +177,11 @@ class JudgeSpec(_Strict):
         return self
 
     def settings(self):
-        from flipcheck.judge.client import JudgeSettings
-
         return JudgeSettings(url=self.url, model=self.model, api_key_env=self.api_key_env, max_tokens=self.max_tokens,
                              concurrency=self.concurrency)
 
 
-class Recipe(_Strict):
+class Recipe(_Strict, ModelOptions):
     """A whole run: parent, calibration, children (steps and/or sweeps), evaluation, gate."""
 
     name: str = "recipe"
@@ -221,9 +194,7 @@ class Recipe(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     gate: GateSpec | None = None
     judge: JudgeSpec | None = None
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
+    # device, dtype and trust_remote_code: how every model of the recipe loads (ModelOptions)
 
     @model_validator(mode="after")
     def _has_children(self) -> Recipe:
@@ -344,3 +315,22 @@ def load_recipe(path_or_name: str | os.PathLike) -> Recipe:
 def dump_recipe(recipe: Recipe) -> str:
     """YAML text that loads back to an equal recipe."""
     return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def with_overrides(recipe: Recipe, options: dict[str, Any], *, parent: str | None = None,
+                   calibration: str | None = None) -> Recipe:
+    """`recipe` with the evaluation options a command gave (`options`: fields of
+    :class:`~flipcheck.evaluation.options.EvalOptions` and ``tasks``; the loading ones go to the recipe's
+    top level), and its parent and calibration source where given; the result checked whole (one line)."""
+    data = recipe.model_dump()
+    top = {k: v for k, v in options.items() if k in ModelOptions.model_fields}
+    data["evaluation"] = {**data["evaluation"], **{k: v for k, v in options.items() if k not in top}}
+    data.update(top)
+    if parent:
+        data["parent"] = parent
+    if calibration:
+        data["calibration"] = {**data["calibration"], "source": calibration}
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise one_line(f"recipe {recipe.name}", err) from None

@@ -35,10 +35,12 @@ from flipcheck.evaluation.engines.registry import (
     engine_names,
     open_engine,
     register_engine,
+    registered_engines,
 )
 
 __all__ = ["Engine", "ExternalRunner", "FloorPartner", "as_engine", "check_engine", "default_engine",
-           "engine_class", "engine_identity", "engine_names", "open_engine", "register_engine"]
+           "engine_class", "engine_identity", "engine_names", "open_engine", "register_engine",
+           "registered_engines"]
 
 
 def as_engine(model: Any) -> Engine:

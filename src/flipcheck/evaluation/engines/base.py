@@ -183,3 +183,13 @@ class ExternalRunner:
 
     def logits_of(self, selected: torch.Tensor, s: int, e: int) -> torch.Tensor:
         return selected[s:e]
+
+
+def cut_at_stop(tokens: list[int], stop_fn, eos_ids: set[int]) -> list[int]:
+    """A greedy continuation up to its first eos token (kept) or completed stop sequence."""
+    new: list[int] = []
+    for t in tokens:
+        new.append(int(t))
+        if t in eos_ids or stop_fn(new):
+            break
+    return new

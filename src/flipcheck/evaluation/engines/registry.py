@@ -41,6 +41,11 @@ def engine_names() -> tuple[str, ...]:
     return tuple(sorted(_SELECTABLE, key=lambda n: (_ENGINES[n].rank, _SELECTABLE.index(n))))
 
 
+def registered_engines() -> tuple[str, ...]:
+    """Every registered engine, those reached otherwise than by ``--engine`` (a served model) included."""
+    return tuple(_ENGINES)
+
+
 def engine_class(name: str) -> type[Engine]:
     canon = _ALIASES.get(name, name)
     if canon not in _ENGINES:

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import GENERATES, NEEDS_TARGETS, REMOTE, TOPK, Engine
+from flipcheck.evaluation.engines.base import GENERATES, NEEDS_TARGETS, REMOTE, TOPK, Engine, cut_at_stop
 from flipcheck.evaluation.engines.registry import register_engine
-from flipcheck.evaluation.engines.vllm import _BatchRunner, cut_at_stop
+from flipcheck.evaluation.engines.vllm import _BatchRunner
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from flipcheck.evaluation.engines.base import EXACT, GENERATES, Engine, FloorPartner
+from flipcheck.evaluation.engines.base import EXACT, GENERATES, Engine, FloorPartner, cut_at_stop
 from flipcheck.evaluation.engines.registry import register_engine
 
 
@@ -82,12 +82,21 @@ class TransformersEngine(Engine):
         dev = getattr(self.model, "device", None)
         return dev if isinstance(dev, torch.device) else next(self.model.parameters()).device
 
+    @torch.inference_mode()
     def window_log_probs(self, ids: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.device]:
         logits = self.model(input_ids=ids.to(self.device())).logits[:, start:stop]
         return logits.reshape(-1, logits.shape[-1]), logits.device
 
-    def generate(self, ctxs, max_new, stop_fn, eos_ids):  # pragma: no cover - batched through hf_generate instead
-        raise NotImplementedError("the transformers engine generates in batches: flipcheck.evaluation.decoding")
+    def generate(self, ctxs, max_new, stop_fn, eos_ids):
+        """Greedy, one context at a time, as the other engines do (the evaluator's generative tasks go
+        through :func:`flipcheck.evaluation.decoding.generate` instead: batched, with lm-eval's stops)."""
+        out = []
+        for ctx in ctxs:
+            ids = torch.tensor([ctx])
+            row = hf_generate(self.model, self.device(), ids, torch.ones_like(ids), max_new_tokens=max_new,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+            out.append(cut_at_stop(row[0, len(ctx):].tolist(), stop_fn, eos_ids))
+        return out
 
 
 def hf_generate(model: torch.nn.Module, device, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:

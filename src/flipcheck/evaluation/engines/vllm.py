@@ -27,9 +27,17 @@ import numpy as np
 import torch
 
 from flipcheck.errors import FlipcheckError
-from flipcheck.evaluation.engines.base import EXACT, GENERATES, ExternalRunner, FloorPartner, LoadedEngine
+from flipcheck.evaluation.engines.base import (
+    EXACT,
+    GENERATES,
+    ExternalRunner,
+    FloorPartner,
+    LoadedEngine,
+    cut_at_stop,
+)
 from flipcheck.evaluation.engines.registry import register_engine
 from flipcheck.evaluation.engines.vllm_hooks import keep_tensors, own_requests, unsorted_gather
+from flipcheck.models import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +164,6 @@ class VllmEngine(LoadedEngine):
     @classmethod
     def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
              **options: Any) -> VllmEngine:
-        from flipcheck.models import resolve_device, resolve_dtype
-
         dev = resolve_device(device)
         return cls(_vllm_folder(source, weights=True), device=dev, dtype=str(resolve_dtype(dtype, dev)).replace("torch.", ""))
 
@@ -245,16 +251,6 @@ class VllmEngine(LoadedEngine):
             import gc
 
             gc.collect()
-
-
-def cut_at_stop(tokens: list[int], stop_fn, eos_ids: set[int]) -> list[int]:
-    """A greedy continuation up to its first eos token (kept) or completed stop sequence."""
-    new: list[int] = []
-    for t in tokens:
-        new.append(int(t))
-        if t in eos_ids or stop_fn(new):
-            break
-    return new
 
 
 def _vllm_folder(source, *, weights: bool):

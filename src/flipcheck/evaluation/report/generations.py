@@ -17,6 +17,7 @@ from typing import Any
 
 from flipcheck.evaluation.report.plots import FLOOR_COLOUR, _figure, _png, _style, child_colours, legend_label
 from flipcheck.evaluation.report.text import is_floor, labelled_entries, num3
+from flipcheck.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,6 @@ def write_plots(folder: str | Path, report: Mapping[str, Any], rows: Iterable[Ma
     """Write the PNG files report.md links (each atomically)."""
     import base64
 
-    from flipcheck.files import write_bytes_atomic
 
     for name, _title, png in _drawn(report, list(rows)):
         write_bytes_atomic(Path(folder) / name, base64.b64decode(png))
