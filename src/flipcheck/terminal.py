@@ -36,7 +36,9 @@ def compression_table(reports: list[CompressionReport]) -> Table:
 
 def recipes_table() -> Table | None:
     try:
-        from flipcheck.recipes.schema import bundled_recipes
+        from flipcheck.recipes.schema import (
+            bundled_recipes,  # guarded: without the recipes the table is left out
+        )
     except ImportError:
         return None
     t = Table(title="bundled recipes (flipcheck run NAME)")

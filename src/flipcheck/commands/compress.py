@@ -9,6 +9,7 @@ import typer
 
 from flipcheck.commands.common import Device, Dtype, TrustRemote, Verbose, console, run_guarded, setup_logging
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.tasks import known_tasks
 
 
 def compress_cmd(
@@ -73,8 +74,6 @@ def list_cmd(
         if t is not None:
             console.print(t)
         if tasks:
-            from flipcheck.evaluation.tasks import known_tasks
-
             names = known_tasks(include_path)
             console.print(f"[bold]{len(names)} lm-eval tasks, groups and tags[/]")
             console.print(", ".join(names), highlight=False)

@@ -33,6 +33,7 @@ from flipcheck.commands.common import (
 from flipcheck.decide.until_decided import check_options, lines, until_decided, write
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation.options import EvalOptions
+from flipcheck.gate import run_gate
 from flipcheck.runlog import third_party_output
 
 
@@ -178,8 +179,6 @@ def run_cmd(
                                 executor=ex, on_step=bar.step)
         show_report(report, folder)
         if r.gate is not None:
-            from flipcheck.gate import run_gate
-
             ok = run_gate(folder / "report.json", **r.gate.budgets(), echo=verdict)
             exit_if_failed(report)
             raise typer.Exit(0 if ok else 1)

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from flipcheck.errors import FlipcheckError
+
 T = TypeVar("T")
 
 # The default calibration text of a real parent, as llm-compressor's examples use it.
@@ -91,7 +93,5 @@ def require_ids(calibration: Calibration | None, method: str, hint: str = "") ->
     """The calibration token ids, or a FlipcheckError saying `method` needs them (plus `hint`)."""
     ids = None if calibration is None else calibration.input_ids
     if ids is None:
-        from flipcheck.errors import FlipcheckError
-
         raise FlipcheckError(f"{method} needs calibration data, but none was prepared" + (f"; {hint}" if hint else ""))
     return ids

@@ -35,6 +35,7 @@ import torch
 
 from flipcheck.errors import FlipcheckError
 from flipcheck.extras import require_llamacpp
+from flipcheck.models import adds_bos
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,6 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int, tokenizer_folder: str | os.P
         special.add_to_gguf(writer)
     # llama.cpp's default BOS handling differs by vocabulary type: say what the HF tokenizer does
     if "tokenizer.ggml.add_bos_token" not in writer.kv_data[0]:
-        from flipcheck.models import adds_bos
-
         writer.add_add_bos_token(adds_bos(tokenizer))
 
 

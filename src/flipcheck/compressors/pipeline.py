@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from flipcheck import __version__
+from flipcheck.compressors import llmc
 from flipcheck.compressors.calibration import Calibration, CalibrationConfig
+from flipcheck.compressors.calibration_data import build_calibration, resolve_calibration
 from flipcheck.compressors.checks import check_plan
 from flipcheck.compressors.registry import (
     CompressionReport,
@@ -71,8 +73,6 @@ def prepare_calibration(tokenizer, steps: list[Step], config: CalibrationConfig 
     """Tokenize calibration samples once when any step needs them; else carry only the tokenizer."""
     config = config or CalibrationConfig()
     if any(step_needs_calibration(n, c) for n, c in steps):
-        from flipcheck.compressors.calibration_data import build_calibration
-
         return build_calibration(tokenizer, config)
     return Calibration(tokenizer=tokenizer, input_ids=None, config=config)
 
@@ -129,8 +129,6 @@ def _apply_steps(
             while j < len(steps) and get_method(steps[j][0]).modifiers is not None:
                 j += 1
             if j - i > 1:
-                from flipcheck.compressors import llmc
-
                 t0 = time.perf_counter()
                 reports.extend(llmc.apply_chain(model, steps[i:j], calibration))
                 log.info("llm-compressor chain %s took %.1fs", [s[0] for s in steps[i:j]], time.perf_counter() - t0)
@@ -170,8 +168,6 @@ def compress(
     check_plan(validated, source, cal_cfg)  # shapes from config.json, calibration reachable: before any loading
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if cal_cfg.source is None:
-        from flipcheck.compressors.calibration_data import resolve_calibration
-
         cal_cfg = resolve_calibration(cal_cfg, source.folder)  # the parent's default
     cal = prepare_calibration(tokenizer, validated, cal_cfg)  # before the weights load: a bad source fails fast
     model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

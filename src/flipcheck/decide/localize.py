@@ -299,7 +299,12 @@ def localize(
     return the localize block with its sources. The text is read before either model loads."""
     from flipcheck.compressors.calibration import CalibrationConfig
     from flipcheck.compressors.calibration_data import build_calibration, evaluated_text_source
-    from flipcheck.models import load_model, load_tokenizer, read_provenance, resolve_source
+    from flipcheck.models import (  # looked up at call time: tests count models.load_model
+        load_model,
+        load_tokenizer,
+        read_provenance,
+        resolve_source,
+    )
 
     if parent == "-":
         prov = read_provenance(child) or {}

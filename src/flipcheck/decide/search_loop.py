@@ -270,7 +270,7 @@ class Search:
 
     def _parent_model(self):
         if self._parent is None:
-            from flipcheck.models import load_model
+            from flipcheck.models import load_model  # looked up at call time: tests count models.load_model
 
             r = self.run.recipe
             self._parent = load_model(self.run.parent_src, device=r.device, dtype=r.dtype, trust_remote_code=r.trust_remote_code)
@@ -316,7 +316,10 @@ class Search:
             else:
                 key = digest({"child": uniform[k].key, "probe": probe})
             if key not in self.state.probes:
-                from flipcheck.models import load_model, resolve_source
+                from flipcheck.models import (  # looked up at call time: tests count models.load_model
+                    load_model,
+                    resolve_source,
+                )
 
                 parent = self._parent_model()
                 ids = self._probe_ids() if ids is None else ids

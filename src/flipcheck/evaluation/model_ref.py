@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from flipcheck.errors import FlipcheckError
+from flipcheck.evaluation.engines import as_engine, engine_identity, open_engine
 from flipcheck.evaluation.engines.base import REMOTE, Engine
 from flipcheck.evaluation.engines.served import ServedEngine
 from flipcheck.evaluation.engines.transformers import TransformersEngine
@@ -54,8 +55,6 @@ class ModelRef:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "model" and value is not None:
-            from flipcheck.evaluation.engines import as_engine
-
             value = as_engine(value)  # weights are always behind an engine
         object.__setattr__(self, name, value)
 
@@ -88,8 +87,6 @@ class ModelRef:
     def ensure_loaded(self, settings: EvalSettings) -> None:
         """The weights, behind the engine asked for: a torch model (transformers) or an engine object."""
         if self.model is None:
-            from flipcheck.evaluation.engines import open_engine
-
             log.info("loading %s", self.source)
             eng = open_engine(self.src(), self.engine, device=settings.device, dtype=settings.dtype,
                               trust_remote_code=settings.trust_remote_code)
@@ -100,8 +97,6 @@ class ModelRef:
         """The scoring engine's identity (name, version, dtype, settings that change numbers), known
         before any weight loads; part of every cache key of this model."""
         if self._engine_identity is None:
-            from flipcheck.evaluation.engines import as_engine, engine_identity
-
             if self.source is None and self.model is not None:  # in memory: what it is
                 self._engine_identity = as_engine(self.model).identity()
             else:

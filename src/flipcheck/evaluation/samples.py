@@ -21,8 +21,10 @@ import numpy as np
 from flipcheck.errors import FlipcheckError
 from flipcheck.evaluation import generations
 from flipcheck.evaluation import metrics as M
+from flipcheck.evaluation.clustered import clustered_figures
 from flipcheck.evaluation.lm_eval_records import by_doc, check_pair, select_filter, settle_choice
 from flipcheck.evaluation.rows import SampleRow
+from flipcheck.evaluation.slices import first_difference_summary, slice_summaries, top_kl
 from flipcheck.files import jsonable
 
 log = logging.getLogger(__name__)
@@ -291,8 +293,6 @@ def summarize_task(
     out["correct_metric"] = ", ".join(sorted({r.metric for r in rs if r.metric})) or None
     out["nonfinite"] = dict(nonfinite) if nonfinite else None
     if slices:
-        from flipcheck.evaluation.slices import first_difference_summary, slice_summaries, top_kl
-
         out["slices"] = slice_summaries(rs, n_boot=n_boot, seed=seed)
         out["top_kl"] = top_kl(rs)
         out["first_difference"] = first_difference_summary(rs)
@@ -328,7 +328,6 @@ def summarize_group(
     if not pooled:
         _reweight(out, leaf_rows, leaf_summaries, weights, n_boot, seed)
     else:  # questions clustered by subtask: intervals that resample subtasks (evaluation.clustered)
-        from flipcheck.evaluation.clustered import clustered_figures
 
         out["clustered"] = clustered_figures({t: ([r.view()[0] for r in rs], [r.view()[1] for r in rs])
                                               for t, rs in leaf_rows.items() if rs}, n_boot=n_boot, seed=seed)

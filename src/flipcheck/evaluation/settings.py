@@ -17,7 +17,7 @@ from flipcheck.evaluation.kl import DEFAULT_TOPK
 from flipcheck.evaluation.options import EvalOptions, one_line, parse_batch_size  # noqa: F401 - re-exported
 from flipcheck.evaluation.sampling import parse_sample
 from flipcheck.evaluation.tasks import _include_paths, packaged_task_dir, task_manager
-from flipcheck.models import resolve_device, resolve_dtype
+from flipcheck.models import resolve_device, resolve_dtype, suggest_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ class EvalSettings(EvalOptions):
         config.json (:func:`flipcheck.models.suggest_batch_size`); 16 on CPU. Recorded in the report.
         Batch size changes no answer (it is not in any cache key; the noise floor measures it)."""
         if self.batch_size == "auto":
-            from flipcheck.models import suggest_batch_size
-
             self.batch_size = suggest_batch_size(source, max(self.ctx, 1024), device=self.device, dtype=self.dtype)
             self._batch_auto = True
             log.info("--batch-size auto: %d", self.batch_size)

@@ -121,7 +121,11 @@ def generate_answers(
     `source` otherwise, and only when some answer is not cached. `before_work` is called once
     before the first answer that is not cached is generated (the judge's lazy preflight).
     """
-    from flipcheck.models import load_model, load_tokenizer, resolve_source
+    from flipcheck.models import (  # looked up at call time: tests count models.load_model
+        load_model,
+        load_tokenizer,
+        resolve_source,
+    )
 
     ms = resolve_source(source)
     tok = tokenizer if tokenizer is not None else load_tokenizer(ms, trust_remote_code=gen.trust_remote_code)

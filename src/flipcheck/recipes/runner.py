@@ -19,6 +19,7 @@ from flipcheck import __version__
 from flipcheck.compressors.calibration import Calibration
 from flipcheck.compressors.calibration_data import default_source
 from flipcheck.compressors.pipeline import compress_model, prepare_calibration, step_needs_calibration
+from flipcheck.demo import demo_model_path
 from flipcheck.evaluation.cache import ResultCache
 from flipcheck.evaluation.runner import EvalSettings, Evaluator, ModelRef
 from flipcheck.models import (
@@ -44,8 +45,6 @@ def slug(name: str) -> str:
 def resolve_parent(parent: str) -> str:
     """`demo` is the offline demo parent (trained and cached on first use)."""
     if parent == "demo":
-        from flipcheck.demo import demo_model_path
-
         return str(demo_model_path())
     return parent
 

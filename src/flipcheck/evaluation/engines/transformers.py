@@ -8,6 +8,7 @@ import torch
 
 from flipcheck.evaluation.engines.base import EXACT, GENERATES, Engine, FloorPartner, cut_at_stop
 from flipcheck.evaluation.engines.registry import register_engine
+from flipcheck.evaluation.forward import ModelRunner
 
 
 class TransformersEngine(Engine):
@@ -34,7 +35,7 @@ class TransformersEngine(Engine):
     @classmethod
     def open(cls, source, *, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False,
              **options: Any) -> TransformersEngine:
-        from flipcheck.models import load_model
+        from flipcheck.models import load_model  # looked up at call time: tests count models.load_model
 
         model = load_model(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         return cls(model, dequantized_from=getattr(source, "gguf", None))
@@ -58,8 +59,6 @@ class TransformersEngine(Engine):
 
     def runner(self):
         if self._runner is None:
-            from flipcheck.evaluation.forward import ModelRunner
-
             self._runner = ModelRunner(self.model)
         return self._runner
 
