@@ -140,14 +140,6 @@ def show_report(report: dict, out: Path | None) -> None:
         console.print(f"report: {Path(out) / 'report.html'}  (also report.md, report.json, samples.jsonl)")
 
 
-def engine_choices(engine, parent_engine, child_engine) -> dict[str, str | None]:
-    """The engine options, each checked (one line, exit 2, naming the allowed engines)."""
-    from flipcheck.evaluation.engines import check_engine
-
-    return {"engine": check_engine(engine), "parent_engine": check_engine(parent_engine),
-            "child_engine": check_engine(child_engine)}
-
-
 def served_pairs(urls: list[str] | None, models: list[str] | None) -> list[tuple[str, str]]:
     """(url, model name) pairs of --child-url / --child-model, one name per URL."""
     urls, models = list(urls or []), list(models or [])
@@ -155,18 +147,3 @@ def served_pairs(urls: list[str] | None, models: list[str] | None) -> list[tuple
         raise FlipcheckError(f"{len(urls)} server URL(s) and {len(models)} model name(s): name the served model "
                              "of each --child-url / --parent-url with --child-model / --parent-model (its id in /v1/models)")
     return list(zip(urls, models, strict=True))
-
-
-def metric_choice(metric: str | None) -> str | None:
-    """--metric checked (one line, exit 2, naming the allowed acc and acc_norm)."""
-    from flipcheck.evaluation.samples import check_metric
-
-    return check_metric(metric)
-
-
-def kl_choice(kl: str | None) -> str | None:
-    from flipcheck.evaluation.kl import KL_METHODS
-
-    if kl is not None and kl not in KL_METHODS:
-        raise FlipcheckError(f"--kl {kl!r}: allowed are {', '.join(KL_METHODS)}")
-    return kl

@@ -9,6 +9,7 @@ from their fields (``flipcheck.commands.options``). A field's ``flag`` (where th
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -60,22 +61,13 @@ class ScoreOptions(BaseModel):
 
         return check_metric(value)
 
-    @field_validator("kl", mode="before")
+    @field_validator("kl", "scoring", mode="before")
     @classmethod
-    def _kl(cls, value):
-        from flipcheck.evaluation.kl import KL_METHODS
-
-        if value not in KL_METHODS:
-            raise FlipcheckError(f"--kl {value!r}: allowed are {', '.join(KL_METHODS)}")
-        return value
-
-    @field_validator("scoring", mode="before")
-    @classmethod
-    def _scoring(cls, value):
-        from flipcheck.evaluation.corpus import SCORING
-
-        if value not in SCORING:
-            raise FlipcheckError(f"--scoring {value!r}: allowed are {', '.join(SCORING)}")
+    def _choice(cls, value, info):
+        """One of the field's literal values; else the one-line error naming them."""
+        allowed = typing.get_args(cls.model_fields[info.field_name].annotation)
+        if value not in allowed:
+            raise FlipcheckError(f"--{info.field_name} {value!r}: allowed are {', '.join(allowed)}")
         return value
 
     @field_validator("num_fewshot", "limit", "ctx", mode="before")
@@ -137,8 +129,7 @@ class EvalOptions(ScoreOptions, ModelOptions):
     def merged(cls, options: EvalOptions | None, chosen: dict[str, Any]) -> EvalOptions:
         """`options` (None: the defaults) with the fields in `chosen` set by name, checked (one line on
         a bad or unknown one)."""
-        base = {} if options is None else {k: getattr(options, k) for k in cls.model_fields}
-        return build(cls, "settings", **{**base, **chosen})
+        return build(cls, "settings", **{**(options.model_dump() if options is not None else {}), **chosen})
 
     def score(self) -> dict[str, Any]:
         """The :class:`ScoreOptions` fields (a recipe's ``evaluation`` section holds them)."""

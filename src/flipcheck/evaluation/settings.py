@@ -41,19 +41,11 @@ class EvalSettings(EvalOptions):
 
     def replace(self, **changes: Any) -> EvalSettings:
         """A copy with `changes`, checked again."""
-        return type(self)(**{**self.fields(), **changes})
-
-    def fields(self) -> dict[str, Any]:
-        """The settings as plain values (what a Ray job carries)."""
-        return {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self)(**{**self.model_dump(), **changes})
 
     def sampling_spec(self):
         """The :class:`~flipcheck.evaluation.sampling.SampleSpec` of `sample`/`samples`/`seed`, None for greedy."""
         return parse_sample(self.sample, self.samples, self.seed)
-
-    @property
-    def _auto_batch(self) -> bool:
-        return self._batch_auto
 
     def resolve_batch_size(self, source) -> int:
         """``batch_size="auto"``: the largest batch of rows (up to ``max(ctx, 1024)`` tokens) whose float32
@@ -75,7 +67,7 @@ class EvalSettings(EvalOptions):
         import lm_eval
 
         dev = resolve_device(self.device)
-        fields = {k: v for k, v in self.fields().items() if k not in _NOT_IN_KEY}
+        fields = self.model_dump(exclude=_NOT_IN_KEY)
         return {
             **fields,
             "dtype": str(resolve_dtype(self.dtype, dev)),
@@ -93,7 +85,7 @@ class EvalSettings(EvalOptions):
             "limit": self.limit,
             "seed": self.seed,
             "batch_size": self.batch_size,
-            **({"batch_size_auto": True} if self._auto_batch else {}),
+            **({"batch_size_auto": True} if self._batch_auto else {}),
             "topk": self.topk,
             "device": resolve_device(self.device),
             "dtype": str(resolve_dtype(self.dtype, resolve_device(self.device))).replace("torch.", ""),

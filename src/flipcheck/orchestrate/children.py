@@ -31,7 +31,7 @@ def _shards(runner: Executor) -> int:
 
 
 def _shard_jobs(ev: Evaluator, parent: str, child: str, name: str, out: Path | None, groups: list[list[str]]):
-    return [(SHARD, {"settings": {**ev.settings.fields(), "tasks": list(g)}, "parent": parent,
+    return [(SHARD, {"settings": {**ev.settings.model_dump(), "tasks": list(g)}, "parent": parent,
                      "child": child, "name": name, "cache_dir": str(ev.cache.root), "out": str(out) if out else None})
             for g in groups]
 
